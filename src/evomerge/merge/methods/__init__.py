@@ -1,0 +1,1 @@
+"""Built-in merge methods. Each module registers its methods with `evomerge.merge.registry.register`."""
