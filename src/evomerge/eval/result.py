@@ -38,7 +38,9 @@ class EvalResult:
         return self.error is None and math.isfinite(self.score)
 
     @classmethod
-    def failed(cls, error: str, *, score: float = WORST_SCORE, cost: dict[str, float] | None = None) -> EvalResult:
+    def failed(
+        cls, error: str, *, score: float = WORST_SCORE, cost: dict[str, float] | None = None
+    ) -> EvalResult:
         return cls(score=score, error=error, cost=dict(cost or {}))
 
     def to_dict(self) -> dict[str, Any]:

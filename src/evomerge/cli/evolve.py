@@ -1,0 +1,138 @@
+"""`evomerge evolve CONFIG.yaml`, `evomerge resume DIR`, `evomerge report DIR`."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from evomerge.cli import app
+from evomerge.cli._common import user_errors
+
+if TYPE_CHECKING:
+    from evomerge.runs.loop import Progress as RunProgress
+
+console = Console()
+
+
+@app.command()
+def evolve(
+    config_path: Path = typer.Argument(..., metavar="CONFIG.yaml", help="The evolve config."),
+    out: Path | None = typer.Option(None, "--out", help="Run dir (overrides the config's `out`)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite a run dir that holds a different run."),
+    no_outputs: bool = typer.Option(
+        False, "--no-outputs", help="Skip the best model, test table and report."
+    ),
+) -> None:
+    """Evolve a merge recipe; every evaluation is stored, so `evomerge resume DIR` continues after a kill."""
+    from evomerge.runs.config import EvolveConfig
+    from evomerge.runs.loop import evolve as run_evolve
+
+    setup_process()
+    with user_errors():
+        config = EvolveConfig.from_yaml(config_path)
+        if out is not None:
+            config = config.model_copy(update={"out": out})
+        with progress_display(config.budget.max_evaluations) as show:
+            summary = run_evolve(config, force=force, progress=show)
+        _finish(summary, outputs=not no_outputs)
+
+
+@app.command()
+def resume(
+    run_dir: Path = typer.Argument(..., help="A run dir written by `evomerge evolve`."),
+    max_evaluations: int | None = typer.Option(
+        None, "--max-evaluations", help="Raise the evaluation budget."
+    ),
+    no_outputs: bool = typer.Option(
+        False, "--no-outputs", help="Skip the best model, test table and report."
+    ),
+) -> None:
+    """Continue a run where it stopped (a kill -9 included); nothing committed is evaluated again."""
+    from evomerge.runs.loop import load_run_config
+    from evomerge.runs.loop import resume as run_resume
+
+    setup_process()
+    with user_errors():
+        budget = max_evaluations or load_run_config(run_dir).budget.max_evaluations
+        with progress_display(budget) as show:
+            summary = run_resume(run_dir, progress=show, max_evaluations=max_evaluations)
+        _finish(summary, outputs=not no_outputs)
+
+
+@app.command()
+def report(
+    run_dir: Path = typer.Argument(..., help="A run dir written by `evomerge evolve`."),
+    no_model: bool = typer.Option(False, "--no-model", help="Do not write the best model dir."),
+) -> None:
+    """(Re)write a run's outputs: best recipes, best model, test-split results table and report.html."""
+    from evomerge.runs.outputs import finalize
+
+    setup_process()
+    with user_errors():
+        written = finalize(run_dir, with_model=not no_model)
+        _print_outputs(written)
+
+
+def _finish(summary: object, *, outputs: bool) -> None:
+    from evomerge.runs.loop import RunSummary
+    from evomerge.runs.outputs import finalize
+
+    assert isinstance(summary, RunSummary)
+    best = summary.best
+    best_text = f"best dev score {best.score:.4f}" if best else "no successful candidate"
+    console.print(
+        f"{summary.evaluations} evaluations in {summary.generations} generations "
+        f"(stopped by {summary.stopped_by}); {best_text}"
+    )
+    if outputs and best is not None:
+        _print_outputs(finalize(summary.run_dir))
+
+
+def _print_outputs(written: dict[str, Path]) -> None:
+    results = written.get("results")
+    if results is not None:
+        console.print(results.read_text(), markup=False, highlight=False)
+    for what, path in written.items():
+        console.print(f"{what:>8}: {path}", markup=False, highlight=False)
+
+
+@contextlib.contextmanager
+def progress_display(total: int | None) -> Iterator[Callable[[RunProgress], None]]:
+    """A rich progress bar: generation, evaluations, best so far, evaluations per minute."""
+    columns = (
+        TextColumn("[bold]gen {task.fields[generation]}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("best {task.fields[best]}"),
+        TextColumn("{task.fields[rate]} eval/min"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
+        task = bar.add_task("evolve", total=total, generation=0, best="-", rate="-")
+
+        def show(state: RunProgress) -> None:
+            best = "-" if state.best_score is None else f"{state.best_score:.4f}"
+            bar.update(
+                task,
+                completed=state.evaluations,
+                generation=state.generation,
+                best=best,
+                rate=f"{state.evaluations_per_minute:.1f}",
+            )
+
+        yield show
+
+
+def setup_process() -> None:
+    """One torch thread (faster for these small models on a shared CPU), no per-load progress bars."""
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    torch.set_num_threads(1)
+    transformers_logging.disable_progress_bar()

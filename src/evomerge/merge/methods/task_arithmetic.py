@@ -1,0 +1,229 @@
+"""The task-arithmetic family (mergekit's "generalized task arithmetic"): one kernel, eight methods.
+
+    delta_i = sparsify(x_i - base)                       # TIES trim, DARE drop, Breadcrumbs, DELLA
+    delta_i *= w_i
+    mask_i  = sign(delta_i) == sign(sum_j delta_j)       # TIES sign election, only with consensus
+    merged  = sum_i mask_i delta_i  [/ sum_i mask_i w_i if normalize]
+    out     = base + lambda * merged
+
+Differences from the papers, all mergekit's and kept: the sign is elected on the *weighted* (and
+already sparsified) deltas, by the sign of their sum; `normalize` divides by the sum of the weights of the
+models that agree with the elected sign at each entry; DARE/DELLA `rescale` matches the L1 norm of the
+delta instead of multiplying by 1/p.
+
+Work is done in the inputs' dtype (mergekit computes in the base's dtype), on temporaries this module
+owns, updated in place, so peak memory is the deltas plus three scratch tensors. Sums over models of
+half/bfloat16 deltas accumulate in float32 and round once, which is what torch does for mergekit's
+stacked `(M, ...).sum(dim=0)`, so the results agree to the bit without building the stack.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from evomerge.merge.methods._common import (
+    as_kernel,
+    check_models,
+    check_per_model,
+    density_spec,
+    flag_spec,
+    require_base,
+    weight_spec,
+)
+from evomerge.merge.registry import KernelFn, MergeMethod, ParamSpec, register
+from evomerge.merge.sparsify import SparsificationName, TieBreak, check_della, sparsify_
+
+
+def _sparse_deltas(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor,
+    sparsification: SparsificationName | None,
+    generator: torch.Generator | None,
+    per_model: dict[str, list[float]],
+    rescale: bool,
+    tie_break: TieBreak,
+) -> list[torch.Tensor]:
+    """sparsify(x_i - base), each a fresh tensor owned by the caller (not yet weighted)."""
+    deltas = []
+    for index, tensor in enumerate(tensors):
+        delta = tensor - base
+        if sparsification is not None:
+            extra = {key: values[index] for key, values in per_model.items() if key in ("gamma", "epsilon")}
+            if sparsification == "della_magprune":
+                check_della(per_model["density"][index], extra["epsilon"], f"{method} (model {index})")
+            sparsify_(
+                delta, sparsification, density=per_model["density"][index], rescale=rescale,
+                generator=generator, tie_break=tie_break, **extra,
+            )  # fmt: skip
+        deltas.append(delta)
+    return deltas
+
+
+def _accumulator(dtype: torch.dtype) -> torch.dtype:
+    """torch sums half and bfloat16 tensors in float32 and rounds once; so do we, without stacking."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _as_stored(weights: list[float], dtype: torch.dtype) -> list[float]:
+    """The weights as mergekit holds them: a tensor of the work dtype (0.3 becomes 0.30078125 in bf16)."""
+    return torch.tensor(weights, dtype=dtype).tolist()
+
+
+def _plain_sum(deltas: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """sum_i w_i delta_i, divided by sum_i w_i (summed in the deltas' dtype, ~0 -> 1) when normalizing."""
+    dtype = deltas[0].dtype
+    stored = _as_stored(weights, dtype)
+    merged = deltas[0].mul_(stored[0]).to(_accumulator(dtype))  # no copy for float32
+    for delta, weight in zip(deltas[1:], stored[1:], strict=True):
+        merged.add_(delta.mul_(weight))
+    merged = merged.to(dtype)
+    if normalize:
+        divisor = torch.tensor(weights, dtype=dtype, device=merged.device).reshape(-1, 1).sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+        merged.div_(divisor)
+    return merged
+
+
+def _elected_signs(weighted: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """+1 where sum_i delta_i >= 0 (the sum rounded to the work dtype, as mergekit's is), else -1."""
+    total = weighted[0].clone()
+    for delta in weighted[1:]:
+        total.add_(delta)
+    positive = total.to(dtype).ge(0) if total.dtype != dtype else total.ge_(0)
+    return positive.to(weighted[0].dtype).mul_(2).sub_(1)
+
+
+def _consensus_sum(deltas: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """TIES disjoint merge: keep each entry's weighted deltas that agree in sign with their sum; add them."""
+    dtype, accumulator = deltas[0].dtype, _accumulator(deltas[0].dtype)
+    stored = _as_stored(weights, dtype)
+    # w_i delta_i rounded in the work dtype, then held exactly in the accumulator dtype (no copy for fp32)
+    weighted = [delta.mul_(weight).to(accumulator) for delta, weight in zip(deltas, stored, strict=True)]
+    del deltas[:]
+    elected = _elected_signs(weighted, dtype)
+    divisor = torch.zeros_like(elected) if normalize else None
+    agree = torch.empty_like(elected)
+    merged = torch.zeros_like(elected)
+    for delta, weight in zip(weighted, stored, strict=True):
+        torch.mul(delta, elected, out=agree).gt_(0)  # 1 where sign(delta) == elected sign; 0 never agrees
+        merged.add_(delta.mul_(agree))
+        if divisor is not None:
+            divisor.add_(agree, alpha=weight)
+    merged = merged.to(dtype)
+    if divisor is not None:
+        divisor = divisor.to(dtype)
+        divisor[divisor == 0] = 1
+        merged.div_(divisor)
+    return merged
+
+
+def generalized_task_arithmetic(
+    tensors: Sequence[torch.Tensor],
+    *,
+    base: torch.Tensor | None,
+    method: str,
+    sparsification: SparsificationName | None,
+    consensus: bool,
+    generator: torch.Generator | None,
+    weight: Sequence[float],
+    density: Sequence[float],
+    normalize: bool,
+    rescale: bool,
+    lambda_: float,
+    gamma: Sequence[float] | None = None,
+    epsilon: Sequence[float] | None = None,
+    tie_break: TieBreak = "mergekit",
+) -> torch.Tensor:
+    """The shared kernel; see the module docstring for the equations.
+
+    `tie_break` is not a mergekit parameter: how equal magnitudes at the TIES / Breadcrumbs threshold are
+    chosen. "mergekit" reproduces mergekit's choice exactly (by replaying its sort, only when such a tie
+    exists); "stable" keeps the lowest indices first in linear time. The engine may pass it; configs
+    cannot.
+    """
+    base = require_base(method, base)
+    check_models(method, tensors, base)
+    if not tensors:
+        return base.clone()
+    count = len(tensors)
+    named = {"weight": weight, "density": density, "gamma": gamma, "epsilon": epsilon}
+    per_model = {k: check_per_model(method, k, v, count) for k, v in named.items() if v is not None}
+    deltas = _sparse_deltas(method, tensors, base, sparsification, generator, per_model, rescale, tie_break)
+    merged = (_consensus_sum if consensus else _plain_sum)(deltas, per_model["weight"], normalize)
+    if lambda_ != 1:
+        merged.mul_(lambda_)
+    return merged.add_(base)
+
+
+def _kernel(method: str, sparsification: SparsificationName | None, consensus: bool) -> KernelFn:
+    def kernel(
+        tensors: Sequence[torch.Tensor],
+        *,
+        base: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+        int8_mask: bool = False,  # mergekit's memory option for the sign mask; no effect on the result
+        **params: Any,
+    ) -> torch.Tensor:
+        if "lambda" in params:  # accept the YAML spelling too, passed as **{"lambda": ...}
+            params["lambda_"] = params.pop("lambda")
+        return generalized_task_arithmetic(
+            tensors, base=base, method=method, sparsification=sparsification, consensus=consensus,
+            generator=generator, **params,
+        )  # fmt: skip
+
+    kernel.__name__ = kernel.__qualname__ = method
+    kernel.__doc__ = (
+        f"mergekit's `{method}`: generalized task arithmetic with {sparsification or 'no'} sparsification."
+    )
+    return kernel
+
+
+def _params(
+    sparsification: SparsificationName | None, normalize: bool, rescale: bool
+) -> tuple[ParamSpec, ...]:
+    params = [
+        weight_spec("scale of this model's task vector"),
+        density_spec(),
+        flag_spec("normalize", normalize, "divide by the sum of the (agreeing) weights"),
+        flag_spec("rescale", rescale, "after dropping, restore the delta's L1 norm"),
+        ParamSpec("lambda", default=1.0, per_model=False, description="scale of the merged task vector"),
+        flag_spec("int8_mask", False, "mergekit's memory option; accepted and ignored"),
+    ]
+    if sparsification == "magnitude_outliers":
+        params.append(ParamSpec("gamma", default=0.01, low=0.0, high=1.0, description="largest fraction cut"))
+    if sparsification == "della_magprune":
+        params.append(
+            ParamSpec("epsilon", default=0.15, low=0.0, high=1.0, high_open=True, description="p spread")
+        )
+    return tuple(params)
+
+
+_FAMILY: tuple[tuple[str, SparsificationName | None, bool, bool, bool, str], ...] = (
+    # name, sparsification, consensus, normalize default, rescale default, description
+    ("task_arithmetic", None, False, False, False, "base + sum of weighted task vectors"),
+    ("ties", "magnitude", True, True, False, "TIES: trim by magnitude, elect sign, disjoint mean"),
+    ("dare_ties", "random", True, False, True, "DARE random drop + TIES sign election"),
+    ("dare_linear", "random", False, False, True, "DARE random drop, plain weighted sum"),
+    ("breadcrumbs", "magnitude_outliers", False, False, False, "drop smallest and largest outliers"),
+    ("breadcrumbs_ties", "magnitude_outliers", True, False, False, "Breadcrumbs + TIES sign election"),
+    ("della", "della_magprune", True, True, True, "DELLA: rank-based random drop + sign election"),
+    ("della_linear", "della_magprune", False, False, True, "DELLA drop, plain weighted sum"),
+)
+
+for _name, _sparse, _consensus, _normalize, _rescale, _about in _FAMILY:
+    register(
+        MergeMethod(
+            name=_name,
+            kernel=as_kernel(_kernel(_name, _sparse, _consensus)),
+            params=_params(_sparse, _normalize, _rescale),
+            requires_base=True,
+            accepts_base=True,
+            min_models=0,  # mergekit accepts the base alone and returns it
+            randomized=_sparse in ("random", "della_magprune"),
+            description=_about,
+        )
+    )
