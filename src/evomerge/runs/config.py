@@ -1,0 +1,237 @@
+"""The evolve config: which models, which method, what to search, how to score, how long.
+
+Read from YAML with `EvolveConfig.from_yaml`; every problem becomes one ConfigError naming the file and
+field. Relative paths (models, task files, out) are taken relative to the current directory, as
+mergekit does, and stored resolved, so a run resumes from anywhere. `check_inputs` then validates against the disk (model shapes, task files) before any
+evaluation starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from evomerge.errors import ConfigError, TensorMismatchError
+from evomerge.merge.registry import get_method
+from evomerge.search.optimizers import OptimizerSettings, optimizer_names
+from evomerge.search.space import GeneGroup, Granularity, ParameterSpace
+
+# Methods that select layers instead of mixing parameters cannot be searched in parameter space.
+NOT_PARAMETER_SPACE = frozenset({"passthrough"})
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SearchConfig(_Strict):
+    """The genome: which parameters evolve, within which bounds, at which granularity."""
+
+    granularity: Granularity = "layer"
+    group_size: int = Field(default=1, ge=1)
+    separate: list[GeneGroup] = Field(default_factory=list)
+    parameters: dict[str, tuple[float, float] | None] | None = None  # None: the method's usual ones
+    fixed: dict[str, Any] = Field(default_factory=dict)
+
+
+class OptimizerConfig(_Strict):
+    name: str = "cma-es"
+    population_size: int = Field(default=8, ge=2)
+    sigma0: float = Field(default=0.2, gt=0)
+    seed: int | None = None  # None: the run's seed
+    restarts: Literal["none", "ipop"] = "none"
+    # center: start at the middle of every bound; best-source: first evaluate each source alone
+    # (weight 1 for it, 0 for the others) and start the search at the best of them.
+    start: Literal["center", "best-source"] = "center"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in optimizer_names():
+            raise ValueError(f"unknown optimizer {value!r}; known: {', '.join(optimizer_names())}")
+        return value
+
+
+class BudgetConfig(_Strict):
+    max_evaluations: int | None = Field(default=None, ge=1)
+    max_wall_seconds: float | None = Field(default=None, gt=0)
+
+    @model_validator(mode="after")
+    def _some_limit(self) -> BudgetConfig:
+        if self.max_evaluations is None and self.max_wall_seconds is None:
+            raise ValueError("give max_evaluations, max_wall_seconds or both")
+        return self
+
+
+class FitnessTask(_Strict):
+    """One task: its dev split scores candidates, its test split is held out for the final table."""
+
+    name: str | None = None
+    dev: Path
+    test: Path | None = None
+    metric: str = "exact_match"
+    weight: float = Field(default=1.0, ge=0)
+    limit: int | None = Field(default=None, ge=1)
+
+    @field_validator("dev", "test")
+    @classmethod
+    def _exists(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(
+                f"task file {value} does not exist; check the path (relative to the current dir)"
+            )
+        return value
+
+    @property
+    def task_name(self) -> str:
+        return self.name or self.dev.parent.name or self.dev.stem
+
+
+class EvaluationConfig(_Strict):
+    batch_size: int = Field(default=64, ge=1)
+    max_new_tokens: int | None = Field(default=None, ge=1)  # None: sized from the longest answer
+
+
+class EvolveConfig(_Strict):
+    """A whole evolve run. `seed` decides everything random: the optimiser and every mask seed."""
+
+    base_model: Path
+    models: list[Path] = Field(min_length=2)
+    merge_method: str
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(max_evaluations=100))
+    fitness: list[FitnessTask] = Field(min_length=1)
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    seed: int = 0
+    backend: Literal["local"] = "local"
+    out: Path = Path("runs/evolve")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    @field_validator("merge_method")
+    @classmethod
+    def _parameter_space_method(cls, value: str) -> str:
+        method = get_method(value)  # ConfigError (a ValueError) names the known methods
+        if method.name in NOT_PARAMETER_SPACE:
+            raise ValueError(f"'{value}' selects layers, it is not a parameter-space method; choose another")
+        return method.name
+
+    @field_validator("base_model", "models")
+    @classmethod
+    def _dirs_exist(cls, value: Any) -> Any:
+        for path in value if isinstance(value, list) else [value]:
+            if not Path(path).is_dir():
+                raise ValueError(f"model dir {path} does not exist")
+        return value
+
+    @model_validator(mode="after")
+    def _absolute_paths(self) -> EvolveConfig:
+        """Resolve paths once, so `resume` from another directory finds the same files."""
+        self.base_model = self.base_model.resolve()
+        self.models = [model.resolve() for model in self.models]
+        self.out = self.out.resolve()
+        for task in self.fitness:
+            task.dev = task.dev.resolve()
+            task.test = task.test.resolve() if task.test is not None else None
+        return self
+
+    @model_validator(mode="after")
+    def _warm_start_needs_weights(self) -> EvolveConfig:
+        evolved = self.search.parameters
+        if self.optimizer.start == "best-source" and evolved is not None and "weight" not in evolved:
+            raise ValueError("optimizer.start 'best-source' needs 'weight' among search.parameters")
+        return self
+
+    @model_validator(mode="after")
+    def _unique_task_names(self) -> EvolveConfig:
+        names = [task.task_name for task in self.fitness]
+        if len(set(names)) != len(names):
+            raise ValueError(f"fitness: task names must differ, got {names}; give each a 'name'")
+        return self
+
+    # --- reading ------------------------------------------------------------------------------------
+    @classmethod
+    def from_yaml(cls, source: str | Path) -> EvolveConfig:
+        path = Path(source)
+        label = str(path)
+        try:
+            data = yaml.safe_load(path.read_text())
+        except OSError as error:
+            raise ConfigError(f"{label}: cannot read the evolve config ({error.strerror}).") from None
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{label}: malformed YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{label}: expected a mapping with base_model, models, merge_method, fitness.")
+        return cls.from_dict(data, label=label)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, label: str = "evolve config") -> EvolveConfig:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            raise ConfigError(f"{label}: {_format(error)}") from None
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs the same run (everything but where it is written and the budget)."""
+        return self.model_dump(mode="json", exclude={"out", "budget"})
+
+    # --- views --------------------------------------------------------------------------------------
+    def optimizer_settings(self) -> OptimizerSettings:
+        seed = self.seed if self.optimizer.seed is None else self.optimizer.seed
+        opt = self.optimizer
+        return OptimizerSettings(opt.name, opt.population_size, opt.sigma0, seed, opt.restarts)
+
+    def parameter_space(self) -> ParameterSpace:
+        return ParameterSpace.from_models(
+            self.base_model,
+            [str(model) for model in self.models],
+            self.merge_method,
+            parameters=self.search.parameters,
+            granularity=self.search.granularity,
+            group_size=self.search.group_size,
+            separate=self.search.separate,
+            fixed=self.search.fixed,
+            dtype=self.dtype,
+        )
+
+
+def _format(error: ValidationError) -> str:
+    parts = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        message = str(item["msg"]).removeprefix("Value error, ")
+        parts.append(f"{where}: {message}" if where else message)
+    return "; ".join(dict.fromkeys(parts))
+
+
+def check_inputs(config: EvolveConfig) -> ParameterSpace:
+    """Everything that can be checked before evaluating: the search space and the sources' shapes."""
+    space = config.parameter_space()
+    check_same_shapes(config.base_model, config.models)
+    return space
+
+
+def check_same_shapes(base: Path, models: list[Path]) -> None:
+    """Every source must hold every base tensor with the base's shape (headers only, no data read)."""
+    from evomerge.io.reader import ModelDir
+
+    with ModelDir(base) as base_dir:
+        shapes = {name: base_dir.info(name).shape for name in base_dir.tensor_names()}
+    for model in models:
+        with ModelDir(model) as model_dir:
+            _compare(base, shapes, model, model_dir)
+
+
+def _compare(base: Path, shapes: dict[str, tuple[int, ...]], model: Path, model_dir: Any) -> None:
+    for name, shape in shapes.items():
+        if not model_dir.has(name):
+            raise TensorMismatchError(f"models: {model} has no tensor {name!r}, which base_model {base} has.")
+        other = tuple(model_dir.info(name).shape)
+        if other != shape:
+            raise TensorMismatchError(
+                f"models: tensor {name!r} has shape {list(other)} in {model} but {list(shape)} in base_model "
+                f"{base}; every source must share the base's architecture."
+            )

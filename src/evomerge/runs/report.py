@@ -1,0 +1,145 @@
+"""report.html: one self-contained page (plots embedded as base64 PNG) that shows what a run found.
+
+Three views: fitness against evaluations (every candidate and the best so far), the best recipe's
+parameters as a per-layer heatmap, and the results table on the test split.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from evomerge.runs.loop import load_run_config
+from evomerge.runs.outputs import ResultRow, read_results
+from evomerge.runs.store import Evaluation, RunStore, iter_scores
+
+REPORT = "report.html"
+
+
+def write_report(run_dir: Path) -> Path:
+    run_dir = Path(run_dir)
+    config = load_run_config(run_dir)
+    with RunStore.in_dir(run_dir) as store:
+        evaluations, best = store.evaluations(), store.best()
+    space = config.parameter_space()
+    sections = [
+        _section("Fitness against evaluations", _img(fitness_figure(evaluations))),
+        _section(
+            "Best recipe, per layer",
+            _img(heatmap_figure(space.per_layer(best.genome))) if best else "<p>none yet</p>",
+        ),
+        _section("Results on the test split", _table(read_results(run_dir))),
+        _section("Run", _summary(config.model_dump(mode="json"), evaluations, best)),
+    ]
+    page = _PAGE.format(title=html.escape(f"evomerge run {run_dir.name}"), body="\n".join(sections))
+    temporary = run_dir / f".{REPORT}.tmp"
+    temporary.write_text(page, encoding="utf-8")
+    temporary.replace(run_dir / REPORT)
+    return run_dir / REPORT
+
+
+def fitness_figure(evaluations: list[Evaluation]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = np.array(list(iter_scores(evaluations)), dtype=float)  # (N,) NaN for failed
+    figure, axes = plt.subplots(figsize=(7, 3.5))
+    steps = np.arange(1, len(scores) + 1)
+    axes.scatter(steps, scores, s=10, alpha=0.5, label="candidate (dev)")
+    axes.plot(steps, np.fmax.accumulate(np.nan_to_num(scores, nan=-np.inf)), color="C3", label="best so far")
+    failed = np.isnan(scores)
+    if failed.any():
+        axes.scatter(steps[failed], np.zeros(failed.sum()), marker="x", color="k", s=14, label="failed")
+    axes.set(xlabel="evaluations", ylabel="fitness (dev)")
+    axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def heatmap_figure(rows: dict[str, np.ndarray]) -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(rows)
+    values = np.stack([rows[label] for label in labels]) if labels else np.zeros((1, 1))  # (R, L)
+    figure, axes = plt.subplots(figsize=(7, 0.35 * len(labels) + 1.5))
+    image = axes.imshow(values, aspect="auto", cmap="viridis")
+    axes.set_yticks(range(len(labels)), labels, fontsize=7)
+    axes.set_xticks(range(values.shape[1]))
+    axes.set_xlabel("layer")
+    figure.colorbar(image, ax=axes)
+    figure.tight_layout()
+    return figure
+
+
+def _img(figure: Any) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    plt.close(figure)
+    return f'<img alt="plot" src="data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}">'
+
+
+def _table(rows: list[ResultRow] | None) -> str:
+    if not rows:
+        return "<p>No results table yet (run <code>evomerge report DIR</code>).</p>"
+    tasks = sorted({task for row in rows for task in row.tasks})
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in ["model", "kind", "test score", *tasks])
+    body = "".join(_table_row(row, tasks) for row in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _table_row(row: ResultRow, tasks: list[str]) -> str:
+    score = f"{row.score:.3f}" if row.error is None else f"failed: {html.escape(row.error)}"
+    cells = [html.escape(row.name), row.kind, score, *(_cell(row.tasks.get(t)) for t in tasks)]
+    style = ' class="evolved"' if row.kind == "evolved" else ""
+    return f"<tr{style}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
+
+
+def _summary(config: dict[str, Any], evaluations: list[Evaluation], best: Evaluation | None) -> str:
+    import yaml
+
+    failed = sum(1 for e in evaluations if not e.result.ok)
+    best_line = (
+        f"best dev score {best.score:.4f} (generation {best.generation}, candidate {best.index})"
+        if best
+        else ""
+    )
+    facts = f"<p>{len(evaluations)} evaluations, {failed} failed; {best_line}</p>"
+    recipe = f"<h3>Best recipe</h3><pre>{html.escape(best.recipe)}</pre>" if best else ""
+    return (
+        facts + recipe + f"<h3>Config</h3><pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>"
+    )
+
+
+def _section(title: str, content: str) -> str:
+    return f"<section><h2>{html.escape(title)}</h2>{content}</section>"
+
+
+_PAGE = """<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<style>
+body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; color: #222; }}
+table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: right; }}
+tr.evolved {{ font-weight: bold; background: #eef6ee; }} pre {{ background: #f6f6f6; padding: 0.5rem; overflow-x: auto; }}
+img {{ max-width: 100%; }}
+</style></head>
+<body><h1>{title}</h1>
+{body}
+</body></html>
+"""

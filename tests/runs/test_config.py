@@ -1,0 +1,116 @@
+"""Every bad evolve input fails with one clear error before any evaluation starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from evomerge.errors import ConfigError, TensorMismatchError
+from evomerge.runs.config import EvolveConfig, check_inputs
+from evomerge.runs.loop import evolve
+from evomerge.zoo.random_models import FamilySpec, build_family
+
+from .fake_problem import make_config, quadratic_backend
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return build_family(tmp_path_factory.mktemp("config") / "family", FamilySpec())
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"merge_method": "tiez"}, r"merge_method: .*unknown method 'tiez'"),
+        ({"merge_method": "passthrough"}, r"merge_method: .*not a parameter-space method"),
+        ({"models": ["/nonexistent/model"]}, r"models: .*at least 2|models.*does not exist"),
+        ({"base_model": "/nonexistent/base"}, r"base_model: .*model dir /nonexistent/base does not exist"),
+        (
+            {"fitness": [{"dev": "/nonexistent/dev.jsonl"}]},
+            r"fitness.0.dev: .*/nonexistent/dev.jsonl does not exist",
+        ),
+        ({"optimizer": {"name": "nsga3"}}, r"optimizer.name: .*unknown optimizer 'nsga3'"),
+        ({"budget": {}}, r"budget: .*max_evaluations, max_wall_seconds"),
+        ({"serach": {}}, r"serach: Extra inputs are not permitted"),
+        ({"search": {"granularity": "layers"}}, r"search.granularity"),
+    ],
+)
+def test_bad_config_fields_are_located(
+    tmp_path: Path, family: dict[str, Path], overrides: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_config(tmp_path, family, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("search", "message"),
+    [
+        ({"parameters": {"weight": [0, 1], "gamma": [0, 0.1]}}, r"takes no parameter 'gamma'"),
+        (
+            {"parameters": {"weight": [0, 1], "density": [0.0, 1.0]}},
+            r"search.parameters.density.*outside \(0, 1\]",
+        ),
+        (
+            {"parameters": {"weight": [0, 1], "density": [0.5, 2.0]}},
+            r"search.parameters.density.*2.0 is outside",
+        ),
+    ],
+)
+def test_bad_search_space_fails_before_any_evaluation(
+    tmp_path: Path, family: dict[str, Path], search: dict, message: str
+) -> None:
+    config = make_config(tmp_path, family, search=search)
+    calls: list[Any] = []
+    with pytest.raises(ConfigError, match=message):
+        evolve(config, backend=_spy(calls))
+    assert calls == [] and not config.out.exists()
+
+
+def test_sources_with_other_shapes_name_the_tensor_and_both_shapes(
+    tmp_path: Path, family: dict[str, Path]
+) -> None:
+    other = build_family(tmp_path / "wide", FamilySpec(overrides={"vocab_size": 128}))
+    config = make_config(tmp_path, family, models=[str(family["ft0"]), str(other["ft0"])])
+    with pytest.raises(
+        TensorMismatchError,
+        match=r"'(lm_head|model.embed_tokens).weight' has shape \[128, 32\] .* but \[96, 32\]",
+    ):
+        check_inputs(config)
+
+
+def test_from_yaml_names_the_file(tmp_path: Path, family: dict[str, Path]) -> None:
+    config = make_config(tmp_path, family)
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    assert EvolveConfig.from_yaml(good) == config
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**config.model_dump(mode="json"), "seed": "many"}))
+    with pytest.raises(ConfigError, match=r"bad.yaml: seed: "):
+        EvolveConfig.from_yaml(bad)
+    (tmp_path / "broken.yaml").write_text("models: [a, b\n")
+    with pytest.raises(ConfigError, match=r"broken.yaml: malformed YAML"):
+        EvolveConfig.from_yaml(tmp_path / "broken.yaml")
+    with pytest.raises(ConfigError, match=r"missing.yaml: cannot read"):
+        EvolveConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_default_search_parameters_for_ties(tmp_path: Path, family: dict[str, Path]) -> None:
+    config = make_config(tmp_path, family, search={"granularity": "model"})
+    assert set(config.parameter_space().parameters) == {"weight", "density"}
+
+
+def _spy(calls: list[Any]):  # type: ignore[no-untyped-def]
+    from evomerge.backends.base import FunctionBackend
+
+    return FunctionBackend(lambda recipe, seed: calls.append(recipe) or 0.0)
+
+
+def test_the_spy_would_see_evaluations(tmp_path: Path, family: dict[str, Path]) -> None:
+    config = make_config(tmp_path, family, budget={"max_evaluations": 2})
+    calls: list[Any] = []
+    evolve(config, backend=_spy(calls))
+    assert len(calls) == 2
+    assert quadratic_backend  # the shared problem module imports cleanly
