@@ -230,3 +230,13 @@ def test_streaming_holds_the_inputs_of_at_most_threads_tensors(fam: dict[str, Pa
     assert len(names) == len(plan.tasks) == len(set(names))
     inputs_per_task = 3  # two fine-tunes and the base
     assert peak[0] <= 2 * inputs_per_task, peak[0]
+
+
+def test_tie_break_option_reaches_only_kernels_that_declare_it() -> None:
+    from evomerge.merge.engine import _extra_params
+    from evomerge.merge.registry import get_method
+
+    assert _extra_params(get_method("ties"), "stable") == {"tie_break": "stable"}
+    assert _extra_params(get_method("breadcrumbs"), "stable") == {"tie_break": "stable"}
+    assert _extra_params(get_method("ties"), "mergekit") == {}
+    assert _extra_params(get_method("slerp"), "stable") == {}

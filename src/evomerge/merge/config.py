@@ -17,6 +17,7 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evomerge.configfile import format_validation_error, read_yaml_mapping
 from evomerge.errors import ConfigError
 from evomerge.merge.registry import MergeMethod, ParamSpec, get_method
 
@@ -163,15 +164,7 @@ class MergeConfig(BaseModel):
     @classmethod
     def from_yaml(cls, source: str | Path) -> MergeConfig:
         """Parse YAML text or a file; any problem becomes one ConfigError naming the file, line or field."""
-        text, label = _read_source(source)
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as error:
-            raise ConfigError(
-                f"{label}: malformed YAML{_yaml_location(error)}: {_yaml_problem(error)}"
-            ) from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{label}: expected a mapping with merge_method and models or slices.")
+        data, label = read_yaml_mapping(source, expected="merge_method and models or slices")
         return cls.from_dict(data, label=label)
 
     @classmethod
@@ -179,7 +172,9 @@ class MergeConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as error:
-            raise ConfigError(f"{label}: {format_validation_error(error)}") from None
+            raise ConfigError(
+                f"{label}: {format_validation_error(error, unknown_field_hint=_UNKNOWN_HINT)}"
+            ) from None
 
     def to_dict(self) -> dict[str, Any]:
         """The fields set, in mergekit's layout (what `to_yaml` writes)."""
@@ -226,36 +221,7 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.SequenceNo
 _FlowListDumper.add_representer(list, _represent_list)
 
 
-def _read_source(source: str | Path) -> tuple[str, str]:
-    if isinstance(source, Path) or ("\n" not in source and source.endswith((".yaml", ".yml"))):
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found.")
-        return path.read_text(encoding="utf-8"), str(path)
-    return source, "config"
-
-
-def _yaml_location(error: yaml.YAMLError) -> str:
-    mark = getattr(error, "problem_mark", None)
-    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-
-
-def _yaml_problem(error: yaml.YAMLError) -> str:
-    return str(getattr(error, "problem", None) or error).strip()
-
-
-def format_validation_error(error: ValidationError) -> str:
-    """One line per problem, each led by its field path (`models.1.parameters.density`)."""
-    lines = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
-        message = str(item["msg"]).removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            message = (
-                f"unknown field '{item['loc'][-1]}'; check its spelling against mergekit's config format"
-            )
-        lines.append(f"{where}: {message}" if where and where not in message else message)
-    return "; ".join(dict.fromkeys(lines))
+_UNKNOWN_HINT = "check its spelling against mergekit's config format"
 
 
 # ---- semantic validation against the registry -----------------------------------------------------

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import inspect
 import math
 import os
 import secrets
@@ -93,19 +92,9 @@ def compute_tensor(
 
 def _extra_params(method: MergeMethod, tie_break: TieBreak) -> dict[str, Any]:
     """Options beyond mergekit's parameters, passed only where the kernel takes them (and not by default)."""
-    if tie_break == "mergekit" or not _takes_tie_break(method):
+    if tie_break == "mergekit" or "tie_break" not in method.options:
         return {}
     return {"tie_break": tie_break}
-
-
-def _takes_tie_break(method: MergeMethod) -> bool:
-    # The task-arithmetic family's kernels take it through **params; others would reject it.
-    kernel = method.kernel
-    if kernel is None:
-        return False
-    return "tie_break" in inspect.signature(kernel).parameters or kernel.__module__.endswith(
-        ".task_arithmetic"
-    )
 
 
 def _input(

@@ -101,6 +101,8 @@ class MergeMethod:
     randomized: bool = False
     description: str = ""
     aliases: tuple[str, ...] = field(default=())
+    # Keyword options the kernel takes beyond mergekit's parameters (e.g. "tie_break"); never in configs.
+    options: tuple[str, ...] = field(default=())
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from evomerge.configfile import format_validation_error, read_yaml_mapping
 from evomerge.errors import ConfigError, TensorMismatchError
 from evomerge.merge.registry import get_method
 from evomerge.search.optimizers import OptimizerSettings, optimizer_names
@@ -155,16 +155,8 @@ class EvolveConfig(_Strict):
     # --- reading ------------------------------------------------------------------------------------
     @classmethod
     def from_yaml(cls, source: str | Path) -> EvolveConfig:
-        path = Path(source)
-        label = str(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as error:
-            raise ConfigError(f"{label}: cannot read the evolve config ({error.strerror}).") from None
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{label}: malformed YAML: {error}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{label}: expected a mapping with base_model, models, merge_method, fitness.")
+        """Parse an evolve config file; any problem becomes one ConfigError naming the file, line or field."""
+        data, label = read_yaml_mapping(Path(source), expected="base_model, models, merge_method, fitness")
         return cls.from_dict(data, label=label)
 
     @classmethod
@@ -172,7 +164,9 @@ class EvolveConfig(_Strict):
         try:
             return cls.model_validate(data)
         except ValidationError as error:
-            raise ConfigError(f"{label}: {_format(error)}") from None
+            raise ConfigError(
+                f"{label}: {format_validation_error(error, unknown_field_hint=_UNKNOWN_HINT)}"
+            ) from None
 
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (everything but where it is written and the budget)."""
@@ -198,13 +192,7 @@ class EvolveConfig(_Strict):
         )
 
 
-def _format(error: ValidationError) -> str:
-    parts = []
-    for item in error.errors():
-        where = ".".join(str(part) for part in item["loc"])
-        message = str(item["msg"]).removeprefix("Value error, ")
-        parts.append(f"{where}: {message}" if where else message)
-    return "; ".join(dict.fromkeys(parts))
+_UNKNOWN_HINT = "check its spelling against docs/evolve.md"
 
 
 def check_inputs(config: EvolveConfig) -> ParameterSpace:

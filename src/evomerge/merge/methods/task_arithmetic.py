@@ -225,5 +225,6 @@ for _name, _sparse, _consensus, _normalize, _rescale, _about in _FAMILY:
             min_models=0,  # mergekit accepts the base alone and returns it
             randomized=_sparse in ("random", "della_magprune"),
             description=_about,
+            options=("tie_break",),
         )
     )

@@ -1,0 +1,59 @@
+"""Reading YAML configs (merge and evolve alike): one located ConfigError for any problem."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from evomerge.errors import ConfigError
+
+
+def read_yaml_mapping(source: str | Path, *, expected: str) -> tuple[dict[str, Any], str]:
+    """Parse YAML text or a .yaml/.yml file into a mapping; return it with a label naming its origin.
+
+    `expected` says what the mapping should hold, for the message when it is not a mapping.
+    """
+    text, label = _read_source(source)
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{label}: malformed YAML{_yaml_location(error)}: {_yaml_problem(error)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{label}: expected a mapping with {expected}.")
+    return data, label
+
+
+def format_validation_error(error: ValidationError, *, unknown_field_hint: str) -> str:
+    """One clause per problem, each led by its field path (`models.1.parameters.density`)."""
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"] if not str(part).startswith("function-"))
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = f"unknown field '{item['loc'][-1]}'; {unknown_field_hint}"
+        lines.append(f"{where}: {message}" if where and where not in message else message)
+    return "; ".join(dict.fromkeys(lines))
+
+
+def _read_source(source: str | Path) -> tuple[str, str]:
+    if isinstance(source, Path) or ("\n" not in source and source.endswith((".yaml", ".yml"))):
+        path = Path(source)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found.")
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except OSError as error:
+            raise ConfigError(f"{path}: cannot read the config ({error.strerror}).") from None
+    return source, "config"
+
+
+def _yaml_location(error: yaml.YAMLError) -> str:
+    mark = getattr(error, "problem_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    return str(getattr(error, "problem", None) or error).strip()
