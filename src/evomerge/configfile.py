@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeVar
 
 import yaml
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from evomerge.errors import ConfigError
 
@@ -57,3 +57,30 @@ def _yaml_location(error: yaml.YAMLError) -> str:
 
 def _yaml_problem(error: yaml.YAMLError) -> str:
     return str(getattr(error, "problem", None) or error).strip()
+
+
+ConfigT = TypeVar("ConfigT", bound="YamlConfig")
+
+
+class YamlConfig(BaseModel):
+    """A pydantic config read from YAML, whose every problem is one located ConfigError."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # What the top-level mapping should hold, and where to check a misspelt field (for the messages).
+    yaml_expected: ClassVar[str] = "the config's fields"
+    unknown_field_hint: ClassVar[str] = "check its spelling"
+
+    @classmethod
+    def from_yaml(cls: type[ConfigT], source: str | Path) -> ConfigT:
+        """Parse YAML text or a .yaml/.yml file."""
+        data, label = read_yaml_mapping(source, expected=cls.yaml_expected)
+        return cls.from_dict(data, label=label)
+
+    @classmethod
+    def from_dict(cls: type[ConfigT], data: dict[str, Any], *, label: str = "config") -> ConfigT:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as error:
+            message = format_validation_error(error, unknown_field_hint=cls.unknown_field_hint)
+            raise ConfigError(f"{label}: {message}") from None

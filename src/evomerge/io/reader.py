@@ -30,6 +30,7 @@ from typing import Any, cast
 import torch
 
 from evomerge.errors import SourceError, TensorMismatchError, UnsafeCheckpointError
+from evomerge.io.hf_dir import read_json
 
 SAFETENSORS_SINGLE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -421,15 +422,7 @@ def _check_dir(path: Path) -> None:
 
 def _read_config(path: Path) -> dict[str, Any]:
     config_path = path / "config.json"
-    if not config_path.is_file():
-        return {}
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise SourceError(f"{config_path}: cannot read the model config as JSON ({error}).") from error
-    if not isinstance(config, dict):
-        raise SourceError(f"{config_path}: expected a JSON object, got {type(config).__name__}.")
-    return config
+    return read_json(config_path) if config_path.is_file() else {}
 
 
 def _read_index(index_path: Path) -> dict[str, str]:

@@ -10,14 +10,13 @@ read, with the field path (e.g. `models[1].parameters.density`).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
-from typing import Any, TypeAlias
+from typing import Any, ClassVar, TypeAlias
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from evomerge.configfile import format_validation_error, read_yaml_mapping
+from evomerge.configfile import YamlConfig
 from evomerge.errors import ConfigError
 from evomerge.merge.registry import MergeMethod, ParamSpec, get_method
 
@@ -112,10 +111,11 @@ class OutputSlice(BaseModel):
         return end - start
 
 
-class MergeConfig(BaseModel):
+class MergeConfig(YamlConfig):
     """A merge recipe in mergekit's YAML format. Build it in Python or with `MergeConfig.from_yaml`."""
 
-    model_config = ConfigDict(extra="forbid")
+    yaml_expected: ClassVar[str] = "merge_method and models or slices"
+    unknown_field_hint: ClassVar[str] = "check its spelling against mergekit's config format"
 
     merge_method: str
     models: list[ModelEntry] | None = None
@@ -161,21 +161,6 @@ class MergeConfig(BaseModel):
 
     # ---- reading and writing -------------------------------------------------------------------
 
-    @classmethod
-    def from_yaml(cls, source: str | Path) -> MergeConfig:
-        """Parse YAML text or a file; any problem becomes one ConfigError naming the file, line or field."""
-        data, label = read_yaml_mapping(source, expected="merge_method and models or slices")
-        return cls.from_dict(data, label=label)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, label: str = "config") -> MergeConfig:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as error:
-            raise ConfigError(
-                f"{label}: {format_validation_error(error, unknown_field_hint=_UNKNOWN_HINT)}"
-            ) from None
-
     def to_dict(self) -> dict[str, Any]:
         """The fields set, in mergekit's layout (what `to_yaml` writes)."""
         return self.model_dump(mode="json", exclude_none=True)
@@ -219,9 +204,6 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.SequenceNo
 
 
 _FlowListDumper.add_representer(list, _represent_list)
-
-
-_UNKNOWN_HINT = "check its spelling against mergekit's config format"
 
 
 # ---- semantic validation against the registry -----------------------------------------------------

@@ -9,12 +9,12 @@ evaluation starts.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from evomerge.configfile import format_validation_error, read_yaml_mapping
-from evomerge.errors import ConfigError, TensorMismatchError
+from evomerge.configfile import YamlConfig
+from evomerge.errors import TensorMismatchError
 from evomerge.merge.registry import get_method
 from evomerge.search.optimizers import OptimizerSettings, optimizer_names
 from evomerge.search.space import GeneGroup, Granularity, ParameterSpace
@@ -95,8 +95,11 @@ class EvaluationConfig(_Strict):
     max_new_tokens: int | None = Field(default=None, ge=1)  # None: sized from the longest answer
 
 
-class EvolveConfig(_Strict):
+class EvolveConfig(YamlConfig):
     """A whole evolve run. `seed` decides everything random: the optimiser and every mask seed."""
+
+    yaml_expected: ClassVar[str] = "base_model, models, merge_method, fitness"
+    unknown_field_hint: ClassVar[str] = "check its spelling against docs/evolve.md"
 
     base_model: Path
     models: list[Path] = Field(min_length=2)
@@ -153,21 +156,6 @@ class EvolveConfig(_Strict):
         return self
 
     # --- reading ------------------------------------------------------------------------------------
-    @classmethod
-    def from_yaml(cls, source: str | Path) -> EvolveConfig:
-        """Parse an evolve config file; any problem becomes one ConfigError naming the file, line or field."""
-        data, label = read_yaml_mapping(Path(source), expected="base_model, models, merge_method, fitness")
-        return cls.from_dict(data, label=label)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], *, label: str = "evolve config") -> EvolveConfig:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as error:
-            raise ConfigError(
-                f"{label}: {format_validation_error(error, unknown_field_hint=_UNKNOWN_HINT)}"
-            ) from None
-
     def identity(self) -> dict[str, Any]:
         """What makes two runs the same run (everything but where it is written and the budget)."""
         return self.model_dump(mode="json", exclude={"out", "budget"})
@@ -190,9 +178,6 @@ class EvolveConfig(_Strict):
             fixed=self.search.fixed,
             dtype=self.dtype,
         )
-
-
-_UNKNOWN_HINT = "check its spelling against docs/evolve.md"
 
 
 def check_inputs(config: EvolveConfig) -> ParameterSpace:
