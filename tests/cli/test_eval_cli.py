@@ -12,10 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from evomerge.cli import _register, app
+from evomerge.cli import app, register_commands
 from evomerge.eval.generation import generate_one_by_one
 
-_register()  # every command, as `evomerge` itself does (with one command typer would drop its name)
+register_commands()  # every command, as `evomerge` itself does (with one command typer would drop its name)
 
 
 def _helpers() -> ModuleType:

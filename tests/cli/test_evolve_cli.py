@@ -8,11 +8,11 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from evomerge.cli import _register, app
+from evomerge.cli import app, register_commands
 from evomerge.runs.store import RunStore
 from runs.fake_problem import build_scoreable_family
 
-_register()
+register_commands()
 runner = CliRunner()
 
 

@@ -10,7 +10,7 @@ import typer
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-from evomerge.cli import _register, app
+from evomerge.cli import app, register_commands
 from evomerge.cli.merge import parse_size
 from evomerge.zoo.random_models import FamilySpec, build_family
 
@@ -28,7 +28,7 @@ def load_state(model_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-_register()
+register_commands()
 runner = CliRunner()
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from evomerge.cli import _register, app
+from evomerge.cli import app, register_commands
 
-_register()  # every command, as `evomerge` itself does
+register_commands()  # every command, as `evomerge` itself does
 runner = CliRunner()
 
 

@@ -22,7 +22,8 @@ app = typer.Typer(
 _COMMAND_MODULES = ("merge", "zoo", "eval", "evolve", "demo")
 
 
-def _register() -> None:
+def register_commands() -> None:
+    """Import every command module so that each registers itself on `app` (tests call this too)."""
     for name in _COMMAND_MODULES:
         try:
             importlib.import_module(f"evomerge.cli.{name}")
@@ -32,5 +33,5 @@ def _register() -> None:
 
 
 def main() -> None:
-    _register()
+    register_commands()
     app()
