@@ -15,8 +15,10 @@ two always agree) or keeps the lowest indices first in linear time (`tie_break="
 from __future__ import annotations
 
 import math
+import operator
+from collections.abc import Callable
 from functools import cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -41,6 +43,23 @@ def _numpy_ready(values: torch.Tensor) -> bool:
     """CPU float32/float64 tensors can be viewed as numpy arrays without a copy."""
     cpu_float = values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64)
     return cpu_float and not values.requires_grad
+
+
+def _compare(
+    values: torch.Tensor, op: Callable[[Any, Any], Any], threshold: torch.Tensor | float
+) -> torch.Tensor:
+    """`op(values, threshold)` as a bool tensor; numpy compares CPU floats several times faster."""
+    if not _numpy_ready(values):
+        return op(values, threshold)
+    bound = threshold.numpy() if isinstance(threshold, torch.Tensor) else threshold
+    return torch.from_numpy(op(values.numpy(), bound))
+
+
+def _count(mask: torch.Tensor) -> int:
+    """Number of True entries (numpy's count is several times faster than torch's on CPU)."""
+    if mask.device.type == "cpu":
+        return int(np.count_nonzero(mask.numpy()))
+    return int(torch.count_nonzero(mask))
 
 
 def kth_largest(values: torch.Tensor, k: int, sample_size: int = 65536) -> torch.Tensor:
@@ -99,18 +118,57 @@ def _median_of_three(values: np.ndarray, descending: bool) -> int:
     return c if vb > vc else b
 
 
+def _first_crossed(left: np.ndarray, right: np.ndarray) -> int:
+    """The first i with left[i] >= right[i] (left stops rise, right stops fall), by bisection: no
+    difference array over the whole segment."""
+    low, high = 0, min(left.size, right.size)
+    while low < high:
+        middle = (low + high) // 2
+        if left[middle] >= right[middle]:
+            high = middle
+        else:
+            low = middle + 1
+    return low
+
+
+_CHUNKS = 64
+
+
+def _stops_near_cut(left_hits: np.ndarray, right_hits: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Left stops (rising) and right stops (falling), and the first pair that crosses.
+
+    Only left stops below the crossing and right stops above it matter, so on a long segment per-chunk
+    counts locate it first and only the two halves are listed. The lists are then prefixes of the full
+    ones; a crossing found inside both is the full lists' crossing, anything else lists everything.
+    """
+    n = left_hits.size
+    if n >= 16 * 4096:
+        size = -(-n // _CHUNKS)
+        below = np.cumsum([np.count_nonzero(left_hits[i : i + size]) for i in range(0, n, size)])
+        above = np.cumsum([np.count_nonzero(right_hits[i : i + size]) for i in range(0, n, size)][::-1])[::-1]
+        chunk = int(
+            np.argmax(below >= above)
+        )  # left stops below its end outnumber right stops from its start
+        low, high = max(0, (chunk - 1) * size), min(n, (chunk + 2) * size)
+        left = np.flatnonzero(left_hits[:high])
+        right = (np.flatnonzero(right_hits[low:]) + low)[::-1]
+        swaps = _first_crossed(left, right)
+        if swaps < min(left.size, right.size):
+            return left, right, swaps
+    left, right = np.flatnonzero(left_hits), np.flatnonzero(right_hits)[::-1]
+    return left, right, _first_crossed(left, right)
+
+
 def _partition(values: np.ndarray, descending: bool) -> tuple[int, np.ndarray, np.ndarray]:
     """std::__unguarded_partition of values[1:] around values[0]: (cut, left swap positions, right ones).
 
     The left scan stops at entries not ordered before the pivot, the right scan at entries the pivot is
-    not ordered before; the i-th stops swap while they have not crossed.
+    not ordered before; the i-th stops swap while they have not crossed. Every left position lies below
+    the cut and every right one at or above it.
     """
     rest, pivot = values[1:], values[0]
     left_hits, right_hits = (rest <= pivot, rest >= pivot) if descending else (rest >= pivot, rest <= pivot)
-    left, right = np.flatnonzero(left_hits), np.flatnonzero(right_hits)[::-1]
-    common = min(left.size, right.size)
-    crossing = left[:common] - right[:common]  # increasing: left stops rise, right stops fall
-    swaps = int(np.searchsorted(crossing, np.int64(0)))  # the first pair that has crossed
+    left, right, swaps = _stops_near_cut(left_hits, right_hits)
     if swaps < left.size:
         cut = int(left[swaps]) if swaps == 0 else min(int(left[swaps]), int(right[swaps - 1]))
     else:
@@ -118,10 +176,24 @@ def _partition(values: np.ndarray, descending: bool) -> tuple[int, np.ndarray, n
     return cut + 1, left[:swaps] + 1, right[:swaps] + 1
 
 
+def _head_ties(
+    values: np.ndarray, index: np.ndarray, cut: int, swap: tuple[np.ndarray, np.ndarray], boundary: float
+) -> np.ndarray:
+    """Indices of the entries equal to `boundary` in values[:cut] once the swaps are done, read before
+    doing them (the head is dropped, so it is never written): the tied entries that stay, and the tied
+    entries that the right positions send over."""
+    left, right = swap
+    staying = values[:cut] == boundary
+    staying[left] = False
+    arriving = right[values[right] == boundary]
+    return np.concatenate((index[:cut][staying], index[arriving]))
+
+
 def _tied_in_prefix(keys: np.ndarray, k: int, descending: bool, boundary: float) -> np.ndarray | None:
     """Indices of the entries equal to `boundary` (the k-th in sort order) that std::sort puts at
     positions [0, k); None where it would fall back to heap sort. Entries ordered strictly before the
-    boundary are in whatever the ties do, so only tied entries are ever collected."""
+    boundary are in whatever the ties do, so only tied entries are ever collected. Each partition's swaps
+    are written only into the side the replay goes on with (a gather and a scatter, not a full swap)."""
     chosen = []
     values, offset = keys.copy(), 0
     index = np.arange(keys.size, dtype=np.int32 if keys.size < 2**31 else np.int64)
@@ -133,12 +205,12 @@ def _tied_in_prefix(keys: np.ndarray, k: int, descending: bool, boundary: float)
         pick = _median_of_three(values, descending)
         values[[0, pick]], index[[0, pick]] = values[[pick, 0]], index[[pick, 0]]
         cut, left, right = _partition(values, descending)
-        values[left], values[right] = values[right], values[left]
-        index[left], index[right] = index[right], index[left]
         if offset + cut <= k:  # the left part is all in; carry on in the right part
-            chosen.append(index[:cut][values[:cut] == boundary])
+            chosen.append(_head_ties(values, index, cut, (left, right), boundary))
+            values[right], index[right] = values[left], index[left]
             values, index, offset = values[cut:], index[cut:], offset + cut
         else:
+            values[left], index[left] = values[right], index[right]
             values, index = values[:cut], index[:cut]
     if offset < k:  # the last block is insertion-sorted, which is stable
         order = np.argsort(-values if descending else values, kind="stable")[: k - offset]
@@ -169,9 +241,15 @@ def _replayed_prefix(
     tied = _tied_in_prefix(values.numpy(), k, descending, float(boundary))
     if tied is None:
         return None
-    mask = values > boundary if descending else values < boundary
+    mask = _compare(values, operator.gt if descending else operator.lt, boundary)
     mask[torch.from_numpy(tied).long()] = True
     return mask
+
+
+def _may_hold_nan(values: torch.Tensor) -> bool:
+    """A NaN makes the sum NaN (so does +inf meeting -inf: then the real sort runs, still exact), in one
+    pass without the bool temporary `isnan(values).any()` builds."""
+    return bool(torch.isnan(values.sum()))
 
 
 def sort_prefix_mask(
@@ -184,7 +262,7 @@ def sort_prefix_mask(
     if k <= 0 or k >= n:
         return torch.full((n,), k > 0, dtype=torch.bool, device=values.device)
     mask = None
-    if _numpy_ready(values) and not bool(torch.isnan(values).any()) and _replay_verified():
+    if _numpy_ready(values) and not _may_hold_nan(values) and _replay_verified():
         mask = _replayed_prefix(values, k, descending, boundary)
     if mask is None:
         mask = torch.zeros(n, dtype=torch.bool, device=values.device)
@@ -203,12 +281,13 @@ def top_k_mask(magnitudes: torch.Tensor, k: int, tie_break: TieBreak = "mergekit
     if k >= n:
         return torch.ones(n, dtype=torch.bool, device=magnitudes.device)
     threshold = kth_largest(magnitudes, k)
-    mask = magnitudes >= threshold
-    if int(torch.count_nonzero(mask)) == k:  # no tie straddles the threshold: any top-k agrees
+    mask = _compare(magnitudes, operator.ge, threshold)
+    if _count(mask) == k:  # no tie straddles the threshold: any top-k agrees
         return mask
     if tie_break == "stable":
-        above = magnitudes > threshold
-        return above | _first_by_index(magnitudes == threshold, 0, k - int(torch.count_nonzero(above)))
+        above = _compare(magnitudes, operator.gt, threshold)
+        tied = _compare(magnitudes, operator.eq, threshold)
+        return above | _first_by_index(tied, 0, k - _count(above))
     return sort_prefix_mask(magnitudes, k, descending=True, boundary=threshold)
 
 
@@ -235,8 +314,8 @@ def _sorted_upto(magnitudes: torch.Tensor, end: int, edge: torch.Tensor | None) 
     """The first `end` entries of mergekit's ascending sort; `edge` (the end-th smallest, if known)
     spares the replay when no tie straddles it."""
     if edge is not None:
-        upto = magnitudes <= edge
-        if int(torch.count_nonzero(upto)) == end:
+        upto = _compare(magnitudes, operator.le, edge)
+        if _count(upto) == end:
             return upto
     return sort_prefix_mask(magnitudes, end, descending=False, boundary=edge)
 
@@ -261,10 +340,16 @@ def rescale_l1_(masked: torch.Tensor, l1_before: torch.Tensor) -> torch.Tensor:
     return masked.mul_(l1_before / l1_after)
 
 
+def _as_factor(keep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as 0/1 bytes for a floating delta: the product is the same (both promote to the delta's
+    dtype) and torch multiplies by uint8 several times faster than by bool."""
+    return keep.view(torch.uint8) if dtype.is_floating_point and keep.dtype == torch.bool else keep
+
+
 def _apply_mask_(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
     """delta *= keep (multiplying, like mergekit, so dropped entries become signed zeros), then rescale."""
     l1_before = delta.abs().sum() if rescale else None
-    delta.mul_(keep.reshape(delta.shape))
+    delta.mul_(_as_factor(keep, delta.dtype).reshape(delta.shape))
     if l1_before is not None:
         rescale_l1_(delta, l1_before)
     return delta

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
 import torch
 
 from evomerge.merge.methods._common import (
@@ -93,18 +94,18 @@ def _elected_signs(weighted: list[torch.Tensor], dtype: torch.dtype) -> torch.Te
     total = weighted[0].clone()
     for delta in weighted[1:]:
         total.add_(delta)
-    positive = total.to(dtype).ge(0) if total.dtype != dtype else total.ge_(0)
-    return positive.to(weighted[0].dtype).mul_(2).sub_(1)
+    if total.dtype != dtype:  # round as mergekit's sum is rounded; the sign test is exact either way
+        total = total.to(dtype).to(total.dtype)
+    if total.device.type == "cpu":  # numpy's compare and select beat torch's bool round trip
+        signs = np.greater_equal(total.numpy(), 0).astype(total.numpy().dtype)  # 1 or 0
+        return torch.from_numpy(np.subtract(np.add(signs, signs, out=signs), 1, out=signs))
+    return total.ge(0).to(total.dtype).mul_(2).sub_(1)
 
 
-def _consensus_sum(deltas: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
-    """TIES disjoint merge: keep each entry's weighted deltas that agree in sign with their sum; add them."""
-    dtype, accumulator = deltas[0].dtype, _accumulator(deltas[0].dtype)
-    stored = _as_stored(weights, dtype)
-    # w_i delta_i rounded in the work dtype, then held exactly in the accumulator dtype (no copy for fp32)
-    weighted = [delta.mul_(weight).to(accumulator) for delta, weight in zip(deltas, stored, strict=True)]
-    del deltas[:]
-    elected = _elected_signs(weighted, dtype)
+def _disjoint_sum(
+    weighted: list[torch.Tensor], elected: torch.Tensor, stored: list[float], normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """sum_i mask_i delta_i and sum_i mask_i w_i, mask_i = 1 where w_i delta_i has the elected sign."""
     divisor = torch.zeros_like(elected) if normalize else None
     agree = torch.empty_like(elected)
     merged = torch.zeros_like(elected)
@@ -113,6 +114,43 @@ def _consensus_sum(deltas: list[torch.Tensor], weights: list[float], normalize: 
         merged.add_(delta.mul_(agree))
         if divisor is not None:
             divisor.add_(agree, alpha=weight)
+    return merged, divisor
+
+
+def _disjoint_sum_numpy(
+    weighted: list[torch.Tensor], elected: torch.Tensor, stored: list[float], normalize: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`_disjoint_sum` on CPU in numpy (the same IEEE operations, so the same bits): its comparisons and
+    bool-to-float products are several times faster than torch's."""
+    signs = elected.numpy()
+    merged, product = np.zeros_like(signs), np.empty_like(signs)
+    divisor = np.zeros_like(signs) if normalize else None
+    agree = np.empty(signs.shape, dtype=bool)
+    for delta, weight in zip(weighted, stored, strict=True):
+        values = delta.numpy()
+        np.greater(np.multiply(values, signs, out=product), 0, out=agree)
+        merged += np.multiply(values, agree, out=values)  # times 0 or 1, as mergekit's mask multiplies
+        if divisor is not None:  # w * 1 and w * 0 are exact, as in torch's add with alpha
+            divisor += agree if weight == 1 else np.multiply(agree, signs.dtype.type(weight), out=product)
+    return torch.from_numpy(merged), None if divisor is None else torch.from_numpy(divisor)
+
+
+def _consensus_sum(deltas: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    """TIES disjoint merge: keep each entry's weighted deltas that agree in sign with their sum; add them."""
+    dtype, accumulator = deltas[0].dtype, _accumulator(deltas[0].dtype)
+    stored = _as_stored(weights, dtype)
+    # w_i delta_i rounded in the work dtype (times 1 is exact: skipped), then held exactly in the
+    # accumulator dtype (no copy for fp32)
+    weighted = [
+        (delta if weight == 1 else delta.mul_(weight)).to(accumulator)
+        for delta, weight in zip(deltas, stored, strict=True)
+    ]
+    del deltas[:]
+    elected = _elected_signs(weighted, dtype)
+    numpy_ok = elected.device.type == "cpu" and accumulator in (torch.float32, torch.float64)
+    merged, divisor = (_disjoint_sum_numpy if numpy_ok else _disjoint_sum)(
+        weighted, elected, stored, normalize
+    )
     merged = merged.to(dtype)
     if divisor is not None:
         divisor = divisor.to(dtype)
