@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
+from zoo_dirs import load_or_build  # sibling module: run this file as a script
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -136,15 +138,6 @@ def print_report(report: dict[str, Any]) -> None:
               f"(min {min(tests):.3f}, max {max(tests):.3f}) |")  # fmt: skip
     for control in report["controls"]:
         print(f"| control: {control['source']} alone, per-layer scaled (cma-es) | {control['test']:.3f} |")
-
-
-def load_or_build(zoo_dir: Path, size: str) -> Any:
-    """An existing zoo dir as it is (no rebuild when the zoo code changed since), else build it."""
-    from evomerge.zoo import ZooManifest, build
-
-    if (zoo_dir / "zoo.json").is_file():
-        return ZooManifest.load(zoo_dir)
-    return build("lm", zoo_dir, size=size)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

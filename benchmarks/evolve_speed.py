@@ -14,10 +14,11 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+
+from zoo_dirs import load_or_build  # sibling module: run this file as a script
 
 
 def main() -> None:
@@ -175,15 +176,6 @@ def _print(args: argparse.Namespace, times: dict[str, dict]) -> None:  # type: i
               f"{entry['total_s'] / memory['total_s']:.1f}x faster; same scores: {same}")  # fmt: skip
     share = memory["merge_s"] / memory["total_s"]
     print(f"in-memory time share: merge {100 * share:.1f}%, evaluate {100 * (1 - share):.1f}%")
-
-
-def load_or_build(zoo_dir: Path, size: str) -> Any:
-    """An existing zoo dir as it is (no rebuild when the zoo code changed since), else build it."""
-    from evomerge.zoo import ZooManifest, build
-
-    if (zoo_dir / "zoo.json").is_file():
-        return ZooManifest.load(zoo_dir)
-    return build("lm", zoo_dir, size=size)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

@@ -12,14 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from evomerge.errors import EvomergeError, OutputExistsError, UnsafeCheckpointError
 from evomerge.merge.api import merge
-from evomerge.zoo.random_models import FamilySpec
 
-from .engine_helpers import family, write_config
-
-
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return family(tmp_path_factory.getbasetemp() / "families", "fp32", FamilySpec(n_finetunes=3))
+from .engine_helpers import write_config
 
 
 def _variant(source: Path, dest: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> Path:

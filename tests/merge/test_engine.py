@@ -17,11 +17,6 @@ from evomerge.zoo.random_models import FamilySpec
 from .engine_helpers import config_dict, family, load_state, write_config
 
 
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return family(tmp_path_factory.getbasetemp() / "families", "fp32", FamilySpec(n_finetunes=3))
-
-
 def _linear(fam: dict[str, Path], extra: str = "") -> str:
     return (
         f"merge_method: linear\nmodels:\n  - {{model: {fam['ft0']}, parameters: {{weight: 0.25}}}}\n"

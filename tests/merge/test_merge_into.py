@@ -20,17 +20,6 @@ from evomerge.zoo.random_models import FamilySpec
 from .engine_helpers import family, load_state
 
 
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return family(tmp_path_factory.getbasetemp() / "families", "fp32", FamilySpec(n_finetunes=3))
-
-
-@pytest.fixture(scope="module")
-def tied(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    spec = FamilySpec(n_finetunes=3, tie_word_embeddings=True, seed=2)
-    return family(tmp_path_factory.getbasetemp() / "families", "fp32_tied", spec)
-
-
 def _ties(
     fam: dict[str, Path], method: str = "ties", weights: tuple[float, float] = (0.6, 0.4)
 ) -> MergeConfig:

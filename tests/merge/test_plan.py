@@ -11,20 +11,6 @@ from evomerge.errors import ConfigError
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.plan import MergePlan, TensorTask, build_plan, kernel_keyword
 from evomerge.merge.sources import SourceSet
-from evomerge.zoo.random_models import FamilySpec
-
-from .engine_helpers import family
-
-
-@pytest.fixture(scope="module")
-def fam(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return family(tmp_path_factory.getbasetemp() / "families", "fp32", FamilySpec(n_finetunes=3))
-
-
-@pytest.fixture(scope="module")
-def tied(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    spec = FamilySpec(n_finetunes=3, tie_word_embeddings=True, seed=2)
-    return family(tmp_path_factory.getbasetemp() / "families", "fp32_tied", spec)
 
 
 def _plan(text: str) -> MergePlan:
