@@ -15,6 +15,7 @@ import pytest
 
 from evomerge.backends.base import FunctionBackend
 from evomerge.errors import OutputExistsError
+from evomerge.runs import loop
 from evomerge.runs.loop import candidate_seed, evolve, resume
 from evomerge.runs.store import RunStore
 from evomerge.zoo.random_models import FamilySpec, build_family
@@ -76,13 +77,24 @@ def test_failed_and_nan_candidates_are_recorded_and_the_run_goes_on(
     assert summary.best is not None and summary.best.result.ok
 
 
-def test_wall_time_budget(tmp_path: Path, family: dict[str, Path]) -> None:
+def test_wall_time_budget(tmp_path: Path, family: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A fake clock that advances 0.1 s per evaluation, so the test is exact however loaded the machine is.
+    now = {"t": 1000.0}
+    monkeypatch.setattr(loop, "_now", lambda: now["t"])
     config = make_config(tmp_path, family, budget={"max_wall_seconds": 0.5})
-    summary = evolve(config, backend=quadratic_backend(config.parameter_space(), delay=0.05))
+    good = quadratic_backend(config.parameter_space())
+
+    def fitness(recipe, seed):  # type: ignore[no-untyped-def]
+        now["t"] += 0.1
+        return good.function(recipe, seed)
+
+    summary = evolve(config, backend=FunctionBackend(fitness))
     assert summary.stopped_by == "max_wall_seconds"
-    # At most 0.5 s / 0.05 s evaluations fit (plus the generation in flight); how few depends on the
-    # machine's load during set-up, so the lower bound is only that the run did evaluate.
-    assert 1 <= summary.evaluations <= 14
+    assert summary.evaluations == 5 and summary.generations == 1
+    # Wall time is carried by checkpoints: the one after generation 0 holds 0.4 s, so a resume has 0.1 s
+    # left and evaluates one more candidate (the 0.1 s spent after that checkpoint is not carried).
+    resumed = resume(summary.run_dir, backend=FunctionBackend(fitness))
+    assert resumed.stopped_by == "max_wall_seconds" and resumed.evaluations == 6
 
 
 def test_resume_continues_with_a_bigger_budget_like_one_long_run(
