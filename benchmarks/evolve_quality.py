@@ -3,7 +3,9 @@
 Reports, on the held-out test split: the evolved merge (CMA-ES and random search, several seeds each:
 mean and spread), every source, the base, default-parameter baselines, and the per-source control (the
 same search over one source alone: its task vector scaled per layer), which tells whether combining
-sources helped or one scaled task vector already did it.
+sources helped or one scaled task vector already did it, and the noise control (the same search with
+one source replaced by noise of the same norm per tensor: `evomerge.runs.controls`), which tells
+whether that source's knowledge helped or any push of its size would have done.
 
     nice .venv/bin/python benchmarks/evolve_quality.py --zoo runs/demo/zoo --evaluations 200 --seeds 0 1 2
 """
@@ -83,13 +85,34 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
             data["models"] = [str(path)]
             report["controls"].append({**_search(data, "cma-es", 0, control=True), "source": skill})
-    first = _config(report["searches"][0]["config"])
+        report["noise_controls"] = [_noise_control(zoo, skill, args) for skill in zoo.models]
+    data = report["searches"][0]["config"]
+    first, per_skill = _config(data), _config({**data, "fitness": _skill_fitness(data)})
     best = _best(first)
-    report["table"] = [row.__dict__ for row in results_table(first, best) if row.kind != "evolved"]
+    skills = {row.name: row.tasks for row in results_table(per_skill, best)}
+    report["table"] = [
+        {**row.__dict__, "tasks": skills[row.name]}
+        for row in results_table(first, best)
+        if row.kind != "evolved"
+    ]
     return report
 
 
-def _search(data: dict[str, Any], optimizer: str, seed: int, *, control: bool = False) -> dict[str, Any]:
+def _noise_control(zoo: Any, skill: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The CMA-ES search (seed 0) with `skill`'s specialist replaced by noise of its task vector's norm."""
+    from evomerge.cli.demo import demo_config
+    from evomerge.runs.controls import write_noise_source
+
+    noise = write_noise_source(zoo.base, zoo.models[skill], args.out / f"noise-{skill}", seed=0, force=True)
+    run_dir = args.out / f"{args.target}-noise-{skill}"
+    data = demo_config(zoo, run_dir, args.evaluations, args.population, args.limit, 0, args.target)
+    data["models"] = [str(noise if name == skill else path) for name, path in zoo.models.items()]
+    return {**_search(data, "cma-es", 0, label=f" (noise in place of {skill})"), "source": skill}
+
+
+def _search(
+    data: dict[str, Any], optimizer: str, seed: int, *, control: bool = False, label: str = ""
+) -> dict[str, Any]:
     from evomerge.merge.config import MergeConfig
     from evomerge.runs.loop import evolve
     from evomerge.runs.outputs import score_on_test_split
@@ -99,13 +122,30 @@ def _search(data: dict[str, Any], optimizer: str, seed: int, *, control: bool = 
     summary = evolve(config, force=True)
     wall = time.perf_counter() - start
     best = _best(config)
-    evolved = score_on_test_split(
-        config, [("evolved", "evolved", MergeConfig.from_yaml(best.recipe), best.seed)]
-    )[0]
-    print(f"{optimizer} seed {seed}{' (control ' + data['models'][0] + ')' if control else ''}: "
-          f"dev {summary.best.score:.3f} test {evolved.score:.3f} ({summary.evaluations} evals, {wall:.0f} s)")  # type: ignore[union-attr]  # fmt: skip
+    entry = [("evolved", "evolved", MergeConfig.from_yaml(best.recipe), best.seed)]
+    evolved = score_on_test_split(config, entry)[0]
+    # Which skills the merge kept: the same recipe on each specialist's own test split.
+    skills = score_on_test_split(_config({**data, "fitness": _skill_fitness(data)}, control=control), entry)[
+        0
+    ]
+    label = label or (f" (control {data['models'][0]} alone)" if control else "")
+    print(f"{optimizer} seed {seed}{label}: "
+          f"dev {summary.best.score:.3f} test {evolved.score:.3f} ({summary.evaluations} evals, {wall:.0f} s); "
+          f"per skill {_skills_line(skills.tasks)}")  # type: ignore[union-attr]  # fmt: skip
     return {"optimizer": optimizer, "seed": seed, "dev": summary.best.score, "test": evolved.score,  # type: ignore[union-attr]
-            "evaluations": summary.evaluations, "wall_s": wall, "config": data}  # fmt: skip
+            "skills": skills.tasks, "evaluations": summary.evaluations, "wall_s": wall, "config": data}  # fmt: skip
+
+
+def _skill_fitness(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One test task per specialist skill of the zoo the config points into (zoo/tasks/<skill>/)."""
+    tasks = Path(data["fitness"][0]["test"]).parent.parent
+    skills = ("add", "reverse", "translate")
+    return [{"name": s, "dev": str(tasks / s / "dev.jsonl"), "test": str(tasks / s / "test.jsonl"),
+             "metric": "exact_match"} for s in skills]  # fmt: skip
+
+
+def _skills_line(scores: dict[str, float]) -> str:
+    return " / ".join(f"{name} {score:.2f}" for name, score in scores.items())
 
 
 def _config(data: dict[str, Any], *, control: bool = False) -> Any:
@@ -128,16 +168,23 @@ def _best(config: Any) -> Any:
 
 
 def print_report(report: dict[str, Any]) -> None:
-    print(f"\n| model | test score ({report['args']['target']}) |\n|---|---|")
+    print(f"\n| model | test score ({report['args']['target']}) | per skill (test) |\n|---|---|---|")
     for row in report["table"]:
-        print(f"| {row['name']} ({row['kind']}) | {row['score']:.3f} |")
+        print(f"| {row['name']} ({row['kind']}) | {row['score']:.3f} | {_skills_line(row['tasks'])} |")
     for optimizer in sorted({s["optimizer"] for s in report["searches"]}):
         tests = [s["test"] for s in report["searches"] if s["optimizer"] == optimizer]
         spread = statistics.pstdev(tests) if len(tests) > 1 else 0.0
+        per_seed = "; ".join(
+            _skills_line(s["skills"]) for s in report["searches"] if s["optimizer"] == optimizer
+        )
         print(f"| evolved, {optimizer} ({len(tests)} seeds) | {statistics.mean(tests):.3f} ± {spread:.3f} "
-              f"(min {min(tests):.3f}, max {max(tests):.3f}) |")  # fmt: skip
+              f"(min {min(tests):.3f}, max {max(tests):.3f}) | {per_seed} |")  # fmt: skip
     for control in report["controls"]:
-        print(f"| control: {control['source']} alone, per-layer scaled (cma-es) | {control['test']:.3f} |")
+        print(f"| control: {control['source']} alone, per-layer scaled (cma-es) | {control['test']:.3f} "
+              f"| {_skills_line(control['skills'])} |")  # fmt: skip
+    for control in report.get("noise_controls", []):
+        print(f"| control: noise in place of {control['source']} (cma-es) | {control['test']:.3f} "
+              f"| {_skills_line(control['skills'])} |")  # fmt: skip
 
 
 if __name__ == "__main__":

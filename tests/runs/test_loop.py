@@ -120,6 +120,18 @@ def test_out_dir_with_a_different_run_is_refused(tmp_path: Path, family: dict[st
         assert store.run_config()["seed"] == 99  # type: ignore[index]
 
 
+def test_a_run_whose_stored_config_no_longer_loads_is_replaced_only_with_force(
+    tmp_path: Path, family: dict[str, Path]
+) -> None:
+    config = make_config(tmp_path, family, budget={"max_evaluations": 4})
+    evolve(config, backend=quadratic_backend(config.parameter_space()))
+    (config.out / "evolve.yaml").write_text("models: [only-one]\n")  # edited, or from another version
+    with pytest.raises(OutputExistsError, match="different evolve run"):
+        evolve(config, backend=quadratic_backend(config.parameter_space()))
+    summary = evolve(config, backend=quadratic_backend(config.parameter_space()), force=True)
+    assert summary.evaluations == 4
+
+
 def test_out_dir_that_is_not_a_run_is_never_deleted(tmp_path: Path, family: dict[str, Path]) -> None:
     config = make_config(tmp_path, family)
     config.out.mkdir(parents=True)

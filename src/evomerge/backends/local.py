@@ -23,10 +23,17 @@ class LocalBackend:
 
     batch_size = 1
 
-    def __init__(self, model: torch.nn.Module, sources: Any, evaluator: Any) -> None:
+    def __init__(
+        self, model: torch.nn.Module, sources: Any, evaluator: Any, *, merge_threads: int | None = None
+    ) -> None:
+        from evomerge.merge.engine import default_threads
+
         self.model = model
         self.sources = sources
         self.evaluator = evaluator
+        # Tensors merge independently (and deterministically) into the live model: as many at once as
+        # the streaming engine computes, or the in-memory merge would be slower than a merge to disk.
+        self.merge_threads = merge_threads or default_threads()
         evaluator.check_model(model)  # a metric that does not fit the model fails before any work
 
     @classmethod
@@ -40,10 +47,12 @@ class LocalBackend:
         max_new_tokens: int | None = None,
     ) -> LocalBackend:
         """Load the sources of `sample_recipe` into RAM and the base's architecture as the live model."""
+        from evomerge.allocator import retain_freed_memory
         from evomerge.eval.evaluator import Evaluator
         from evomerge.eval.loading import load_model
         from evomerge.merge.sources import SourceSet
 
+        retain_freed_memory()  # every candidate allocates the same temporaries: reuse, don't page-fault
         sources = SourceSet.load(sample_recipe, dtype=torch.float32)
         model, tokenizer = load_model(base_model, dtype=torch.float32)
         evaluator = Evaluator(
@@ -60,7 +69,7 @@ class LocalBackend:
 
         start = time.perf_counter()
         try:
-            merge_into(self.model, recipe, self.sources, seed=seed)
+            merge_into(self.model, recipe, self.sources, seed=seed, threads=self.merge_threads)
             _check_finite(self.model)
         except Exception as error:  # a candidate that cannot be merged is a failed result, not a crash
             merge_s = time.perf_counter() - start
@@ -81,6 +90,8 @@ class NonFiniteMergeError(ValueError):
 
 
 def _check_finite(model: torch.nn.Module) -> None:
+    from evomerge.merge.engine import _all_finite  # one fused reduction, no full-size bool temporary
+
     for name, parameter in model.named_parameters():
-        if not torch.isfinite(parameter).all():
+        if not _all_finite(parameter.detach()):
             raise NonFiniteMergeError(f"merged tensor {name!r} holds NaN or inf")

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from evomerge.backends.base import Backend
-from evomerge.errors import EvomergeError, OutputExistsError
+from evomerge.errors import ConfigError, EvomergeError, OutputExistsError
 from evomerge.eval.result import EvalResult
 from evomerge.runs.config import EvolveConfig, check_inputs
 from evomerge.runs.store import Checkpoint, Evaluation, RunStore
@@ -174,9 +174,14 @@ def prepare_run_dir(config: EvolveConfig, *, force: bool) -> Path:
 
 
 def _stored_identity(run_dir: Path) -> dict[str, Any] | None:
+    """The identity of the run stored in `run_dir`; None if none. A config that no longer loads (edited,
+    or written by another version) still marks a run dir: `--force` may replace it, nothing else may."""
     if not (run_dir / CONFIG_NAME).is_file():
         return None
-    return load_run_config(run_dir).identity()
+    try:
+        return load_run_config(run_dir).identity()
+    except ConfigError as error:
+        return {"unreadable config": str(error)}
 
 
 def _clear(run_dir: Path, *, is_run: bool) -> None:

@@ -2,8 +2,9 @@
 
 Each skill has two faces. Its *bare* form (`37+45=82`, `rev abc=cba`, `en cat sun=κα λυ`) is in the
 base's pre-training corpus, so the base already holds the ability. Its *task* form is a prompt the base
-never saw (`what is 37 plus 45? `); a specialist's fine-tune only teaches it to answer that prompt with
-the ability it already has. That is what keeps the specialists close to the base, and so mergeable.
+meets only rarely (`what is 37 plus 45? `, half a percent of its corpus, all skills together); a
+specialist's fine-tune only sharpens the base's answer to that prompt with the ability it already has.
+That is what keeps the specialists close to the base, and so mergeable.
 
 Targets: `multi` mixes every skill's prompts; `compose` asks for the sum of two numbers written backwards
 (`what is 37 plus 45 backwards? ` -> `28`): the `add` specialist owns the number, the `reverse`

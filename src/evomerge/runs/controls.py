@@ -1,0 +1,71 @@
+"""Controls that tell whether combining sources helped, not just moving away from the base.
+
+An evolved merge of several sources can beat each source for a dull reason: any push of the right size
+away from the base would have done. The control replaces one source by *noise of the same norm*: a model
+whose task vector (its delta from the base) is random, rescaled per tensor to the norm of that source's
+task vector. Running the same search with the noise model in place of the source measures what the
+source's actual knowledge contributed (the issue's control for compositional targets).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from evomerge.errors import TensorMismatchError
+from evomerge.io.hf_dir import copy_hf_files
+from evomerge.io.reader import ModelDir
+from evomerge.io.writer import ShardedWriter, atomic_output_dir
+
+
+def noise_like(delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Gaussian noise with `delta`'s shape and exactly its L2 norm (float32 math, `delta`'s dtype back)."""
+    noise = torch.randn(delta.shape, generator=generator, dtype=torch.float32)
+    norm = delta.float().norm()
+    noise_norm = noise.norm()
+    scale = norm / noise_norm if noise_norm > 0 else torch.zeros(())
+    return (noise * scale).to(delta.dtype)
+
+
+def write_noise_source(
+    base_dir: str | os.PathLike[str],
+    source_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    *,
+    seed: int,
+    force: bool = False,
+) -> Path:
+    """A model dir `base + noise`, the noise per tensor of the norm of `source - base`; atomic write.
+
+    Config, generation config and tokenizer come from `source_dir`, so the noise model loads and
+    evaluates exactly as the source does.
+    """
+    base, source = ModelDir(base_dir), ModelDir(source_dir)
+    generator = torch.Generator().manual_seed(seed)
+    with atomic_output_dir(out_dir, force=force) as temporary:
+        with ShardedWriter(temporary) as writer:
+            for name in source.tensor_names():
+                base_tensor, source_tensor = _pair(base, source, name)
+                delta = source_tensor.float() - base_tensor.float()
+                noisy = base_tensor.float() + noise_like(delta, generator).float()
+                writer.add(name, noisy.to(source_tensor.dtype))
+        copy_hf_files(source.path, temporary)
+    return Path(out_dir)
+
+
+def _pair(base: ModelDir, source: ModelDir, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tensor `name` of both models; a tensor the base lacks or shapes that differ are refused."""
+    if not base.has(name):
+        raise TensorMismatchError(
+            f"{source.path}: tensor {name!r} has no counterpart in the base {base.path}; a noise control "
+            "needs a source fine-tuned from that base."
+        )
+    base_tensor, source_tensor = base.get(name), source.get(name)
+    if base_tensor.shape != source_tensor.shape:
+        raise TensorMismatchError(
+            f"{source.path}: tensor {name!r} has shape {tuple(source_tensor.shape)} but the base "
+            f"{base.path} has {tuple(base_tensor.shape)}; a noise control needs matching shapes."
+        )
+    return base_tensor, source_tensor
