@@ -90,8 +90,8 @@ class NonFiniteMergeError(ValueError):
 
 
 def _check_finite(model: torch.nn.Module) -> None:
-    from evomerge.merge.engine import _all_finite  # one fused reduction, no full-size bool temporary
+    from evomerge.merge.engine import all_finite  # one fused reduction, no full-size bool temporary
 
     for name, parameter in model.named_parameters():
-        if not _all_finite(parameter.detach()):
+        if not all_finite(parameter.detach()):
             raise NonFiniteMergeError(f"merged tensor {name!r} holds NaN or inf")

@@ -6,10 +6,12 @@ them is ever handed a source tensor.
 
 Top-k selection follows mergekit exactly, including which of several equal magnitudes it keeps: mergekit
 ranks with an (unstable) `torch.argsort`, so among ties at the threshold the choice is the sort's. The
-threshold itself comes from `kth_largest` (a sampled bracket, then `kthvalue` on the few candidates); when
-no tie straddles it (most float32 data; bf16 weights tie often) that alone gives mergekit's set. An ambiguous
-threshold either falls back to the very sort mergekit runs (`tie_break="mergekit"`, the default, so the
-two always agree) or keeps the lowest indices first in linear time (`tie_break="stable"`).
+threshold itself comes from `kth_largest` (a sampled bracket, then `kthvalue` on the few candidates), or for
+bfloat16 on CPU from a histogram of the magnitudes' 2^15 possible bit patterns (`key_threshold`, one pass,
+exact); when no tie straddles it (most float32 data; bf16 weights tie often) that alone gives mergekit's
+set. An ambiguous threshold is resolved by replaying mergekit's sort on the tied entries' side only
+(`tie_break="mergekit"`, the default, so the two always agree; the real sort runs where the replay cannot
+answer) or keeps the lowest indices first in linear time (`tie_break="stable"`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from __future__ import annotations
 import math
 import operator
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
+from itertools import pairwise
 from typing import Any, Literal
 
 import numpy as np
@@ -134,33 +138,81 @@ def _first_crossed(left: np.ndarray, right: np.ndarray) -> int:
 _CHUNKS = 64
 
 
-def _stops_near_cut(left_hits: np.ndarray, right_hits: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Left stops (rising) and right stops (falling), and the first pair that crosses.
+@dataclass(frozen=True)
+class _Stops:
+    """The stops of both scans around their crossing: left[j] is left stop number left_rank + j (rising
+    positions), right[j] right stop number right_rank + j (falling positions)."""
 
-    Only left stops below the crossing and right stops above it matter, so on a long segment per-chunk
-    counts locate it first and only the two halves are listed. The lists are then prefixes of the full
-    ones; a crossing found inside both is the full lists' crossing, anything else lists everything.
+    left: np.ndarray
+    right: np.ndarray
+    left_rank: int = 0
+    right_rank: int = 0
+
+    def crossing(self) -> int | None:
+        """The number of swaps (the first rank whose stops cross), or None if it is not inside the lists."""
+        low = max(self.left_rank, self.right_rank)
+        high = min(self.left_rank + self.left.size, self.right_rank + self.right.size)
+        if low > high:
+            return None
+        left = self.left[low - self.left_rank : high - self.left_rank]
+        right = self.right[low - self.right_rank : high - self.right_rank]
+        step = _first_crossed(left, right)
+        full = self.left_rank == 0 and self.right_rank == 0
+        return low + step if full or 0 < step < left.size else None
+
+    def left_at(self, rank: int) -> int:
+        """Left stop number `rank`; -1 where the list ends before it."""
+        j = rank - self.left_rank
+        return int(self.left[j]) if j < self.left.size else -1
+
+    def right_at(self, rank: int) -> int:
+        return int(self.right[rank - self.right_rank])
+
+
+def _stops_near_cut(left_hits: np.ndarray, right_hits: np.ndarray) -> tuple[_Stops, int]:
+    """Left stops (rising) and right stops (falling) around their crossing, and the number of swaps.
+
+    On a long segment per-chunk counts locate the crossing first and only the stops of the three chunks
+    around it are listed (with their ranks, from the counts); if the crossing is not among them, every
+    stop is listed.
     """
     n = left_hits.size
     if n >= 16 * 4096:
         size = -(-n // _CHUNKS)
-        below = np.cumsum([np.count_nonzero(left_hits[i : i + size]) for i in range(0, n, size)])
-        above = np.cumsum([np.count_nonzero(right_hits[i : i + size]) for i in range(0, n, size)][::-1])[::-1]
-        chunk = int(
-            np.argmax(below >= above)
-        )  # left stops below its end outnumber right stops from its start
-        low, high = max(0, (chunk - 1) * size), min(n, (chunk + 2) * size)
-        left = np.flatnonzero(left_hits[:high])
-        right = (np.flatnonzero(right_hits[low:]) + low)[::-1]
-        swaps = _first_crossed(left, right)
-        if swaps < min(left.size, right.size):
-            return left, right, swaps
-    left, right = np.flatnonzero(left_hits), np.flatnonzero(right_hits)[::-1]
-    return left, right, _first_crossed(left, right)
+        below = [np.count_nonzero(left_hits[i : i + size]) for i in range(0, n, size)]
+        above = [np.count_nonzero(right_hits[i : i + size]) for i in range(0, n, size)]
+        # the first chunk whose left stops up to its end outnumber the right stops from its start
+        chunk = int(np.argmax(np.cumsum(below) >= np.cumsum(above[::-1])[::-1]))
+        first, last = max(0, chunk - 1), min(len(below), chunk + 2)
+        low, high = first * size, min(n, last * size)
+        left, right = (
+            np.flatnonzero(left_hits[low:high]) + low,
+            (np.flatnonzero(right_hits[low:high]) + low)[::-1],
+        )
+        stops = _Stops(left, right, int(sum(below[:first])), int(sum(above[last:])))
+        swaps = stops.crossing()
+        if swaps is not None:
+            return stops, swaps
+    stops = _Stops(np.flatnonzero(left_hits), np.flatnonzero(right_hits)[::-1])
+    swaps = stops.crossing()
+    assert swaps is not None  # full lists always hold the crossing
+    return stops, swaps
 
 
-def _partition(values: np.ndarray, descending: bool) -> tuple[int, np.ndarray, np.ndarray]:
-    """std::__unguarded_partition of values[1:] around values[0]: (cut, left swap positions, right ones).
+@dataclass(frozen=True)
+class _Partition:
+    """One std::__unguarded_partition of a segment of n = `size`, as boolean masks: the left part is
+    values[:cut]; the swapped left stops are `left_swapped` over values[1 : 1 + left_swapped.size], the
+    swapped right stops `right_swapped` over values[n - right_swapped.size :], paired first with last."""
+
+    size: int
+    cut: int
+    left_swapped: np.ndarray
+    right_swapped: np.ndarray
+
+
+def _partition(values: np.ndarray, descending: bool) -> _Partition:
+    """std::__unguarded_partition of values[1:] around values[0], without listing every swap.
 
     The left scan stops at entries not ordered before the pivot, the right scan at entries the pivot is
     not ordered before; the i-th stops swap while they have not crossed. Every left position lies below
@@ -168,53 +220,163 @@ def _partition(values: np.ndarray, descending: bool) -> tuple[int, np.ndarray, n
     """
     rest, pivot = values[1:], values[0]
     left_hits, right_hits = (rest <= pivot, rest >= pivot) if descending else (rest >= pivot, rest <= pivot)
-    left, right, swaps = _stops_near_cut(left_hits, right_hits)
-    if swaps < left.size:
-        cut = int(left[swaps]) if swaps == 0 else min(int(left[swaps]), int(right[swaps - 1]))
-    else:
-        cut = int(right[swaps - 1])
-    return cut + 1, left[:swaps] + 1, right[:swaps] + 1
+    stops, swaps = _stops_near_cut(left_hits, right_hits)
+    if swaps == 0:
+        return _Partition(values.size, stops.left_at(0) + 1, left_hits[:0], right_hits[:0])
+    last_left, last_right, next_left = (
+        stops.left_at(swaps - 1),
+        stops.right_at(swaps - 1),
+        stops.left_at(swaps),
+    )
+    cut = min(next_left, last_right) if next_left >= 0 else last_right
+    return _Partition(values.size, cut + 1, left_hits[: last_left + 1], right_hits[last_right:])
 
 
-def _head_ties(
-    values: np.ndarray, index: np.ndarray, cut: int, swap: tuple[np.ndarray, np.ndarray], boundary: float
-) -> np.ndarray:
-    """Indices of the entries equal to `boundary` in values[:cut] once the swaps are done, read before
-    doing them (the head is dropped, so it is never written): the tied entries that stay, and the tied
-    entries that the right positions send over."""
-    left, right = swap
-    staying = values[:cut] == boundary
-    staying[left] = False
-    arriving = right[values[right] == boundary]
-    return np.concatenate((index[:cut][staying], index[arriving]))
+_SWAP_BLOCK = 1 << 18  # positions per block of `_swap_into`: its index lists stay small and in cache
+
+
+def _swap_into(values: np.ndarray, part: _Partition, right_side: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Carry out the partition's swaps on the side the replay goes on with (the other is dropped).
+
+    Returns the positions written (rising) and the values sent to them in source order (rising source
+    positions; the i-th source goes to the i-th target from the end). Gathers use `np.compress` and the
+    scatter index lists: numpy's boolean-mask indexing is several times slower on masks this irregular.
+    Both go block by block, so no list of a quarter of the segment's positions is ever allocated.
+    """
+    n = values.size
+    left_swapped, right_swapped = part.left_swapped, part.right_swapped
+    lefts, rights = values[1 : 1 + left_swapped.size], values[n - right_swapped.size :]
+    source, source_mask = (lefts, left_swapped) if right_side else (rights, right_swapped)
+    target, target_mask = (rights, right_swapped) if right_side else (lefts, left_swapped)
+    sent = np.compress(source_mask, source)
+    incoming = sent[::-1].copy()  # a reversed view as the scatter's source would make it 2x slower
+    targets = [np.zeros(0, dtype=np.intp)]
+    done = 0
+    for start in range(0, target_mask.size, _SWAP_BLOCK):
+        block = np.flatnonzero(target_mask[start : start + _SWAP_BLOCK])  # (B,) rising, within the block
+        target[start : start + _SWAP_BLOCK][block] = incoming[done : done + block.size]
+        done += block.size
+        targets.append(block + (start + (n - target.size if right_side else 1)))
+    return np.concatenate(targets), sent
+
+
+@dataclass(frozen=True)
+class _Tied:
+    """The entries equal to the boundary in the current segment: positions there (rising) and indices in
+    the input. Only they need tracking (everything else is in or out whatever its index), so the replay
+    moves 2-byte keys, not keys plus an index per entry."""
+
+    boundary: float
+    position: np.ndarray  # (T,) rising
+    index: np.ndarray  # (T,)
+
+    @staticmethod
+    def of(values: np.ndarray, boundary: float) -> _Tied:
+        position = np.flatnonzero(values == boundary)
+        return _Tied(boundary, position, position)
+
+    def moved_to(self, position: np.ndarray, index: np.ndarray) -> _Tied:
+        """The same entries at new positions (kept rising; timsort merges a few rising runs in one pass)."""
+        order = np.argsort(position, kind="stable")
+        return _Tied(self.boundary, position[order], index[order])
+
+    def joined(self, pieces: list[tuple[np.ndarray, np.ndarray]]) -> _Tied:
+        """Entries from (rising positions, indices) pieces; sorted only where the pieces interleave."""
+        position = np.concatenate([piece for piece, _ in pieces])
+        index = np.concatenate([piece for _, piece in pieces])
+        ends = [(piece[0], piece[-1]) for piece, _ in pieces if piece.size]
+        if all(last < first for (_, last), (first, _) in pairwise(ends)):
+            return _Tied(self.boundary, position, index)
+        return self.moved_to(position, index)
+
+    def exchanged(self, a: int, b: int) -> _Tied:
+        """After the entries at positions a and b trade places (mostly neither is tied: nothing to do)."""
+        slots = np.searchsorted(self.position, (a, b))
+        found = [
+            int(slot)
+            for slot, at in zip(slots, (a, b), strict=True)
+            if slot < self.position.size and self.position[slot] == at
+        ]
+        if len(found) == 1:
+            position = np.where(self.position == a, b, np.where(self.position == b, a, self.position))
+            return self.moved_to(position, self.index)
+        if len(found) == 2:  # both tied: the positions stay, the indices trade
+            index = self.index.copy()
+            index[found] = index[found[::-1]]
+            return _Tied(self.boundary, self.position, index)
+        return self
+
+
+def _follow_ties(
+    tied: _Tied,
+    part: _Partition,
+    moved: tuple[np.ndarray, np.ndarray],
+    right_side: bool,
+    stops: tuple[bool, bool],
+) -> tuple[_Tied, np.ndarray]:
+    """The tied entries of the side the replay goes on with, renumbered from its start, and (going right)
+    the indices of those the head keeps: the ones staying there and the ones the right stops send over.
+
+    `stops` says whether tied entries are left stops and right stops (which depends only on how the
+    boundary compares with the pivot), so the swapped ones are ranges of the rising positions: found by
+    bisection, no mask lookups. `moved` is `_swap_into`'s answer; the tied entries among the sent values
+    come in the same rising source order as the tied sources, which pairs them up.
+    """
+    targets, sent = moved
+    position, index = tied.position, tied.index
+    n_left, first_right = part.left_swapped.size, part.size - part.right_swapped.size
+    head_end = int(np.searchsorted(position, part.cut))
+    left_from, left_to = np.searchsorted(position, (1, n_left + 1)) if stops[0] else (0, 0)
+    right_from = int(np.searchsorted(position, first_right)) if stops[1] else position.size
+    # the j-th sent entry (rising source) lands on the j-th target from the end; listed rising here
+    arrived = targets[targets.size - 1 - np.flatnonzero(sent == tied.boundary)[::-1]]
+    if right_side:
+        assert arrived.size == left_to - left_from
+        head = np.concatenate((index[:left_from], index[left_to:head_end], index[right_from:]))
+        staying = (position[head_end:right_from] - part.cut, index[head_end:right_from])
+        return tied.joined([staying, (arrived - part.cut, index[left_from:left_to][::-1])]), head
+    assert arrived.size == position.size - right_from
+    pieces = [
+        (position[:left_from], index[:left_from]),
+        (arrived, index[right_from:][::-1]),
+        (position[left_to:head_end], index[left_to:head_end]),
+    ]
+    return tied.joined(pieces), index[:0]
 
 
 def _tied_in_prefix(keys: np.ndarray, k: int, descending: bool, boundary: float) -> np.ndarray | None:
     """Indices of the entries equal to `boundary` (the k-th in sort order) that std::sort puts at
     positions [0, k); None where it would fall back to heap sort. Entries ordered strictly before the
-    boundary are in whatever the ties do, so only tied entries are ever collected. Each partition's swaps
-    are written only into the side the replay goes on with (a gather and a scatter, not a full swap)."""
+    boundary are in whatever the ties do, so only tied entries are ever followed (`_Tied`). Each
+    partition's swaps are written only into the side the replay goes on with."""
     chosen = []
     values, offset = keys.copy(), 0
-    index = np.arange(keys.size, dtype=np.int32 if keys.size < 2**31 else np.int64)
+    tied = _Tied.of(values, boundary)
     depth = 2 * math.floor(math.log2(max(keys.size, 1)))
     while values.size > _INSERTION_BLOCK and offset < k < offset + values.size:
         if depth == 0:
             return None
         depth -= 1
         pick = _median_of_three(values, descending)
-        values[[0, pick]], index[[0, pick]] = values[[pick, 0]], index[[pick, 0]]
-        cut, left, right = _partition(values, descending)
-        if offset + cut <= k:  # the left part is all in; carry on in the right part
-            chosen.append(_head_ties(values, index, cut, (left, right), boundary))
-            values[right], index[right] = values[left], index[left]
-            values, index, offset = values[cut:], index[cut:], offset + cut
+        values[[0, pick]] = values[[pick, 0]]
+        tied = tied.exchanged(0, pick)
+        part = _partition(values, descending)
+        right_side = offset + part.cut <= k  # the left part is all in; carry on in the right part
+        pivot = values[0]
+        stops = (
+            (boundary <= pivot, boundary >= pivot) if descending else (boundary >= pivot, boundary <= pivot)
+        )
+        moved = _swap_into(values, part, right_side)
+        tied, head = _follow_ties(tied, part, moved, right_side, stops)
+        chosen.append(head)
+        if right_side:
+            values, offset = values[part.cut :], offset + part.cut
         else:
-            values[left], index[left] = values[right], index[right]
-            values, index = values[:cut], index[:cut]
+            values = values[: part.cut]
     if offset < k:  # the last block is insertion-sorted, which is stable
         order = np.argsort(-values if descending else values, kind="stable")[: k - offset]
-        chosen.append(index[order][values[order] == boundary])
+        first = order[values[order] == boundary]
+        chosen.append(tied.index[np.searchsorted(tied.position, first)])
     return np.concatenate(chosen) if chosen else np.zeros(0, dtype=np.int64)
 
 
@@ -268,6 +430,56 @@ def sort_prefix_mask(
         mask = torch.zeros(n, dtype=torch.bool, device=values.device)
         mask[torch.sort(values, descending=descending).indices[:k]] = True
     return mask
+
+
+# ---- bfloat16 magnitudes as int16 keys ---------------------------------------------------------------
+#
+# The bit pattern of a non-negative bfloat16, read as int16, orders exactly as the value does (and as its
+# float32 upcast, which mergekit sorts). |x| is the pattern with the sign bit cleared, so the keys take at
+# most 2^15 values: counting them finds the k-th largest and its ties in one pass, and the sort replay
+# compares 2-byte keys instead of 4-byte floats. Patterns above +inf's are NaN.
+
+_KEY_COUNT = 1 << 15
+_INF_KEY = 0x7F80
+
+
+def bf16_magnitude_keys(delta: torch.Tensor) -> np.ndarray | None:
+    """|delta| flattened as int16 keys (see above), or None unless delta is a CPU bfloat16 tensor."""
+    if delta.dtype != torch.bfloat16 or delta.device.type != "cpu" or delta.requires_grad:
+        return None
+    return np.bitwise_and(delta.reshape(-1).view(torch.int16).numpy(), 0x7FFF)  # (N,)
+
+
+def key_threshold(keys: np.ndarray, k: int) -> tuple[int, int, int] | None:
+    """(t, above, tied): the k-th largest key, how many keys exceed it and how many equal it, exactly,
+    from a histogram of all 2^15 keys; None where a NaN key (above +inf) is present."""
+    counts = torch.bincount(torch.from_numpy(keys), minlength=_KEY_COUNT).numpy()  # (2^15,)
+    if counts[_INF_KEY + 1 :].any():
+        return None
+    at_least = np.cumsum(counts[::-1])  # at_least[j]: keys >= 2^15 - 1 - j
+    j = int(np.searchsorted(at_least, k))  # the first j with at_least[j] >= k
+    threshold = _KEY_COUNT - 1 - j
+    return threshold, int(at_least[j - 1]) if j else 0, int(counts[threshold])
+
+
+def top_k_keys(keys: np.ndarray, k: int, tie_break: TieBreak = "mergekit") -> np.ndarray | None:
+    """`top_k_mask` on int16 magnitude keys (bool, (N,)); None where it cannot answer (NaN, or this torch
+    build's sort is not the one the replay models), so the caller falls back to the float32 path."""
+    found = key_threshold(keys, k)
+    if found is None:
+        return None
+    threshold, above, tied = found
+    if above + tied == k:  # no tie straddles the threshold
+        return np.greater_equal(keys, threshold)
+    if tie_break == "stable":
+        chosen: np.ndarray | None = np.flatnonzero(keys == threshold)[: k - above]
+    else:
+        chosen = _tied_in_prefix(keys, k, True, threshold) if _replay_verified() else None
+    if chosen is None:
+        return None
+    keep = np.greater(keys, threshold)
+    keep[chosen] = True
+    return keep
 
 
 def top_k_mask(magnitudes: torch.Tensor, k: int, tie_break: TieBreak = "mergekit") -> torch.Tensor:
@@ -363,8 +575,22 @@ def magnitude_(
         return delta
     if density <= 0 or delta.numel() == 0:
         return delta.zero_()
-    k = max(1, int(density * delta.numel()))
-    return _apply_mask_(delta, top_k_mask(_work_magnitudes(delta), k, tie_break), rescale)
+    return _apply_mask_(delta, magnitude_keep(delta, density, tie_break), rescale)
+
+
+def magnitude_keep(delta: torch.Tensor, density: float, tie_break: TieBreak = "mergekit") -> torch.Tensor:
+    """The bool mask (N,) of the entries TIES trimming keeps (0 < density < 1, N > 0), for a caller
+    that applies it later (the block-wise disjoint mean folds it into its own pass over the delta)."""
+    return _top_k_of(delta, max(1, int(density * delta.numel())), tie_break)
+
+
+def _top_k_of(delta: torch.Tensor, k: int, tie_break: TieBreak) -> torch.Tensor:
+    """Mask of delta's k largest magnitudes: from int16 keys for bfloat16 on CPU, else from float32."""
+    keys = bf16_magnitude_keys(delta) if k < delta.numel() else None
+    keep = top_k_keys(keys, k, tie_break) if keys is not None else None
+    if keep is not None:
+        return torch.from_numpy(keep)
+    return top_k_mask(_work_magnitudes(delta), k, tie_break)
 
 
 def magnitude_outliers_(

@@ -35,7 +35,13 @@ from evomerge.merge.methods._common import (
     weight_spec,
 )
 from evomerge.merge.registry import KernelFn, MergeMethod, ParamSpec, register
-from evomerge.merge.sparsify import SparsificationName, TieBreak, check_della, sparsify_
+from evomerge.merge.sparsify import (
+    SparsificationName,
+    TieBreak,
+    check_della,
+    magnitude_keep,
+    sparsify_,
+)
 
 
 def _sparse_deltas(
@@ -47,21 +53,28 @@ def _sparse_deltas(
     per_model: dict[str, list[float]],
     rescale: bool,
     tie_break: TieBreak,
-) -> list[torch.Tensor]:
-    """sparsify(x_i - base), each a fresh tensor owned by the caller (not yet weighted)."""
-    deltas = []
+    defer_trim: bool = False,
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    """sparsify(x_i - base), each a fresh tensor owned by the caller (not yet weighted), and the TIES
+    keep masks left to the caller (`defer_trim`, where the weight is 1: mergekit masks before weighting)."""
+    deltas: list[torch.Tensor] = []
+    keeps: list[torch.Tensor | None] = []
     for index, tensor in enumerate(tensors):
-        delta = tensor - base
-        if sparsification is not None:
+        delta, keep = tensor - base, None
+        density = per_model["density"][index]
+        if defer_trim and 0 < density < 1 and delta.numel() > 0 and per_model["weight"][index] == 1:
+            keep = magnitude_keep(delta, density, tie_break)
+        elif sparsification is not None:
             extra = {key: values[index] for key, values in per_model.items() if key in ("gamma", "epsilon")}
             if sparsification == "della_magprune":
-                check_della(per_model["density"][index], extra["epsilon"], f"{method} (model {index})")
+                check_della(density, extra["epsilon"], f"{method} (model {index})")
             sparsify_(
-                delta, sparsification, density=per_model["density"][index], rescale=rescale,
-                generator=generator, tie_break=tie_break, **extra,
+                delta, sparsification, density=density, rescale=rescale, generator=generator,
+                tie_break=tie_break, **extra,
             )  # fmt: skip
         deltas.append(delta)
-    return deltas
+        keeps.append(keep)
+    return deltas, keeps
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -117,46 +130,128 @@ def _disjoint_sum(
     return merged, divisor
 
 
-def _disjoint_sum_numpy(
-    weighted: list[torch.Tensor], elected: torch.Tensor, stored: list[float], normalize: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`_disjoint_sum` on CPU in numpy (the same IEEE operations, so the same bits): its comparisons and
-    bool-to-float products are several times faster than torch's."""
-    signs = elected.numpy()
-    merged, product = np.zeros_like(signs), np.empty_like(signs)
-    divisor = np.zeros_like(signs) if normalize else None
-    agree = np.empty(signs.shape, dtype=bool)
-    for delta, weight in zip(weighted, stored, strict=True):
-        values = delta.numpy()
-        np.greater(np.multiply(values, signs, out=product), 0, out=agree)
-        merged += np.multiply(values, agree, out=values)  # times 0 or 1, as mergekit's mask multiplies
-        if divisor is not None:  # w * 1 and w * 0 are exact, as in torch's add with alpha
-            divisor += agree if weight == 1 else np.multiply(agree, signs.dtype.type(weight), out=product)
-    return torch.from_numpy(merged), None if divisor is None else torch.from_numpy(divisor)
+def _blockwise(tensor: torch.Tensor) -> bool:
+    """Does the consensus sum of such tensors run block by block (`_disjoint_mean_chunked`)?"""
+    return tensor.device.type == "cpu" and _accumulator(tensor.dtype) in (torch.float32, torch.float64)
 
 
-def _consensus_sum(deltas: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
-    """TIES disjoint merge: keep each entry's weighted deltas that agree in sign with their sum; add them."""
+def _consensus_sum(
+    deltas: list[torch.Tensor],
+    weights: list[float],
+    normalize: bool,
+    keeps: list[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """TIES disjoint merge: keep each entry's weighted deltas that agree in sign with their sum; add them.
+
+    `keeps` are trimming masks not yet applied (only where the blocks apply them, and the weight is 1)."""
     dtype, accumulator = deltas[0].dtype, _accumulator(deltas[0].dtype)
     stored = _as_stored(weights, dtype)
-    # w_i delta_i rounded in the work dtype (times 1 is exact: skipped), then held exactly in the
-    # accumulator dtype (no copy for fp32)
+    # w_i delta_i rounded in the work dtype (times 1 is exact: skipped)
     weighted = [
-        (delta if weight == 1 else delta.mul_(weight)).to(accumulator)
-        for delta, weight in zip(deltas, stored, strict=True)
+        delta if weight == 1 else delta.mul_(weight) for delta, weight in zip(deltas, stored, strict=True)
     ]
     del deltas[:]
-    elected = _elected_signs(weighted, dtype)
-    numpy_ok = elected.device.type == "cpu" and accumulator in (torch.float32, torch.float64)
-    merged, divisor = (_disjoint_sum_numpy if numpy_ok else _disjoint_sum)(
-        weighted, elected, stored, normalize
-    )
-    merged = merged.to(dtype)
-    if divisor is not None:
-        divisor = divisor.to(dtype)
-        divisor[divisor == 0] = 1
-        merged.div_(divisor)
-    return merged
+    if _blockwise(weighted[0]):
+        return _disjoint_mean_chunked(weighted, stored, normalize, keeps=keeps)
+    assert keeps is None or all(keep is None for keep in keeps)  # deferred only to the blocks
+    exact = [delta.to(accumulator) for delta in weighted]  # held exactly in the accumulator dtype
+    merged, divisor = _disjoint_sum(exact, _elected_signs(exact, dtype), stored, normalize)
+    return _divided_(merged.to(dtype), None if divisor is None else divisor.to(dtype))
+
+
+def _divided_(merged: torch.Tensor, divisor: torch.Tensor | None) -> torch.Tensor:
+    """merged / divisor where the divisor (the agreeing weights' sum, in the work dtype) is nonzero."""
+    if divisor is None:
+        return merged
+    return merged.div_(divisor.masked_fill_(divisor == 0, 1))
+
+
+_CHUNK = 1 << 17  # entries per block of the CPU disjoint merge: its float32 scratch stays in cache
+
+
+def _disjoint_mean_chunked(
+    weighted: list[torch.Tensor],
+    stored: list[float],
+    normalize: bool,
+    chunk: int = _CHUNK,
+    keeps: list[torch.Tensor | None] | None = None,
+) -> torch.Tensor:
+    """Sign election, disjoint sum and (if normalizing) division on CPU, block by block.
+
+    Every entry depends only on the same entry of each delta, so blocks of `chunk` entries go through the
+    whole computation (upcast, sum, sign, agreement, sums, rounding, division) while their scratch is in
+    cache, and no float32 copy of a whole tensor is made. The operations per entry are those of
+    `_elected_signs`, `_disjoint_sum` and `_divided_` (IEEE arithmetic in the same order), so the bits
+    are too. `keeps` (bool (N,) or None per delta) are trimming masks applied to the upcast blocks: the
+    same products (x * 1 or x * 0, exact) as multiplying the whole delta first, one pass less over it.
+    """
+    dtype, shape = weighted[0].dtype, weighted[0].shape
+    flat = [delta.reshape(-1) for delta in weighted]  # (N,) each
+    masks = [None if keep is None else keep.reshape(-1).numpy() for keep in keeps or [None] * len(flat)]
+    n = flat[0].numel()
+    merged_out = torch.empty(n, dtype=dtype)
+    scratch = _ChunkScratch(len(flat), min(n, chunk), _accumulator(dtype))
+    rounded = torch.empty(min(n, chunk), dtype=dtype)  # the divisor in the work dtype, as mergekit's
+    for start in range(0, n, chunk):
+        stop = min(n, start + chunk)
+        values = scratch.upcast([delta[start:stop] for delta in flat])
+        for upcast, mask in zip(values, masks, strict=True):
+            if mask is not None:
+                np.multiply(upcast, mask[start:stop], out=upcast)
+        merged, divisor = scratch.disjoint(values, stored, normalize)
+        block = merged_out[start:stop].copy_(torch.from_numpy(merged))  # rounds to dtype, as mergekit's sum
+        if divisor is not None:  # a sum of weights is 0 exactly when its rounding to dtype is: `_divided_`
+            np.copyto(divisor, 1, where=divisor == 0)
+            block.div_(rounded[: stop - start].copy_(torch.from_numpy(divisor)))
+    return merged_out.reshape(shape)
+
+
+class _ChunkScratch:
+    """Reused per-block buffers of `_disjoint_mean_chunked` (a fresh array per block would page-fault)."""
+
+    def __init__(self, models: int, size: int, accumulator: torch.dtype) -> None:
+        self.upcasts = [torch.empty(size, dtype=accumulator) for _ in range(models)]
+        numpy_dtype = self.upcasts[0].numpy().dtype
+        self.total, self.signs, self.product, self.merged, self.divisor = (
+            np.empty(size, dtype=numpy_dtype) for _ in range(5)
+        )
+        self.agree = np.empty(size, dtype=bool)
+
+    def upcast(self, blocks: list[torch.Tensor]) -> list[np.ndarray]:
+        """The blocks in the accumulator dtype (exact); float32/float64 blocks are copied too, because
+        the disjoint sum overwrites them."""
+        return [
+            buffer[: block.numel()].copy_(block).numpy()
+            for buffer, block in zip(self.upcasts, blocks, strict=True)
+        ]
+
+    def disjoint(
+        self, values: list[np.ndarray], stored: list[float], normalize: bool
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """sum_i mask_i v_i and sum_i mask_i w_i over one block, mask_i = [v_i has the elected sign]."""
+        m = values[0].size
+        total, signs, product = self.total[:m], self.signs[:m], self.product[:m]
+        merged, agree = self.merged[:m], self.agree[:m]
+        np.copyto(total, values[0])
+        for block in values[1:]:  # summed in model order, as torch sums the stacked deltas
+            np.add(total, block, out=total)
+        # elected sign +1 where the sum is >= 0, else -1. mergekit tests the sum rounded to the work
+        # dtype; rounding a sum of bf16/f16 values to their dtype keeps its sign and never makes a nonzero
+        # sum zero (it is a multiple of their smallest subnormal), so the unrounded sum gives the same signs
+        np.greater_equal(total, 0, out=agree)
+        np.subtract(np.multiply(agree, 2, out=signs), 1, out=signs)
+        divisor = self.divisor[:m] if normalize else None
+        merged.fill(0)
+        if divisor is not None:
+            divisor.fill(0)
+        for block, weight in zip(values, stored, strict=True):
+            np.greater(np.multiply(block, signs, out=product), 0, out=agree)  # zero never agrees
+            np.add(merged, np.multiply(block, agree, out=block), out=merged)  # times 0 or 1, as mergekit
+            if divisor is not None:  # w * 1 and w * 0 are exact, as in torch's add with alpha
+                np.add(
+                    divisor, agree if weight == 1 else np.multiply(agree, weight, out=product), out=divisor
+                )
+        return merged, divisor
 
 
 def generalized_task_arithmetic(
@@ -190,8 +285,14 @@ def generalized_task_arithmetic(
     count = len(tensors)
     named = {"weight": weight, "density": density, "gamma": gamma, "epsilon": epsilon}
     per_model = {k: check_per_model(method, k, v, count) for k, v in named.items() if v is not None}
-    deltas = _sparse_deltas(method, tensors, base, sparsification, generator, per_model, rescale, tie_break)
-    merged = (_consensus_sum if consensus else _plain_sum)(deltas, per_model["weight"], normalize)
+    defer_trim = consensus and sparsification == "magnitude" and not rescale and _blockwise(base)
+    deltas, keeps = _sparse_deltas(
+        method, tensors, base, sparsification, generator, per_model, rescale, tie_break, defer_trim
+    )
+    if consensus:
+        merged = _consensus_sum(deltas, per_model["weight"], normalize, keeps)
+    else:
+        merged = _plain_sum(deltas, per_model["weight"], normalize)
     if lambda_ != 1:
         merged.mul_(lambda_)
     return merged.add_(base)
