@@ -91,10 +91,10 @@ def test_wall_time_budget(tmp_path: Path, family: dict[str, Path], monkeypatch: 
     summary = evolve(config, backend=FunctionBackend(fitness))
     assert summary.stopped_by == "max_wall_seconds"
     assert summary.evaluations == 5 and summary.generations == 1
-    # Wall time is carried by checkpoints: the one after generation 0 holds 0.4 s, so a resume has 0.1 s
-    # left and evaluates one more candidate (the 0.1 s spent after that checkpoint is not carried).
+    # The store keeps the 0.5 s spent (after every committed batch, not only per generation), so a
+    # resume with the same budget evaluates nothing more.
     resumed = resume(summary.run_dir, backend=FunctionBackend(fitness))
-    assert resumed.stopped_by == "max_wall_seconds" and resumed.evaluations == 6
+    assert resumed.stopped_by == "max_wall_seconds" and resumed.evaluations == 5
 
 
 def test_resume_continues_with_a_bigger_budget_like_one_long_run(

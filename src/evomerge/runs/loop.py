@@ -93,7 +93,7 @@ def _run(
 ) -> RunSummary:
     with RunStore.in_dir(run_dir) as store:
         checkpoint = _open(store, config)
-        elapsed = checkpoint.elapsed_s if checkpoint else 0.0
+        elapsed = max(checkpoint.elapsed_s if checkpoint else 0.0, store.elapsed())
         clock = _Clock(config, elapsed, store.count_evaluations(), progress)
         optimizer, generation = _restore_or_start(store, backend, space, config, clock, checkpoint)
         while (stop := clock.stop_reason(store.count_evaluations())) is None:
@@ -132,6 +132,7 @@ def _evaluate_generation(
                 Evaluation(generation, i, genomes[i], recipe.to_yaml(), seed, result, _wall(result))
             )
             results[i] = result
+        store.save_elapsed(clock.elapsed())
         clock.report(generation, store)
     if any(result is None for result in results):
         return None
@@ -293,7 +294,7 @@ def load_tasks(config: EvolveConfig, *, split: str = "dev") -> list[Any]:
 
 # --- budget and progress ------------------------------------------------------------------------------
 class _Clock:
-    """Budget by evaluations and/or wall time; wall time accumulates across resumes via checkpoints."""
+    """Budget by evaluations and/or wall time; wall time accumulates across resumes (kept in the store)."""
 
     def __init__(
         self,

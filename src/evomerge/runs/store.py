@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS evaluations (
     created REAL NOT NULL,
     UNIQUE (generation, "index")
 );
+CREATE TABLE IF NOT EXISTS clock (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    elapsed_s REAL NOT NULL
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     generation INTEGER PRIMARY KEY,
     optimizer BLOB NOT NULL,
@@ -157,6 +161,16 @@ class RunStore:
             'ORDER BY score DESC, generation, "index" LIMIT 1'
         ).fetchone()
         return None if row is None else _row_to_evaluation(row)
+
+    # --- wall clock ---------------------------------------------------------------------------------
+    def save_elapsed(self, seconds: float) -> None:
+        """The run's wall time so far, kept after every committed batch (checkpoints come per generation)."""
+        with self._transaction():
+            self._db.execute("INSERT OR REPLACE INTO clock (id, elapsed_s) VALUES (1, ?)", (seconds,))
+
+    def elapsed(self) -> float:
+        row = self._db.execute("SELECT elapsed_s FROM clock WHERE id = 1").fetchone()
+        return 0.0 if row is None else float(row[0])
 
     # --- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
