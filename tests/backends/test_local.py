@@ -70,3 +70,19 @@ def test_a_nan_merge_is_a_failed_result_and_the_next_candidate_still_works(
     )
     assert not broken.ok and broken.error is not None
     assert fine.ok
+
+
+@pytest.mark.gpu
+def test_a_gpu_backend_scores_like_the_cpu_one(scoreable_family: dict[str, Path]) -> None:
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    tasks = [load_task(scoreable_family["dev"], metric="perplexity", name="sums")]
+    sample = recipe(scoreable_family, "dare_ties", (0.5, 0.5), density=0.5)
+    cpu = LocalBackend.create(scoreable_family["base"], sample, tasks)
+    gpu = LocalBackend.create(scoreable_family["base"], sample, tasks, device="cuda")
+    for config in (sample, recipe(scoreable_family, "ties", (0.9, 0.2), density=0.4)):
+        on_cpu, on_gpu = cpu.evaluate(config, seed=5), gpu.evaluate(config, seed=5)
+        assert on_gpu.ok and next(gpu.model.parameters()).device.type == "cuda"
+        assert on_gpu.score == pytest.approx(on_cpu.score, rel=1e-4)  # same masks, GPU arithmetic

@@ -36,6 +36,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ({"budget": {}}, r"budget: .*max_evaluations, max_wall_seconds"),
         ({"serach": {}}, r"unknown field 'serach'"),
         ({"search": {"granularity": "layers"}}, r"search.granularity"),
+        ({"evaluation": {"device": "gpu"}}, r"evaluation.device: .*'gpu' is not a device torch knows"),
     ],
 )
 def test_bad_config_fields_are_located(
@@ -114,3 +115,16 @@ def test_the_spy_would_see_evaluations(tmp_path: Path, family: dict[str, Path]) 
     evolve(config, backend=_spy(calls))
     assert len(calls) == 2
     assert quadratic_backend  # the shared problem module imports cleanly
+
+
+def test_device_auto_is_the_cpu_without_a_gpu_and_an_unseen_gpu_is_refused(
+    tmp_path: Path, family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert make_config(tmp_path, family).evaluation.torch_device() == torch.device("cpu")
+    config = make_config(tmp_path, family, evaluation={"device": "cuda:0"})
+    with pytest.raises(ConfigError, match=r"evaluation.device: 'cuda:0' but torch sees no CUDA device"):
+        evolve(config, backend=quadratic_backend(config.parameter_space()))
+    assert not config.out.exists()  # refused before anything was written

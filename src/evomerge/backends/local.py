@@ -1,8 +1,10 @@
 """The in-process backend: sources in RAM once, one live model, each candidate merged into it in place.
 
 No disk I/O and no model instantiation per candidate: `merge_into` overwrites the live model's
-parameters (task vectors are computed once by `SourceSet.load`), then the Evaluator scores it. This is
-what makes a laptop-CPU search of hundreds of candidates practical (see benchmarks/evolve_speed.py).
+parameters, then the Evaluator scores it. This is what makes a laptop-CPU search of hundreds of
+candidates practical (see benchmarks/evolve_speed.py). Sources, model and evaluation live on one device
+(the CPU, or a GPU: `device`). Task vectors are not cached: each candidate's kernel takes
+`source - base` again (one pass per source), which keeps the sources' memory at one copy each.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class LocalBackend:
         *,
         batch_size: int = 64,
         max_new_tokens: int | None = None,
+        device: str | torch.device = "cpu",
     ) -> LocalBackend:
         """Load the sources of `sample_recipe` into RAM and the base's architecture as the live model."""
         from evomerge.allocator import retain_freed_memory
@@ -53,10 +56,10 @@ class LocalBackend:
         from evomerge.merge.sources import SourceSet
 
         retain_freed_memory()  # every candidate allocates the same temporaries: reuse, don't page-fault
-        sources = SourceSet.load(sample_recipe, dtype=torch.float32)
-        model, tokenizer = load_model(base_model, dtype=torch.float32)
+        sources = SourceSet.load(sample_recipe, dtype=torch.float32, device=device)
+        model, tokenizer = load_model(base_model, dtype=torch.float32, device=device)
         evaluator = Evaluator(
-            tasks, tokenizer=tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens
+            tasks, tokenizer=tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
         )
         return cls(model, sources, evaluator)
 

@@ -60,9 +60,14 @@ class SourceSet:
 
     @classmethod
     def load(
-        cls, config: MergeConfig, dtype: torch.dtype = torch.float32, *, allow_pickle: bool = False
+        cls,
+        config: MergeConfig,
+        dtype: torch.dtype = torch.float32,
+        *,
+        allow_pickle: bool = False,
+        device: str | torch.device = "cpu",
     ) -> SourceSet:
-        """Open the config's models and read every tensor its merge needs into RAM, as `dtype`.
+        """Open the config's models and read every tensor its merge needs into memory on `device`, as `dtype`.
 
         Every floating tensor is checked for NaN/inf here, once, so `merge_into` need not.
         """
@@ -79,7 +84,7 @@ class SourceSet:
                     check_finite(tensor, *key)
                     # A copy: the reader's tensor may map the file, which `close` releases.
                     memory[key] = tensor.to(
-                        dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True
+                        device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype, copy=True
                     )
         sources._memory = memory
         sources.dtype = dtype

@@ -612,6 +612,13 @@ def magnitude_outliers_(
     return _apply_mask_(delta, keep, rescale)
 
 
+def _uniform(shape: torch.Size, generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """U[0, 1) draws from a CPU generator, moved to `device`: a seed gives the same mask on every device,
+    so a recipe evolved on a GPU rebuilds bit for bit in a CPU merge to disk (and a CPU generator could
+    not draw on a GPU anyway)."""
+    return torch.rand(shape, generator=generator).to(device)
+
+
 def bernoulli_(
     delta: torch.Tensor, density: float, *, rescale: bool = True, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -622,7 +629,7 @@ def bernoulli_(
     """
     if density >= 1:
         return delta
-    keep = torch.rand(delta.shape, generator=generator, device=delta.device) < density
+    keep = _uniform(delta.shape, generator, delta.device) < density
     return _apply_mask_(delta, keep, rescale)
 
 
@@ -672,7 +679,7 @@ def della_magprune_(
     magnitudes = matrix.abs().float().movedim(1, -1)  # (..., C): mergekit ranks along axis 1
     rows = magnitudes.reshape(-1, magnitudes.shape[-1])  # (R, C)
     probabilities = della_probabilities(rows, density, epsilon).reshape(magnitudes.shape).movedim(-1, 1)
-    keep = torch.rand(probabilities.shape, generator=generator, device=delta.device) < probabilities
+    keep = _uniform(probabilities.shape, generator, delta.device) < probabilities
     return _apply_mask_(delta, keep, rescale)
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from evomerge.configfile import YamlConfig
-from evomerge.errors import TensorMismatchError
+from evomerge.errors import ConfigError, TensorMismatchError
 from evomerge.merge.registry import get_method
 from evomerge.search.optimizers import OptimizerSettings, optimizer_names
 from evomerge.search.space import GeneGroup, Granularity, ParameterSpace
@@ -93,6 +94,33 @@ class FitnessTask(_Strict):
 class EvaluationConfig(_Strict):
     batch_size: int = Field(default=64, ge=1)
     max_new_tokens: int | None = Field(default=None, ge=1)  # None: sized from the longest answer
+    # Where the sources, the live model and the evaluation live: "auto" is the first GPU if torch sees
+    # one, else the CPU; or a torch device name ("cpu", "cuda", "cuda:1", "mps").
+    device: str = "auto"
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value != "auto":
+            try:
+                torch.device(value)
+            except RuntimeError:
+                raise ValueError(
+                    f"{value!r} is not a device torch knows; use auto, cpu, cuda, cuda:N or mps"
+                ) from None
+        return value
+
+    def torch_device(self) -> torch.device:
+        """The device to run on; a GPU the config names but torch cannot see is a clear error."""
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = torch.device(self.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ConfigError(
+                f"evaluation.device: {self.device!r} but torch sees no CUDA device (torch "
+                f"{torch.__version__}); use device: cpu, or install a CUDA build of torch."
+            )
+        return device
 
 
 class EvolveConfig(YamlConfig):
@@ -183,6 +211,7 @@ class EvolveConfig(YamlConfig):
 def check_inputs(config: EvolveConfig) -> ParameterSpace:
     """Everything that can be checked before evaluating: the search space and the sources' shapes."""
     space = config.parameter_space()
+    config.evaluation.torch_device()
     check_same_shapes(config.base_model, config.models)
     return space
 

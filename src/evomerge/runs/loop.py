@@ -273,8 +273,15 @@ def make_backend(config: EvolveConfig, space: ParameterSpace, *, split: str = "d
 
     tasks = load_tasks(config, split=split)
     sample = space.decode(np.full(space.dim, 0.5))
-    batch, max_new = config.evaluation.batch_size, config.evaluation.max_new_tokens
-    return LocalBackend.create(config.base_model, sample, tasks, batch_size=batch, max_new_tokens=max_new)
+    settings = config.evaluation
+    return LocalBackend.create(
+        config.base_model,
+        sample,
+        tasks,
+        batch_size=settings.batch_size,
+        max_new_tokens=settings.max_new_tokens,
+        device=settings.torch_device(),
+    )
 
 
 def load_tasks(config: EvolveConfig, *, split: str = "dev") -> list[Any]:

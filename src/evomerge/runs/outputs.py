@@ -162,6 +162,7 @@ def score_on_test_split(config: EvolveConfig, entries: list[tuple[str, str, Any,
         load_tasks(config, split="test"),
         batch_size=config.evaluation.batch_size,
         max_new_tokens=config.evaluation.max_new_tokens,
+        device=config.evaluation.torch_device(),
     )
     try:
         return [_row(name, kind, backend.evaluate(recipe, seed)) for name, kind, recipe, seed in entries]
