@@ -87,14 +87,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             report["controls"].append({**_search(data, "cma-es", 0, control=True), "source": skill})
         report["noise_controls"] = [_noise_control(zoo, skill, args) for skill in zoo.models]
     data = report["searches"][0]["config"]
-    first, per_skill = _config(data), _config({**data, "fitness": _skill_fitness(data)})
-    best = _best(first)
-    skills = {row.name: row.tasks for row in results_table(per_skill, best)}
-    report["table"] = [
-        {**row.__dict__, "tasks": skills[row.name]}
-        for row in results_table(first, best)
-        if row.kind != "evolved"
-    ]
+    rows = results_table(_config(_with_skill_tasks(data)), _best(_config(data)))
+    report["table"] = [_split_scores(row.__dict__, data) for row in rows if row.kind != "evolved"]
     return report
 
 
@@ -123,25 +117,32 @@ def _search(
     wall = time.perf_counter() - start
     best = _best(config)
     entry = [("evolved", "evolved", MergeConfig.from_yaml(best.recipe), best.seed)]
-    evolved = score_on_test_split(config, entry)[0]
-    # Which skills the merge kept: the same recipe on each specialist's own test split.
-    skills = score_on_test_split(_config({**data, "fitness": _skill_fitness(data)}, control=control), entry)[
-        0
-    ]
+    scored = score_on_test_split(_config(_with_skill_tasks(data), control=control), entry)[0]
+    evolved = _split_scores(scored.__dict__, data)
     label = label or (f" (control {data['models'][0]} alone)" if control else "")
     print(f"{optimizer} seed {seed}{label}: "
-          f"dev {summary.best.score:.3f} test {evolved.score:.3f} ({summary.evaluations} evals, {wall:.0f} s); "
-          f"per skill {_skills_line(skills.tasks)}")  # type: ignore[union-attr]  # fmt: skip
-    return {"optimizer": optimizer, "seed": seed, "dev": summary.best.score, "test": evolved.score,  # type: ignore[union-attr]
-            "skills": skills.tasks, "evaluations": summary.evaluations, "wall_s": wall, "config": data}  # fmt: skip
+          f"dev {summary.best.score:.3f} test {evolved['score']:.3f} ({summary.evaluations} evals, {wall:.0f} s); "
+          f"per skill {_skills_line(evolved['tasks'])}")  # type: ignore[union-attr]  # fmt: skip
+    return {"optimizer": optimizer, "seed": seed, "dev": summary.best.score, "test": evolved["score"],  # type: ignore[union-attr]
+            "skills": evolved["tasks"], "evaluations": summary.evaluations, "wall_s": wall, "config": data}  # fmt: skip
 
 
-def _skill_fitness(data: dict[str, Any]) -> list[dict[str, Any]]:
-    """One test task per specialist skill of the zoo the config points into (zoo/tasks/<skill>/)."""
+def _with_skill_tasks(data: dict[str, Any]) -> dict[str, Any]:
+    """The config scoring the target and, beside it, each specialist's own skill (zoo/tasks/<skill>/),
+    so one test-split pass through one backend gives both the target score and which skills a merge kept."""
+    from evomerge.zoo.skills import SKILLS
+
     tasks = Path(data["fitness"][0]["test"]).parent.parent
-    skills = ("add", "reverse", "translate")
-    return [{"name": s, "dev": str(tasks / s / "dev.jsonl"), "test": str(tasks / s / "test.jsonl"),
-             "metric": "exact_match"} for s in skills]  # fmt: skip
+    skills = [{"name": s, "dev": str(tasks / s / "dev.jsonl"), "test": str(tasks / s / "test.jsonl"),
+               "metric": "exact_match"} for s in SKILLS]  # fmt: skip
+    return {**data, "fitness": [*data["fitness"], *skills]}
+
+
+def _split_scores(row: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    """A results row scored by `_with_skill_tasks`: `score` the target's alone, `tasks` the skills'."""
+    target = data["fitness"][0]["name"]
+    skills = {name: score for name, score in row["tasks"].items() if name != target}
+    return {**row, "score": row["tasks"][target], "tasks": skills}
 
 
 def _skills_line(scores: dict[str, float]) -> str:

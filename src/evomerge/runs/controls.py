@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from evomerge.errors import TensorMismatchError
 from evomerge.io.hf_dir import copy_hf_files
 from evomerge.io.reader import ModelDir
 from evomerge.io.writer import ShardedWriter, atomic_output_dir
+from evomerge.runs.config import check_same_shapes
 
 
 def noise_like(delta: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -42,30 +42,17 @@ def write_noise_source(
     Config, generation config and tokenizer come from `source_dir`, so the noise model loads and
     evaluates exactly as the source does.
     """
-    base, source = ModelDir(base_dir), ModelDir(source_dir)
+    check_same_shapes(Path(base_dir), [Path(source_dir)])  # headers only, before anything is written
     generator = torch.Generator().manual_seed(seed)
-    with atomic_output_dir(out_dir, force=force) as temporary:
+    with (
+        ModelDir(base_dir) as base,
+        ModelDir(source_dir) as source,
+        atomic_output_dir(out_dir, force=force) as temporary,
+    ):
         with ShardedWriter(temporary) as writer:
             for name in source.tensor_names():
-                base_tensor, source_tensor = _pair(base, source, name)
-                delta = source_tensor.float() - base_tensor.float()
-                noisy = base_tensor.float() + noise_like(delta, generator).float()
-                writer.add(name, noisy.to(source_tensor.dtype))
+                base_tensor, source_tensor = base.get(name).float(), source.get(name)
+                delta = source_tensor.float() - base_tensor
+                writer.add(name, (base_tensor + noise_like(delta, generator)).to(source_tensor.dtype))
         copy_hf_files(source.path, temporary)
     return Path(out_dir)
-
-
-def _pair(base: ModelDir, source: ModelDir, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tensor `name` of both models; a tensor the base lacks or shapes that differ are refused."""
-    if not base.has(name):
-        raise TensorMismatchError(
-            f"{source.path}: tensor {name!r} has no counterpart in the base {base.path}; a noise control "
-            "needs a source fine-tuned from that base."
-        )
-    base_tensor, source_tensor = base.get(name), source.get(name)
-    if base_tensor.shape != source_tensor.shape:
-        raise TensorMismatchError(
-            f"{source.path}: tensor {name!r} has shape {tuple(source_tensor.shape)} but the base "
-            f"{base.path} has {tuple(base_tensor.shape)}; a noise control needs matching shapes."
-        )
-    return base_tensor, source_tensor

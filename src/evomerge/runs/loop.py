@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from evomerge.runs.config import EvolveConfig, check_inputs
 from evomerge.runs.store import Checkpoint, Evaluation, RunStore
 from evomerge.search.optimizers import Optimizer, load_state, make_optimizer, save_state
 from evomerge.search.space import ParameterSpace
+
+if TYPE_CHECKING:
+    from evomerge.backends.local import LocalBackend
 
 CONFIG_NAME = "evolve.yaml"
 
@@ -269,15 +272,18 @@ def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
 
 def make_backend(config: EvolveConfig, space: ParameterSpace, *, split: str = "dev") -> Backend:
     """The backend the config names, scoring on the `split` ("dev" or "test") of each fitness task."""
+    return local_backend(config, space.decode(np.full(space.dim, 0.5)), split=split)
+
+
+def local_backend(config: EvolveConfig, sample_recipe: Any, *, split: str = "dev") -> LocalBackend:
+    """A LocalBackend holding `sample_recipe`'s sources, with the config's evaluation settings."""
     from evomerge.backends.local import LocalBackend
 
-    tasks = load_tasks(config, split=split)
-    sample = space.decode(np.full(space.dim, 0.5))
     settings = config.evaluation
     return LocalBackend.create(
         config.base_model,
-        sample,
-        tasks,
+        sample_recipe,
+        load_tasks(config, split=split),
         batch_size=settings.batch_size,
         max_new_tokens=settings.max_new_tokens,
         device=settings.torch_device(),

@@ -16,7 +16,7 @@ from typing import Any
 from evomerge.errors import EvomergeError
 from evomerge.eval.result import EvalResult
 from evomerge.runs.config import EvolveConfig
-from evomerge.runs.loop import load_run_config, load_tasks
+from evomerge.runs.loop import load_run_config, local_backend
 from evomerge.runs.store import Evaluation, RunStore
 
 BEST_RECIPE = "best_recipe.yaml"
@@ -148,7 +148,6 @@ def results_table(config: EvolveConfig, best: Evaluation) -> list[ResultRow]:
 
 def score_on_test_split(config: EvolveConfig, entries: list[tuple[str, str, Any, int]]) -> list[ResultRow]:
     """Score (name, kind, recipe, seed) entries on the test split, all through one live model."""
-    from evomerge.backends.local import LocalBackend
     from evomerge.merge.config import MergeConfig
 
     union = {  # names the base and every source, so every recipe's tensors are loaded once
@@ -156,14 +155,7 @@ def score_on_test_split(config: EvolveConfig, entries: list[tuple[str, str, Any,
         "base_model": str(config.base_model),
         "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in config.models],
     }
-    backend = LocalBackend.create(
-        config.base_model,
-        MergeConfig.from_dict(union),
-        load_tasks(config, split="test"),
-        batch_size=config.evaluation.batch_size,
-        max_new_tokens=config.evaluation.max_new_tokens,
-        device=config.evaluation.torch_device(),
-    )
+    backend = local_backend(config, MergeConfig.from_dict(union), split="test")
     try:
         return [_row(name, kind, backend.evaluate(recipe, seed)) for name, kind, recipe, seed in entries]
     finally:
