@@ -4,7 +4,7 @@ Merging a candidate into the live model allocates a few temporaries per tensor (
 frees them at once. glibc serves every block above its mmap threshold (128 KiB at first, at most 32 MiB
 by its own adaptive rule) with a fresh `mmap` and gives it back with `munmap` on free, so every
 candidate page-faults all of its temporaries in again: for a 134M-parameter model that made
-`merge_into` 1.7-4x slower (`benchmarks/results/evolve.md`). Raising the mmap threshold and the heap's trim
+`merge_into` about 2x slower (`benchmarks/merge_into_alloc.py`). Raising the mmap threshold and the heap's trim
 threshold makes glibc reuse freed heap memory instead; the process's resident memory then stays at its
 high-water mark, which a long-lived search process reaches after its first candidate anyway.
 
