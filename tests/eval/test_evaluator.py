@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from evomerge.errors import EvaluationError
-from evomerge.eval.evaluator import Evaluator, model_kind
+from evomerge.eval.evaluator import Evaluator, group_means, group_perplexity_scores, model_kind
 from evomerge.eval.generation import generate_one_by_one
 from evomerge.eval.tasks import Example, Task
 
@@ -148,6 +148,7 @@ def test_classifier_accuracy_and_nan() -> None:
     evaluator = Evaluator([_task("digits", "accuracy", examples)], batch_size=1)
     result = evaluator.evaluate(model)
     assert result.tasks["digits"].per_example == [1.0, 0.0] and result.score == 0.5
+    assert result.tasks["digits"].groups == {}  # no example names a group
     with torch.no_grad():
         model.linear.weight[0, 0] = math.nan
     assert "non-finite" in (evaluator.evaluate(model).error or "")
@@ -195,3 +196,47 @@ def test_case_fold_option_and_device(lm: Any, tokenizer: Any, expected_answers: 
     # (load_task(..., case_fold=True) sets this extra; see test_tasks)
     result = Evaluator([plain, folded], tokenizer=tokenizer, max_new_tokens=8, device="cpu").evaluate(lm)
     assert (result.tasks["plain"].score, result.tasks["folded"].score) == (0.0, 1.0)
+
+
+def test_group_means_by_hand() -> None:
+    per_example = [1.0, 0.0, 1.0, 0.0, 1.0, 0.5]
+    groups = ["rev", "add", None, "add", "add", "rev"]  # the ungrouped 1.0 counts in no group
+    means = group_means(per_example, groups)
+    assert means == {"add": pytest.approx(1 / 3), "rev": pytest.approx(0.75)}
+    assert list(means) == ["add", "rev"]  # sorted by name, not by first appearance
+    assert group_means([1.0, 0.0], [None, None]) == {}
+    with pytest.raises(ValueError, match="2 groups for 3 examples"):
+        group_means([1.0, 0.0, 1.0], ["a", "b"])
+
+
+def test_group_perplexity_is_the_corpus_perplexity_of_the_group() -> None:
+    nll_sums, counts = [2.0, 4.0, 1.0, 0.0], [1, 3, 2, 0]
+    scores = group_perplexity_scores(nll_sums, counts, ["x", "x", "y", "y"])
+    # x: exp(-(2 + 4) / (1 + 3)), not the mean of exp(-2) and exp(-4/3); y: the 0-token example adds nothing
+    assert scores == {"x": pytest.approx(math.exp(-1.5)), "y": pytest.approx(math.exp(-0.5))}
+
+
+def test_classifier_accuracy_per_group() -> None:
+    model = LinearClassifier(torch.eye(3))
+    examples = [
+        Example(features=(1.0, 0.0, 0.0), label=0, group="low"),  # right
+        Example(features=(0.0, 1.0, 0.0), label=1, group="low"),  # right
+        Example(features=(0.0, 0.0, 2.0), label=1, group="high"),  # wrong
+        Example(features=(0.0, 0.0, 1.0), label=2, group="high"),  # right
+        Example(features=(0.0, 1.0, 0.0), label=0),  # wrong, in no group
+    ]
+    result = Evaluator([_task("digits", "accuracy", examples)], batch_size=2).evaluate(model)
+    assert result.tasks["digits"].groups == {"high": 0.5, "low": 1.0}
+    assert result.score == pytest.approx(0.6)  # the task score still counts every example
+
+
+def test_perplexity_per_group(lm: Any, tokenizer: Any) -> None:
+    examples = [
+        Example(answer="hello world", group="a"),  # 11 tokens scored (BOS, then every character)
+        Example(prompt="1+2=", answer="3", group="b"),  # 1 token
+        Example(answer="x y", group="a"),  # 3 tokens
+    ]
+    result = Evaluator([_task("ppl", "perplexity", examples)], tokenizer=tokenizer).evaluate(lm)
+    p = result.tasks["ppl"].per_example  # exp(-nll_i / n_i), so nll_i = -n_i log p_i
+    corpus_a = math.exp(-(11 * math.log(p[0]) + 3 * math.log(p[2])) / 14)
+    assert result.tasks["ppl"].groups == {"a": pytest.approx(1 / corpus_a), "b": pytest.approx(p[1])}

@@ -57,6 +57,13 @@ def test_loads_examples_with_line_numbers(tmp_path: Path) -> None:
         ('{"features": [1, 2], "label": -1}\n', "accuracy", r"'label' must be an integer >= 0"),
         ('{"features": [1, 2], "label": 0}\n{"features": [1], "label": 0}\n', "accuracy", r":2: 1 features"),
         ('{"prompt": "a"}\n', "perplexity", r"missing field 'answer'"),
+        (
+            '{"prompt": "a", "answer": "b"}\n{"prompt": "a", "answer": "b", "group": 3}\n',
+            "exact_match",
+            r":2: field 'group' must be a non-empty string",
+        ),
+        ('{"text": "a", "group": ["x"]}\n', "perplexity", r":1: field 'group' must be"),
+        ('{"features": [1, 2], "label": 0, "group": ""}\n', "accuracy", r":1: field 'group' must be"),
     ],
 )
 def test_bad_lines_are_located(tmp_path: Path, text: str, metric: str, expected: str) -> None:
@@ -91,6 +98,21 @@ def test_classifier_examples(tmp_path: Path) -> None:
     path = write_jsonl(tmp_path / "digits.jsonl", [{"features": [0, 1.5], "label": 3}])
     (example,) = load_task(path, metric="accuracy").examples
     assert (example.features, example.label) == ((0.0, 1.5), 3)
+
+
+@pytest.mark.parametrize(
+    ("metric", "fields"),
+    [
+        ("exact_match", {"prompt": "a", "answer": "b"}),
+        ("choice_accuracy", {"prompt": "a", "answer": "b", "choices": ["b", "c"]}),
+        ("perplexity", {"text": "ab"}),
+        ("accuracy", {"features": [0.5], "label": 1}),
+    ],
+)
+def test_groups_are_read_for_every_metric(tmp_path: Path, metric: str, fields: dict[str, object]) -> None:
+    records = [{**fields, "group": "add"}, fields, {**fields, "group": None}, {**fields, "group": "rev"}]
+    path = write_jsonl(tmp_path / "t.jsonl", records)
+    assert [e.group for e in load_task(path, metric=metric).examples] == ["add", None, None, "rev"]
 
 
 def test_limit_and_seeded_sample(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from evomerge.errors import SourceError
+from evomerge.eval.evaluator import Evaluator
+from evomerge.eval.tasks import load_task
 from evomerge.zoo import ZooManifest, build
 from evomerge.zoo.digits import HALVES, DigitsData, MLPClassifier, accuracy
 
@@ -58,6 +60,23 @@ def test_manifest_and_task_files(digits_zoo: ZooManifest) -> None:
         len(digits_zoo.tasks["digits"].split(s).read_text().splitlines()) for s in ("train", "dev", "test")
     ]
     assert sum(sizes) == 1797
+
+
+def test_the_mixed_task_groups_its_lines_by_half(digits_zoo: ZooManifest) -> None:
+    rows = [json.loads(line) for line in digits_zoo.tasks["digits"].test.read_text().splitlines()]
+    assert {row["group"] for row in rows} == set(HALVES)
+    assert all(row["label"] in HALVES[row["group"]] for row in rows)
+    halves = [
+        json.loads(line) for half in HALVES for line in digits_zoo.tasks[half].test.read_text().splitlines()
+    ]
+    assert all("group" not in row for row in halves)  # a single-half task has nothing to split
+
+
+def test_a_specialist_scores_its_own_half_of_the_mixed_task(digits_zoo: ZooManifest) -> None:
+    task = load_task(digits_zoo.tasks["digits"].test, metric="accuracy", name="digits")
+    model = MLPClassifier.from_pretrained(digits_zoo.models["low"])
+    groups = Evaluator([task]).evaluate(model).tasks["digits"].groups
+    assert set(groups) == set(HALVES) and groups["low"] > 0.85 and groups["high"] < 0.2
 
 
 def test_specialists_master_their_half(digits_zoo: ZooManifest) -> None:

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from evomerge.eval.tasks import load_task
 from evomerge.zoo import ZooManifest, build
 from evomerge.zoo.lm import LM_SIZES
 from evomerge.zoo.skills import SKILLS, World
@@ -67,6 +68,17 @@ def test_task_files(lm_zoo: ZooManifest) -> None:
         assert all(row["answer"] and "\n" not in row["answer"] for rows in splits.values() for row in rows)
     multi = _rows(lm_zoo.tasks["multi"].test)
     assert len(multi) == sum(len(_rows(lm_zoo.tasks[s].test)) for s in SKILLS)
+
+
+@pytest.mark.parametrize("split", ["dev", "test"])
+def test_multi_lines_name_their_skill(lm_zoo: ZooManifest, split: str) -> None:
+    rows = _rows(lm_zoo.tasks["multi"].split(split))
+    for skill in SKILLS:  # each line's group is the skill file it came from, and every skill line is there
+        own = {(row["prompt"], row["answer"]) for row in _rows(lm_zoo.tasks[skill].split(split))}
+        assert {(row["prompt"], row["answer"]) for row in rows if row["group"] == skill} == own
+    assert all("group" not in row for s in SKILLS for row in _rows(lm_zoo.tasks[s].split(split)))
+    task = load_task(lm_zoo.tasks["multi"].split(split), metric="exact_match")
+    assert {example.group for example in task.examples} == set(SKILLS)
 
 
 def test_compose_needs_both_skills(lm_zoo: ZooManifest) -> None:

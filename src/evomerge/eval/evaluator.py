@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -141,12 +142,11 @@ class Evaluator:
         elif task.metric.startswith("choice_accuracy"):
             per_example = self._choice_accuracy(model, prepared)
         elif task.metric == "perplexity":
-            per_example, corpus_ppl = self._perplexity(model, prepared)
-            behaviour[f"perplexity/{task.name}"] = corpus_ppl  # the raw perplexity, lower is better
-            return TaskScore(task.name, task.metric, _inverse(corpus_ppl), per_example, len(per_example))
+            return self._perplexity(model, prepared, behaviour)
         else:
             per_example = self._accuracy(model, prepared)
-        return TaskScore(task.name, task.metric, _mean(per_example), per_example, len(per_example))
+        groups = group_means(per_example, [e.group for e in task.examples])
+        return TaskScore(task.name, task.metric, _mean(per_example), per_example, len(per_example), groups)
 
     def _exact_match(self, model: Any, prepared: _Prepared) -> list[float]:
         generated = greedy_generate(
@@ -175,9 +175,14 @@ class Evaluator:
         normalised = prepared.task.metric == "choice_accuracy_norm"
         return metrics.choice_accuracy(grouped, answers, choice_lengths=lengths if normalised else None)
 
-    def _perplexity(self, model: Any, prepared: _Prepared) -> tuple[list[float], float]:
+    def _perplexity(self, model: Any, prepared: _Prepared, behaviour: dict[str, float]) -> TaskScore:
+        task = prepared.task
         results = continuation_logliks(model, prepared.pairs, pad_id=self._pad_id, batch_size=self.batch_size)
-        return metrics.perplexity([-total for total, _ in results], [count for _, count in results])
+        nll_sums, counts = [-total for total, _ in results], [count for _, count in results]
+        per_example, corpus_ppl = metrics.perplexity(nll_sums, counts)
+        behaviour[f"perplexity/{task.name}"] = corpus_ppl  # the raw perplexity, lower is better
+        groups = group_perplexity_scores(nll_sums, counts, [e.group for e in task.examples])
+        return TaskScore(task.name, task.metric, _inverse(corpus_ppl), per_example, len(per_example), groups)
 
     def _accuracy(self, model: Any, prepared: _Prepared) -> list[float]:
         assert prepared.features is not None and prepared.labels is not None
@@ -253,6 +258,42 @@ def _check_tokenizer(tasks: list[Task], tokenizer: Any) -> None:
             f"tasks {lm_tasks} use language-model metrics and need a tokenizer; pass tokenizer=... "
             "(load_model(path) returns the model dir's tokenizer)"
         )
+
+
+def group_means(per_example: Sequence[float], groups: Sequence[str | None]) -> dict[str, float]:
+    """The mean score of each group's examples, groups sorted by name (a stable order for reports).
+
+    `groups[i]` is example i's group; an example without one (None) counts in no group, and a task
+    without any gives {}.
+    """
+    return {
+        group: _mean([per_example[i] for i in indices])
+        for group, indices in _group_indices(groups, len(per_example)).items()
+    }
+
+
+def group_perplexity_scores(
+    nll_sums: Sequence[float], token_counts: Sequence[int], groups: Sequence[str | None]
+) -> dict[str, float]:
+    """1 / corpus perplexity of each group's examples: the task's perplexity score, computed per group.
+
+    Not the mean of the per-example 1/ppl: that would weigh a 2-token answer like a 200-token one.
+    """
+    scores = {}
+    for group, indices in _group_indices(groups, len(nll_sums)).items():
+        _, corpus = metrics.perplexity([nll_sums[i] for i in indices], [token_counts[i] for i in indices])
+        scores[group] = _inverse(corpus)
+    return scores
+
+
+def _group_indices(groups: Sequence[str | None], n_examples: int) -> dict[str, list[int]]:
+    if len(groups) != n_examples:
+        raise ValueError(f"one group per example expected: {len(groups)} groups for {n_examples} examples")
+    indices: dict[str, list[int]] = {}
+    for index, group in enumerate(groups):
+        if group is not None:
+            indices.setdefault(group, []).append(index)
+    return dict(sorted(indices.items()))
 
 
 def _mean(values: list[float]) -> float:

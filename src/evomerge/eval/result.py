@@ -11,13 +11,18 @@ WORST_SCORE = 0.0  # every built-in metric is in [0, 1], higher is better; perpl
 
 @dataclass
 class TaskScore:
-    """One task's score: the mean of `per_example` under `metric` (higher is better)."""
+    """One task's score: the mean of `per_example` under `metric` (higher is better).
+
+    `groups` holds the same score over each group's examples alone, when the task file names groups
+    (empty otherwise, and in results stored before groups existed, which `EvalResult.from_dict` still reads).
+    """
 
     task: str
     metric: str
     score: float
     per_example: list[float] = field(default_factory=list)
     n_examples: int = 0
+    groups: dict[str, float] = field(default_factory=dict)  # group -> score of its examples
 
 
 @dataclass

@@ -6,6 +6,9 @@ Formats (one JSON object a line, blank lines are skipped):
 - `perplexity`:              `{"prompt": str, "answer": str}` (perplexity of the answer given the prompt)
                              or `{"text": str}` (perplexity of the whole text)
 - `accuracy` (classifiers):  `{"features": [float, ...], "label": int}`
+
+Every format takes an optional `"group": str` (e.g. the skill an example tests); the evaluator then also
+reports the score of each group, so a mixed task shows which skills a model has and which it lost.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Example:
     features: tuple[float, ...] = ()
     label: int = -1
     line: int = 0  # 1-based line in the task file, 0 when built in code
+    group: str | None = None  # scored apart as well as in the task's mean (TaskScore.groups)
 
 
 @dataclass
@@ -114,15 +118,26 @@ def _parse_line(line: str, path: Path, line_number: int) -> dict[str, Any]:
 
 def _parse_example(record: dict[str, Any], metric: str, path: Path, line: int) -> Example:
     where = f"{path}:{line}"
+    group = _group(record, where)
     if metric == "accuracy":
-        return _classifier_example(record, where, line)
+        return _classifier_example(record, where, line, group)
     if metric == "perplexity" and "text" in record:
-        return Example(prompt="", answer=_string(record, "text", where), line=line)
+        return Example(prompt="", answer=_string(record, "text", where), line=line, group=group)
     prompt, answer = _string(record, "prompt", where), _string(record, "answer", where)
     choices: tuple[str, ...] = ()
     if metric.startswith("choice_accuracy"):
         choices = _choices(record, answer, where)
-    return Example(prompt=prompt, answer=answer, choices=choices, line=line)
+    return Example(prompt=prompt, answer=answer, choices=choices, line=line, group=group)
+
+
+def _group(record: dict[str, Any], where: str) -> str | None:
+    """The optional `group`; null counts as absent (a table exported with an empty cell)."""
+    group = record.get("group")
+    if group is None:
+        return None
+    if not isinstance(group, str) or not group:
+        raise TaskFileError(f"{where}: field 'group' must be a non-empty string (or left out), got {group!r}")
+    return group
 
 
 def _string(record: dict[str, Any], key: str, where: str) -> str:
@@ -145,7 +160,7 @@ def _choices(record: dict[str, Any], answer: str, where: str) -> tuple[str, ...]
     return tuple(choices)
 
 
-def _classifier_example(record: dict[str, Any], where: str, line: int) -> Example:
+def _classifier_example(record: dict[str, Any], where: str, line: int, group: str | None) -> Example:
     for key in ("features", "label"):
         if key not in record:
             raise TaskFileError(
@@ -156,7 +171,7 @@ def _classifier_example(record: dict[str, Any], where: str, line: int) -> Exampl
         raise TaskFileError(f"{where}: field 'features' must be a non-empty list of numbers")
     if not isinstance(label, int) or isinstance(label, bool) or label < 0:
         raise TaskFileError(f"{where}: field 'label' must be an integer >= 0, got {label!r}")
-    return Example(features=tuple(float(v) for v in features), label=label, line=line)
+    return Example(features=tuple(float(v) for v in features), label=label, line=line, group=group)
 
 
 def _check_feature_sizes(examples: list[Example], path: Path) -> None:

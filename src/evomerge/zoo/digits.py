@@ -2,7 +2,8 @@
 
 The M2N2 setting: both specialists start from one shared initialisation; one sees only digits 0-4, the
 other only 5-9, so each is good on its half and blind on the other, and a merge must combine them.
-Real data (1797 images) that ships with scikit-learn, so no download is needed.
+Real data (1797 images) that ships with scikit-learn, so no download is needed. The `digits` task mixes
+both halves, and each of its lines names its half as `group`, so its accuracy also comes out per half.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ MODEL_TYPE = "evomerge_mlp"
 N_FEATURES = 64  # 8x8 pixels
 N_CLASSES = 10
 HALVES = {"low": (0, 1, 2, 3, 4), "high": (5, 6, 7, 8, 9)}
+HALF_OF = {label: half for half, labels in HALVES.items() for label in labels}
 
 
 class MLPClassifier(nn.Module):
@@ -197,13 +199,21 @@ def _write_task(root: Path, name: str, data: DigitsData, classes: Sequence[int] 
     for split in ("train", "dev", "test"):
         features, labels = data.subset(split, classes)
         lines = [
-            json.dumps({"features": [round(float(v), 4) for v in row], "label": int(label)})
+            json.dumps(_record(row, int(label), grouped=classes is None))
             for row, label in zip(features, labels, strict=True)
         ]
         (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return TaskSplits(
         metric="accuracy", train=folder / "train.jsonl", dev=folder / "dev.jsonl", test=folder / "test.jsonl"
     )
+
+
+def _record(row: np.ndarray, label: int, *, grouped: bool) -> dict[str, Any]:
+    """A task line; `grouped` (a task over both halves) adds the label's half as its group."""
+    record: dict[str, Any] = {"features": [round(float(v), 4) for v in row], "label": label}
+    if grouped:
+        record["group"] = HALF_OF[label]
+    return record
 
 
 def train_classifier(

@@ -4,6 +4,7 @@ Layout written under the zoo root:
     tokenizer/                      the tokenizer files alone
     models/base, models/<skill>     HF model dirs (model.safetensors, config.json, tokenizer files)
     tasks/<skill>/{train,dev,test}.jsonl, tasks/multi/{dev,test}.jsonl, tasks/compose/{dev,test}.jsonl
+`multi`'s lines name their skill as `group`, so its score also comes out per skill.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def draw_tasks(world: World, spec: LMSize, rng: np.random.Generator) -> dict[str
         seen: set[str] = set()
         sizes = {"test": spec.n_test, "dev": spec.n_dev, "train": spec.n_train}  # test first: never short
         tasks[skill] = {split: unique_examples(draw, count, rng, seen) for split, count in sizes.items()}
-    tasks["multi"] = {split: _mix([tasks[s][split] for s in SKILLS], rng) for split in ("dev", "test")}
+    tasks["multi"] = {split: _mix({s: tasks[s][split] for s in SKILLS}, rng) for split in ("dev", "test")}
     seen = set()
     tasks["compose"] = {
         s: unique_examples(world.compose, getattr(spec, f"n_{s}"), rng, seen) for s in ("test", "dev")
@@ -121,20 +122,37 @@ def _task_form(
     return lambda rng: draw(rng)[1]
 
 
-def _mix(parts: list[list[Example]], rng: np.random.Generator) -> list[Example]:
-    """Every example of every part, shuffled so that a `--limit` still sees every skill."""
-    pooled = [example for part in parts for example in part]
+@dataclass(frozen=True)
+class GroupedExample(Example):
+    """An example of a mixed task that remembers the skill it came from."""
+
+    group: str
+
+
+def _mix(parts: dict[str, list[Example]], rng: np.random.Generator) -> list[Example]:
+    """Every example of every part, grouped by its part's name, shuffled so that a `--limit` still sees every skill."""
+    pooled = [GroupedExample(e.prompt, e.answer, name) for name, part in parts.items() for e in part]
     return [pooled[int(index)] for index in rng.permutation(len(pooled))]
 
 
 def write_task(folder: Path, splits: dict[str, list[Example]]) -> TaskSplits:
-    """One JSONL file per split, `{"prompt": ..., "answer": ...}` a line (answers hold no newline)."""
+    """One JSONL file per split, `{"prompt": ..., "answer": ...}` a line (answers hold no newline).
+
+    A grouped example (from `_mix`) adds `"group": skill`, so the evaluator scores each skill apart too.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     for split, examples in splits.items():
-        lines = [json.dumps({"prompt": e.prompt, "answer": e.answer}, ensure_ascii=False) for e in examples]
+        lines = [json.dumps(_record(e), ensure_ascii=False) for e in examples]
         (folder / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     train = folder / "train.jsonl" if "train" in splits else None
     return TaskSplits(metric="exact_match", dev=folder / "dev.jsonl", test=folder / "test.jsonl", train=train)
+
+
+def _record(example: Example) -> dict[str, str]:
+    record = {"prompt": example.prompt, "answer": example.answer}
+    if isinstance(example, GroupedExample):
+        record["group"] = example.group
+    return record
 
 
 def pretraining_corpus(world: World, spec: LMSize, rng: np.random.Generator) -> list[str]:
