@@ -50,7 +50,7 @@ def main() -> None:
         config = _family_config(args.random_family, args.limit)
     else:
         config = _config(args.zoo, args.size, args.limit)
-    space = config.parameter_space()
+    space = config.search_space()
     genomes = np.random.default_rng(0).uniform(size=(args.candidates, space.dim))  # (N, D)
     recipes = [space.decode(genome) for genome in genomes]
     paths = ["memory", "disk", *(["mergekit"] if args.mergekit else [])]
@@ -62,7 +62,7 @@ def _interleaved(config, space, recipes, paths: list[str]) -> dict[str, dict[str
     from evomerge.runs.loop import load_tasks, make_backend
 
     start = time.perf_counter()
-    backend = make_backend(config, space)
+    backend = make_backend(config)
     times: dict[str, dict[str, float]] = {p: {"total_s": 0.0, "merge_s": 0.0, "scores": []} for p in paths}  # type: ignore[misc]
     times["memory"]["setup_s"] = time.perf_counter() - start
     tasks, scratch = load_tasks(config), Path(tempfile.mkdtemp())

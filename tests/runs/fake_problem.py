@@ -56,7 +56,7 @@ def make_config(root: Path, family: dict[str, Path], **overrides: Any) -> Evolve
             "group_size": 2,
             "parameters": {"weight": [0.0, 1.0], "density": [0.2, 1.0]},
         },
-        "optimizer": {"name": "cma-es", "population_size": 4, "sigma0": 0.3},
+        "optimizer": {"name": "cma-es", "population_size": 4, "sigma0": 0.3, "start": "center"},
         "budget": {"max_evaluations": 20},
         "fitness": [{"name": "toy", "dev": str(task), "test": str(task), "metric": "exact_match"}],
         "seed": 3,
@@ -92,7 +92,7 @@ def main() -> None:
     command, root, family_dir, delay = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
     family = {name: family_dir / name for name in ("base", "ft0", "ft1")}
     config = make_config(root, family)
-    backend = quadratic_backend(config.parameter_space(), delay=delay)
+    backend = quadratic_backend(config.search_space(), delay=delay)
     if command == "evolve":
         evolve(config, backend=backend)
     else:

@@ -100,7 +100,7 @@ def test_from_yaml_names_the_file(tmp_path: Path, family: dict[str, Path]) -> No
 
 def test_default_search_parameters_for_ties(tmp_path: Path, family: dict[str, Path]) -> None:
     config = make_config(tmp_path, family, search={"granularity": "model"})
-    assert set(config.parameter_space().parameters) == {"weight", "density"}
+    assert set(config.search_space().parameters) == {"weight", "density"}
 
 
 def _spy(calls: list[Any]):  # type: ignore[no-untyped-def]
@@ -126,5 +126,5 @@ def test_device_auto_is_the_cpu_without_a_gpu_and_an_unseen_gpu_is_refused(
     assert make_config(tmp_path, family).evaluation.torch_device() == torch.device("cpu")
     config = make_config(tmp_path, family, evaluation={"device": "cuda:0"})
     with pytest.raises(ConfigError, match=r"evaluation.device: 'cuda:0' but torch sees no CUDA device"):
-        evolve(config, backend=quadratic_backend(config.parameter_space()))
+        evolve(config, backend=quadratic_backend(config.search_space()))
     assert not config.out.exists()  # refused before anything was written

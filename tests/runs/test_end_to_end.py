@@ -38,7 +38,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
                 "parameters": {"weight": [0, 1], "density": [0.3, 1]},
             },
             "optimizer": {"population_size": 4},
-            "budget": {"max_evaluations": 8},
+            "budget": {"max_evaluations": 15},
             "fitness": [
                 {
                     "name": "sums",
@@ -51,7 +51,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         }
     )
     summary = evolve(config)
-    assert summary.evaluations == 8 and summary.best is not None
+    assert summary.evaluations == 15 and summary.best is not None
     finalize(summary.run_dir)
     return summary.run_dir
 

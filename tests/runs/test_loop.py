@@ -40,7 +40,7 @@ def stored(run_dir: Path) -> list[tuple[int, int, list[float], float | None, str
 
 def test_runs_to_budget_and_improves(tmp_path: Path, family: dict[str, Path]) -> None:
     config = make_config(tmp_path, family, budget={"max_evaluations": 40})
-    summary = evolve(config, backend=quadratic_backend(config.parameter_space()))
+    summary = evolve(config, backend=quadratic_backend(config.search_space()))
     assert summary.evaluations == 40 and summary.generations == 10 and summary.stopped_by == "max_evaluations"
     rows = stored(summary.run_dir)
     assert [(g, i) for g, i, *_ in rows] == [(g, i) for g in range(10) for i in range(4)]
@@ -53,7 +53,7 @@ def test_runs_to_budget_and_improves(tmp_path: Path, family: dict[str, Path]) ->
 
 def test_budget_can_end_inside_a_generation(tmp_path: Path, family: dict[str, Path]) -> None:
     config = make_config(tmp_path, family, budget={"max_evaluations": 6})
-    summary = evolve(config, backend=quadratic_backend(config.parameter_space()))
+    summary = evolve(config, backend=quadratic_backend(config.search_space()))
     assert summary.evaluations == 6 and summary.generations == 1
 
 
@@ -61,7 +61,7 @@ def test_failed_and_nan_candidates_are_recorded_and_the_run_goes_on(
     tmp_path: Path, family: dict[str, Path]
 ) -> None:
     config = make_config(tmp_path, family, budget={"max_evaluations": 12})
-    space = config.parameter_space()
+    space = config.search_space()
     good = quadratic_backend(space, fail_index=3)
     calls = {"n": 0}
 
@@ -82,7 +82,7 @@ def test_wall_time_budget(tmp_path: Path, family: dict[str, Path], monkeypatch: 
     now = {"t": 1000.0}
     monkeypatch.setattr(loop, "_now", lambda: now["t"])
     config = make_config(tmp_path, family, budget={"max_wall_seconds": 0.5})
-    good = quadratic_backend(config.parameter_space())
+    good = quadratic_backend(config.search_space())
 
     def fitness(recipe, seed):  # type: ignore[no-untyped-def]
         now["t"] += 0.1
@@ -101,20 +101,20 @@ def test_resume_continues_with_a_bigger_budget_like_one_long_run(
     tmp_path: Path, family: dict[str, Path]
 ) -> None:
     short = make_config(tmp_path / "a", family, budget={"max_evaluations": 10})
-    evolve(short, backend=quadratic_backend(short.parameter_space()))
-    resumed = resume(short.out, backend=quadratic_backend(short.parameter_space()), max_evaluations=24)
+    evolve(short, backend=quadratic_backend(short.search_space()))
+    resumed = resume(short.out, backend=quadratic_backend(short.search_space()), max_evaluations=24)
     long = make_config(tmp_path / "b", family, budget={"max_evaluations": 24})
-    straight = evolve(long, backend=quadratic_backend(long.parameter_space()))
+    straight = evolve(long, backend=quadratic_backend(long.search_space()))
     assert stored(resumed.run_dir) == stored(straight.run_dir)
 
 
 def test_out_dir_with_a_different_run_is_refused(tmp_path: Path, family: dict[str, Path]) -> None:
     config = make_config(tmp_path, family, budget={"max_evaluations": 4})
-    evolve(config, backend=quadratic_backend(config.parameter_space()))
+    evolve(config, backend=quadratic_backend(config.search_space()))
     other = make_config(tmp_path, family, budget={"max_evaluations": 4}, seed=99)
     with pytest.raises(OutputExistsError, match=r"different evolve run.*--force.*evomerge resume"):
-        evolve(other, backend=quadratic_backend(other.parameter_space()))
-    summary = evolve(other, backend=quadratic_backend(other.parameter_space()), force=True)
+        evolve(other, backend=quadratic_backend(other.search_space()))
+    summary = evolve(other, backend=quadratic_backend(other.search_space()), force=True)
     assert summary.evaluations == 4
     with RunStore.in_dir(summary.run_dir) as store:
         assert store.run_config()["seed"] == 99  # type: ignore[index]
@@ -124,11 +124,11 @@ def test_a_run_whose_stored_config_no_longer_loads_is_replaced_only_with_force(
     tmp_path: Path, family: dict[str, Path]
 ) -> None:
     config = make_config(tmp_path, family, budget={"max_evaluations": 4})
-    evolve(config, backend=quadratic_backend(config.parameter_space()))
+    evolve(config, backend=quadratic_backend(config.search_space()))
     (config.out / "evolve.yaml").write_text("models: [only-one]\n")  # edited, or from another version
     with pytest.raises(OutputExistsError, match="different evolve run"):
-        evolve(config, backend=quadratic_backend(config.parameter_space()))
-    summary = evolve(config, backend=quadratic_backend(config.parameter_space()), force=True)
+        evolve(config, backend=quadratic_backend(config.search_space()))
+    summary = evolve(config, backend=quadratic_backend(config.search_space()), force=True)
     assert summary.evaluations == 4
 
 
@@ -138,7 +138,7 @@ def test_out_dir_that_is_not_a_run_is_never_deleted(tmp_path: Path, family: dict
     (config.out / "precious.txt").write_text("keep me")
     for force in (False, True):
         with pytest.raises(OutputExistsError, match="not an evomerge run dir"):
-            evolve(config, backend=quadratic_backend(config.parameter_space()), force=force)
+            evolve(config, backend=quadratic_backend(config.search_space()), force=force)
     assert (config.out / "precious.txt").read_text() == "keep me"
 
 
@@ -166,7 +166,7 @@ def test_warm_start_evaluates_each_source_then_starts_at_the_best(
 ) -> None:
     optimizer = {"name": "cma-es", "population_size": 4, "sigma0": 0.05, "start": "best-source"}
     config = make_config(tmp_path, family, optimizer=optimizer, budget={"max_evaluations": 6})
-    space = config.parameter_space()
+    space = config.search_space()
     evolve(config, backend=quadratic_backend(space))
     rows = stored(config.out)
     assert [(g, i) for g, i, *_ in rows] == [(-1, 0), (-1, 1), (0, 0), (0, 1), (0, 2), (0, 3)]
@@ -183,7 +183,7 @@ def test_crash_in_the_warm_start_then_resume_equals_an_uninterrupted_run(
 ) -> None:
     optimizer = {"name": "cma-es", "population_size": 4, "start": "best-source"}
     config = make_config(tmp_path / "crashed", family, optimizer=optimizer, budget={"max_evaluations": 10})
-    space = config.parameter_space()
+    space = config.search_space()
     good = quadratic_backend(space)
     calls = {"n": 0}
 
@@ -211,7 +211,7 @@ def test_crash_anywhere_then_resume_equals_an_uninterrupted_run(
     tmp_path: Path, family: dict[str, Path], crash_at: int
 ) -> None:
     config = make_config(tmp_path / "crashed", family)
-    space = config.parameter_space()
+    space = config.search_space()
     good = quadratic_backend(space)
     calls = {"n": 0}
 
@@ -247,7 +247,7 @@ def test_kill_9_mid_generation_then_resume_equals_an_uninterrupted_run(
     done = subprocess.run(_script("resume", killed_root, family, 0.0), env=env, cwd=HERE, timeout=120)
     assert done.returncode == 0
     config = make_config(tmp_path / "straight", family)
-    evolve(config, backend=quadratic_backend(config.parameter_space()))
+    evolve(config, backend=quadratic_backend(config.search_space()))
     resumed_rows, straight_rows = stored(killed_root / "run"), stored(config.out)
     assert len(resumed_rows) == 20
     assert resumed_rows == straight_rows

@@ -1,4 +1,4 @@
-"""`evomerge evolve CONFIG.yaml`, `evomerge resume DIR`, `evomerge report DIR`."""
+"""`evomerge evolve CONFIG.yaml`, `resume DIR`, `report DIR`, `elites DIR`, `export DIR --elite ID OUT`."""
 
 from __future__ import annotations
 
@@ -79,19 +79,55 @@ def report(
         _print_outputs(written)
 
 
+@app.command()
+def elites(run_dir: Path = typer.Argument(..., help="A run dir written by `evomerge evolve`.")) -> None:
+    """List the run's elites (the best on dev first, then the optimiser's archive or front) with dev scores."""
+    from evomerge.runs.outputs import run_elites
+
+    with user_errors():
+        found = run_elites(run_dir)
+    if not found:
+        console.print(f"{run_dir}: no successful evaluation yet.")
+        return
+    tasks = sorted({t for elite in found for t in elite.evaluation.result.tasks})
+    console.print("\t".join(["id", "niche", "what", "dev score", *tasks]), markup=False, highlight=False)
+    for elite in found:
+        result = elite.evaluation.result
+        scores = [f"{result.tasks[t].score:.4f}" if t in result.tasks else "-" for t in tasks]
+        what = elite.evaluation.label or "evolved"
+        line = [elite.id, elite.niche, what, f"{result.score:.4f}", *scores]
+        console.print("\t".join(line), markup=False, highlight=False)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run dir written by `evomerge evolve`."),
+    out_dir: Path = typer.Argument(..., help="The model dir to write."),
+    elite: str = typer.Option(..., "--elite", help="The id `evomerge elites` lists (g3c5, w2, ...)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite OUT_DIR."),
+) -> None:
+    """Write one elite as a model dir, with its recipe (mergekit_config.yml) and a model card."""
+    from evomerge.runs.outputs import export_elite
+
+    setup_process()
+    with user_errors():
+        written = export_elite(run_dir, elite, out_dir, force=force)
+    console.print(f"wrote {written}", markup=False, highlight=False)
+
+
 def _finish(summary: object, *, outputs: bool) -> None:
     from evomerge.runs.loop import RunSummary
-    from evomerge.runs.outputs import finalize
+    from evomerge.runs.outputs import finalize, read_results, shortfall_line
 
     assert isinstance(summary, RunSummary)
     best = summary.best
-    best_text = f"best dev score {best.score:.4f}" if best else "no successful candidate"
-    console.print(
-        f"{summary.evaluations} evaluations in {summary.generations} generations "
-        f"(stopped by {summary.stopped_by}); {best_text}"
-    )
+    best_text = f"best dev score {best.score:.4f} ({best.name})" if best else "no successful candidate"
+    line = f"{summary.evaluations} evaluations in {summary.generations} generations (stopped by {summary.stopped_by}); {best_text}"
     if outputs and best is not None:
         _print_outputs(finalize(summary.run_dir))
+        below = shortfall_line(read_results(summary.run_dir) or [])
+        line += f"; WARNING: {below}" if below else ""
+    console.print(line, markup=False, highlight=False)
 
 
 def _print_outputs(written: dict[str, Path]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 TensorGroup = Literal["embedding", "attention", "mlp", "norm", "lm_head", "other"]
@@ -99,6 +99,16 @@ def num_layers(config: dict[str, Any]) -> int | None:
     if holder is None:
         return None
     return next(holder[key] for key in _LAYER_COUNT_KEYS if isinstance(holder.get(key), int))
+
+
+def count_layers(config: dict[str, Any], tensor_names: Callable[[], Iterable[str]]) -> int:
+    """The layer count the config gives, else one more than the highest `*.{i}.*` layer index among the
+    tensor names (read only when needed); 0 when neither has layers."""
+    count = num_layers(config)
+    if count is not None:
+        return count
+    indices = (layer_index(name) for name in tensor_names())
+    return max((index + 1 for index in indices if index is not None), default=0)
 
 
 def with_num_layers(

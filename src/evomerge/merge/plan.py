@@ -123,11 +123,7 @@ def _models_slice(config: MergeConfig, sources: SourceSet) -> _Slice:
 
 
 def _layer_count(sources: SourceSet, model: str) -> int:
-    count = architecture.num_layers(sources.config(model))
-    if count is None:
-        indices = [architecture.layer_index(name) for name in sources.tensor_names(model)]
-        count = max((index + 1 for index in indices if index is not None), default=0)
-    return count
+    return architecture.count_layers(sources.config(model), lambda: sources.tensor_names(model))
 
 
 def _check_range(sources: SourceSet, model: str, layer_range: tuple[int, int], where: str) -> None:

@@ -12,12 +12,15 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
+from evomerge.backends.registry import backend_names
 from evomerge.configfile import YamlConfig
 from evomerge.errors import ConfigError, TensorMismatchError
 from evomerge.merge.registry import get_method
-from evomerge.search.optimizers import OptimizerSettings, optimizer_names
+from evomerge.search.base import OptimizerSettings, SearchSpace
+from evomerge.search.optimizers import CMAESSettings
+from evomerge.search.registry import parse_settings
 from evomerge.search.space import GeneGroup, Granularity, ParameterSpace
 
 # Methods that select layers instead of mixing parameters cannot be searched in parameter space.
@@ -31,29 +34,12 @@ class _Strict(BaseModel):
 class SearchConfig(_Strict):
     """The genome: which parameters evolve, within which bounds, at which granularity."""
 
+    space: Literal["parameter"] = "parameter"  # the data-flow and black-box spaces come next
     granularity: Granularity = "layer"
     group_size: int = Field(default=1, ge=1)
     separate: list[GeneGroup] = Field(default_factory=list)
     parameters: dict[str, tuple[float, float] | None] | None = None  # None: the method's usual ones
     fixed: dict[str, Any] = Field(default_factory=dict)
-
-
-class OptimizerConfig(_Strict):
-    name: str = "cma-es"
-    population_size: int = Field(default=8, ge=2)
-    sigma0: float = Field(default=0.2, gt=0)
-    seed: int | None = None  # None: the run's seed
-    restarts: Literal["none", "ipop"] = "none"
-    # center: start at the middle of every bound; best-source: first evaluate each source alone
-    # (weight 1 for it, 0 for the others) and start the search at the best of them.
-    start: Literal["center", "best-source"] = "center"
-
-    @field_validator("name")
-    @classmethod
-    def _known(cls, value: str) -> str:
-        if value not in optimizer_names():
-            raise ValueError(f"unknown optimizer {value!r}; known: {', '.join(optimizer_names())}")
-        return value
 
 
 class BudgetConfig(_Strict):
@@ -133,12 +119,13 @@ class EvolveConfig(YamlConfig):
     models: list[Path] = Field(min_length=2)
     merge_method: str
     search: SearchConfig = Field(default_factory=SearchConfig)
-    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    # One settings block per optimiser, chosen by `name` (search.registry); see docs/evolve.md.
+    optimizer: SerializeAsAny[OptimizerSettings] = Field(default_factory=CMAESSettings)
     budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(max_evaluations=100))
     fitness: list[FitnessTask] = Field(min_length=1)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     seed: int = 0
-    backend: Literal["local"] = "local"
+    backend: str = "local"  # a name of backends.registry
     out: Path = Path("runs/evolve")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -149,6 +136,18 @@ class EvolveConfig(YamlConfig):
         if method.name in NOT_PARAMETER_SPACE:
             raise ValueError(f"'{value}' selects layers, it is not a parameter-space method; choose another")
         return method.name
+
+    @field_validator("optimizer", mode="before")
+    @classmethod
+    def _optimizer_block(cls, value: Any) -> OptimizerSettings:
+        return parse_settings(value)
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value: str) -> str:
+        if value not in backend_names():
+            raise ValueError(f"unknown backend {value!r}; known: {', '.join(backend_names())}")
+        return value
 
     @field_validator("base_model", "models")
     @classmethod
@@ -181,6 +180,7 @@ class EvolveConfig(YamlConfig):
         names = [task.task_name for task in self.fitness]
         if len(set(names)) != len(names):
             raise ValueError(f"fitness: task names must differ, got {names}; give each a 'name'")
+        self.optimizer.check_tasks(names)  # objectives and measures must name fitness tasks
         return self
 
     # --- reading ------------------------------------------------------------------------------------
@@ -189,12 +189,11 @@ class EvolveConfig(YamlConfig):
         return self.model_dump(mode="json", exclude={"out", "budget"})
 
     # --- views --------------------------------------------------------------------------------------
-    def optimizer_settings(self) -> OptimizerSettings:
-        seed = self.seed if self.optimizer.seed is None else self.optimizer.seed
-        opt = self.optimizer
-        return OptimizerSettings(opt.name, opt.population_size, opt.sigma0, seed, opt.restarts)
+    def optimizer_seed(self) -> int:
+        return self.seed if self.optimizer.seed is None else self.optimizer.seed
 
-    def parameter_space(self) -> ParameterSpace:
+    def search_space(self) -> SearchSpace:
+        """The space `search.space` names, built from the models' metadata (no weights are read)."""
         return ParameterSpace.from_models(
             self.base_model,
             [str(model) for model in self.models],
@@ -208,9 +207,9 @@ class EvolveConfig(YamlConfig):
         )
 
 
-def check_inputs(config: EvolveConfig) -> ParameterSpace:
+def check_inputs(config: EvolveConfig) -> SearchSpace:
     """Everything that can be checked before evaluating: the search space and the sources' shapes."""
-    space = config.parameter_space()
+    space = config.search_space()
     config.evaluation.torch_device()
     check_same_shapes(config.base_model, config.models)
     return space

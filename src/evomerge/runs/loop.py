@@ -1,33 +1,46 @@
-"""The evolve loop: ask, evaluate what the store does not hold yet, commit, tell, checkpoint.
+"""The evolve loop: warm start, then ask, evaluate what the store does not hold yet, commit, tell, checkpoint.
 
 Resuming after a kill at any moment gives the uninterrupted run's result because (1) the optimiser is
 checkpointed, rng included, before each generation is asked, so a restored one asks the same genomes;
 (2) every evaluation is committed (keyed by generation and index) before the optimiser is told, so a
 resumed run re-uses it instead of evaluating again; (3) each candidate's mask seed is a pure function of
-(run seed, generation, index).
+(run seed, generation, index). The warm start (generation -1) is committed the same way and is never
+checkpointed: an interrupted one is finished from the store on resume.
+
+The run's best is the best dev score among *everything* it evaluated, warm start included, so a run that
+starts from the sources and the default merges never ends below them on dev.
 """
 
 from __future__ import annotations
 
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from evomerge.backends.base import Backend
+from evomerge.backends.registry import BackendRequest
+from evomerge.backends.registry import make_backend as build_backend
 from evomerge.errors import ConfigError, EvomergeError, OutputExistsError
 from evomerge.eval.result import EvalResult
+from evomerge.runs.baselines import baseline_recipes, source_recipes, union_recipe
 from evomerge.runs.config import EvolveConfig, check_inputs
-from evomerge.runs.store import Checkpoint, Evaluation, RunStore
-from evomerge.search.optimizers import Optimizer, load_state, make_optimizer, save_state
-from evomerge.search.space import ParameterSpace
-
-if TYPE_CHECKING:
-    from evomerge.backends.local import LocalBackend
+from evomerge.runs.store import (
+    FORMAT,
+    WARM_START_GENERATION,
+    Checkpoint,
+    Evaluation,
+    RunStore,
+    StoredElite,
+    genome_text,
+)
+from evomerge.search.base import Elite, Optimizer, SearchSpace
+from evomerge.search.optimizers import load_state, save_state
+from evomerge.search.registry import make_optimizer
 
 CONFIG_NAME = "evolve.yaml"
 
@@ -56,6 +69,16 @@ class RunSummary:
     stopped_by: str  # "max_evaluations" or "max_wall_seconds"
 
 
+@dataclass(frozen=True)
+class Point:
+    """One candidate to evaluate: its genome ((dim,), or (0,) for a warm-start candidate outside the
+    space), the candidate itself, and a label for warm-start candidates."""
+
+    genome: np.ndarray
+    candidate: Any
+    label: str | None = None
+
+
 def evolve(
     config: EvolveConfig,
     *,
@@ -65,7 +88,7 @@ def evolve(
 ) -> RunSummary:
     """Start (or continue, if `config.out` holds this same run) an evolve run; see the module doc."""
     space = check_inputs(config)  # every input error surfaces here or in make_backend, before any evaluation
-    backend = backend or make_backend(config, space)
+    backend = backend or make_backend(config)
     run_dir = prepare_run_dir(config, force=force)
     return _run(run_dir, config, space, backend, progress)
 
@@ -78,19 +101,20 @@ def resume(
     max_evaluations: int | None = None,
 ) -> RunSummary:
     """Continue the run stored in `run_dir` (optionally with a larger evaluation budget)."""
+    check_resumable(Path(run_dir))
     config = load_run_config(run_dir)
     if max_evaluations is not None:
         config = config.model_copy(
             update={"budget": config.budget.model_copy(update={"max_evaluations": max_evaluations})}
         )
     space = check_inputs(config)
-    return _run(Path(run_dir), config, space, backend or make_backend(config, space), progress)
+    return _run(Path(run_dir), config, space, backend or make_backend(config), progress)
 
 
 def _run(
     run_dir: Path,
     config: EvolveConfig,
-    space: ParameterSpace,
+    space: SearchSpace,
     backend: Backend,
     progress: ProgressCallback | None,
 ) -> RunSummary:
@@ -101,52 +125,53 @@ def _run(
         optimizer, generation = _restore_or_start(store, backend, space, config, clock, checkpoint)
         while (stop := clock.stop_reason(store.count_evaluations())) is None:
             genomes = optimizer.ask()  # (population, dim)
-            scores = _evaluate_generation(store, backend, space, config, generation, genomes, clock)
-            if scores is None:  # the budget ran out inside this generation
+            points = [Point(genome, space.decode(genome)) for genome in genomes]
+            results = _evaluate(store, backend, space, config, generation, points, clock)
+            if results is None:  # the budget ran out inside this generation
                 continue
-            optimizer.tell(genomes, scores)
+            optimizer.tell(genomes, results)
             generation += 1
-            store.save_checkpoint(_checkpoint(generation, optimizer, clock.elapsed()))
+            _save_checkpoint(store, generation, optimizer, clock)
         return RunSummary(run_dir, store.count_evaluations(), generation, store.best(), stop)
 
 
-def _evaluate_generation(
+def _evaluate(
     store: RunStore,
     backend: Backend,
-    space: ParameterSpace,
+    space: SearchSpace,
     config: EvolveConfig,
     generation: int,
-    genomes: np.ndarray,
+    points: Sequence[Point],
     clock: _Clock,
-) -> np.ndarray | None:
-    """Scores of one generation, from the store where committed, else evaluated and committed now."""
-    results: list[EvalResult | None] = [_stored(store, generation, i, g) for i, g in enumerate(genomes)]
+) -> list[EvalResult] | None:
+    """Results of one generation, from the store where committed, else evaluated and committed now."""
+    results: list[EvalResult | None] = [_stored(store, generation, i, p) for i, p in enumerate(points)]
     pending = [i for i, result in enumerate(results) if result is None]
     for chunk in _chunks(pending, max(1, backend.batch_size)):
         if clock.stop_reason(store.count_evaluations()) is not None:
             return None
         chunk = chunk[: clock.evaluations_left(store.count_evaluations())]
-        recipes = [space.decode(genomes[i]) for i in chunk]
         seeds = [candidate_seed(config.seed, generation, i) for i in chunk]
-        for i, recipe, seed, result in zip(
-            chunk, recipes, seeds, backend.evaluate_batch(recipes, seeds), strict=True
-        ):
+        evaluated = backend.evaluate_batch([points[i].candidate for i in chunk], seeds)
+        for i, seed, result in zip(chunk, seeds, evaluated, strict=True):
+            point = points[i]
+            text = space.to_text(point.candidate)
             store.add_evaluation(
-                Evaluation(generation, i, genomes[i], recipe.to_yaml(), seed, result, _wall(result))
+                Evaluation(generation, i, point.genome, text, seed, result, _wall(result), point.label)
             )
             results[i] = result
         store.save_elapsed(clock.elapsed())
         clock.report(generation, store)
     if any(result is None for result in results):
         return None
-    return np.array([r.score if r is not None and r.ok else np.nan for r in results])
+    return [result for result in results if result is not None]
 
 
-def _stored(store: RunStore, generation: int, index: int, genome: np.ndarray) -> EvalResult | None:
+def _stored(store: RunStore, generation: int, index: int, point: Point) -> EvalResult | None:
     evaluation = store.evaluation(generation, index)
     if evaluation is None:
         return None
-    if not np.array_equal(evaluation.genome, genome):
+    if genome_text(evaluation.genome) != genome_text(point.genome) or evaluation.label != point.label:
         raise RunStateError(
             f"{store.path}: generation {generation} candidate {index} was stored with another genome than "
             "the restored optimiser asks; the run store is inconsistent (edited, or written by another version)."
@@ -158,6 +183,45 @@ def candidate_seed(run_seed: int, generation: int, index: int) -> int:
     """The seed a candidate's random masks (DARE, DELLA, ...) draw from: a pure function of its position."""
     # +1: the warm start is generation -1, and SeedSequence takes non-negative entropy only.
     return int(np.random.SeedSequence([run_seed, generation + 1, index]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+# --- warm start ---------------------------------------------------------------------------------------
+def warm_start_points(config: EvolveConfig, space: SearchSpace) -> list[Point]:
+    """What `optimizer.start` evaluates before the first generation (see OptimizerSettings)."""
+    start = config.optimizer.start
+    if start == "center":
+        return []
+    if start == "best-source":
+        genomes = _source_genomes(space)  # (n_models, dim)
+        names = [Path(m).name for m in config.models]
+        return [
+            Point(g, space.decode(g), f"source {n} (in the space)")
+            for n, g in zip(names, genomes, strict=True)
+        ]
+    known = {f"source {name}": recipe for name, recipe in source_recipes(config, with_base=False).items()}
+    known |= {f"default {name}": recipe for name, recipe in baseline_recipes(config).items()}
+    points = [_known_point(space, label, recipe) for label, recipe in known.items()]
+    lower, upper = space.bounds
+    centre = (lower + upper) / 2
+    return [*points, Point(centre, space.decode(centre), "centre of the search space")]
+
+
+def _known_point(space: SearchSpace, label: str, recipe: dict[str, Any]) -> Point:
+    from evomerge.merge.config import MergeConfig
+
+    genome = space.genome_of(recipe)
+    if genome is None:
+        return Point(np.zeros(0), MergeConfig.from_dict(recipe, label=label), label)
+    return Point(genome, space.decode(genome), label)  # the space's own spelling of the same recipe
+
+
+def _source_genomes(space: SearchSpace) -> np.ndarray:
+    source_genomes = getattr(space, "source_genomes", None)
+    if source_genomes is None:
+        raise ConfigError(
+            f"optimizer.start: 'best-source' needs a space of weights; {type(space).__name__} has none."
+        )
+    return np.asarray(source_genomes())
 
 
 # --- run dir, store and optimiser state ---------------------------------------------------------------
@@ -215,46 +279,63 @@ def load_run_config(run_dir: Path) -> EvolveConfig:
 
 
 def _open(store: RunStore, config: EvolveConfig) -> Checkpoint | None:
-    if store.run_config() is None:
+    if store.format() is None:
         store.init_run(config.identity(), config.seed)
+    check_store_format(store)
     return store.last_checkpoint()
+
+
+def check_resumable(run_dir: Path) -> None:
+    """Refuse a run dir this version cannot continue, before its config is read."""
+    if (Path(run_dir) / "run.sqlite").is_file():
+        with RunStore.in_dir(run_dir) as store:
+            check_store_format(store)
+
+
+def check_store_format(store: RunStore) -> None:
+    found = store.format()
+    if found is not None and found != FORMAT:
+        run_dir = store.path.parent
+        raise RunStateError(
+            f"{run_dir} was written by an older evomerge (run store format {found}, this version writes "
+            f"{FORMAT}); its optimiser checkpoints pickle classes this version no longer has, so it cannot be "
+            f"resumed. Its evaluations stay readable: `evomerge elites {run_dir}`, `evomerge export "
+            f"{run_dir} --elite ID OUT`. Start it again with `evomerge evolve CONFIG --force --out {run_dir}`."
+        )
 
 
 def _restore_or_start(
     store: RunStore,
     backend: Backend,
-    space: ParameterSpace,
+    space: SearchSpace,
     config: EvolveConfig,
     clock: _Clock,
     checkpoint: Checkpoint | None,
 ) -> tuple[Optimizer, int]:
-    """The checkpointed optimiser, or a new one (after the warm start, when the config asks for one)."""
+    """The checkpointed optimiser, or a new one seeded by the warm start (when the config asks for one)."""
     if checkpoint is not None:
         return load_state(checkpoint.optimizer), checkpoint.generation
-    x0, complete = _warm_start(store, backend, space, config, clock)
+    points = warm_start_points(config, space)
+    results = _evaluate(store, backend, space, config, WARM_START_GENERATION, points, clock)
+    complete = results is not None
+    seeds = [(p.genome, r) for p, r in zip(points, results or [], strict=False) if p.genome.size]
     lower, upper = space.bounds
-    optimizer = make_optimizer(config.optimizer_settings(), lower, upper, x0)
+    optimizer = make_optimizer(config.optimizer, lower, upper, seed=config.optimizer_seed(), seeds=seeds)
     if complete:  # an interrupted warm start is redone (from the store) on resume, never checkpointed
-        store.save_checkpoint(_checkpoint(0, optimizer, clock.elapsed()))
+        _save_checkpoint(store, 0, optimizer, clock)
     return optimizer, 0
 
 
-WARM_START_GENERATION = -1
+def _save_checkpoint(store: RunStore, generation: int, optimizer: Optimizer, clock: _Clock) -> None:
+    """The optimiser before `generation`, and its elites as keys of stored evaluations."""
+    elites = [_stored_elite(store, elite) for elite in optimizer.elites()]
+    checkpoint = _checkpoint(generation, optimizer, clock.elapsed())
+    store.save_checkpoint(checkpoint, [elite for elite in elites if elite is not None])
 
 
-def _warm_start(
-    store: RunStore, backend: Backend, space: ParameterSpace, config: EvolveConfig, clock: _Clock
-) -> tuple[np.ndarray | None, bool]:
-    """With `optimizer.start: best-source`, evaluate each source alone (generation -1) and start there."""
-    if config.optimizer.start != "best-source":
-        return None, True
-    genomes = space.source_genomes()  # (n_models, dim)
-    scores = _evaluate_generation(store, backend, space, config, WARM_START_GENERATION, genomes, clock)
-    if scores is None:
-        return None, False
-    if not np.isfinite(scores).any():
-        return None, True
-    return genomes[int(np.nanargmax(scores))], True
+def _stored_elite(store: RunStore, elite: Elite) -> StoredElite | None:
+    key = store.key_of(elite.genome)
+    return None if key is None else StoredElite(key[0], key[1], elite.niche, dict(elite.measures))
 
 
 def _checkpoint(generation: int, optimizer: Optimizer, elapsed: float) -> Checkpoint:
@@ -270,24 +351,21 @@ def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def make_backend(config: EvolveConfig, space: ParameterSpace, *, split: str = "dev") -> Backend:
-    """The backend the config names, scoring on the `split` ("dev" or "test") of each fitness task."""
-    return local_backend(config, space.decode(np.full(space.dim, 0.5)), split=split)
-
-
-def local_backend(config: EvolveConfig, sample_recipe: Any, *, split: str = "dev") -> LocalBackend:
-    """A LocalBackend holding `sample_recipe`'s sources, with the config's evaluation settings."""
-    from evomerge.backends.local import LocalBackend
+def make_backend(config: EvolveConfig, *, split: str = "dev") -> Backend:
+    """The backend the config names (backends.registry), scoring on the `split` ("dev" or "test") of
+    each fitness task; it holds the base and every source, so any default merge evaluates too."""
+    from evomerge.merge.config import MergeConfig
 
     settings = config.evaluation
-    return LocalBackend.create(
-        config.base_model,
-        sample_recipe,
-        load_tasks(config, split=split),
+    request = BackendRequest(
+        base_model=config.base_model,
+        sample_recipe=MergeConfig.from_dict(union_recipe(config)),
+        tasks=load_tasks(config, split=split),
         batch_size=settings.batch_size,
         max_new_tokens=settings.max_new_tokens,
         device=settings.torch_device(),
     )
+    return build_backend(config.backend, request)
 
 
 def load_tasks(config: EvolveConfig, *, split: str = "dev") -> list[Any]:

@@ -1,9 +1,10 @@
 """What a finished run leaves in its dir: the best recipe (evomerge and mergekit YAML), the best model
-dir with its card, and a results table on the held-out test split.
+dir with its card, and a results table on the held-out test split; and the run's elites, each exportable.
 
-The table puts the evolved merge beside every source (and the base) and beside default-parameter merges
-(linear average, task arithmetic, TIES, DARE-TIES), all scored by the same evaluator on the test split,
-so the reader sees whether evolution beat doing the obvious thing.
+The table puts the run's best (and the optimiser's other elites) beside every source (and the base) and
+beside default-parameter merges (linear average, task arithmetic, TIES, DARE-TIES), all scored by the same
+evaluator on the test split, so the reader sees whether evolution beat doing the obvious thing; where it
+did not, `shortfalls` names what beat it (the CLI's summary line and the report's top say so).
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.eval.result import EvalResult
+from evomerge.runs.baselines import baseline_recipes, source_recipes
 from evomerge.runs.config import EvolveConfig
-from evomerge.runs.loop import load_run_config, local_backend
+from evomerge.runs.loop import load_run_config, make_backend
 from evomerge.runs.store import Evaluation, RunStore
 
 BEST_RECIPE = "best_recipe.yaml"
@@ -24,21 +26,36 @@ BEST_MERGEKIT = "best_recipe.mergekit.yaml"
 BEST_MODEL = "best_model"
 RESULTS = "results.json"
 RESULTS_MD = "results.md"
+TABLE_ELITES = 8  # elites (beside the best) scored on test in the results table, best on dev first
 
 
 class NoResultError(EvomergeError):
     """The run has no successful evaluation yet, so there is no best recipe to write."""
 
 
+class UnknownEliteError(EvomergeError):
+    """An elite id that names no evaluation of the run."""
+
+
 @dataclass
 class ResultRow:
-    """One line of the results table: a model (source, baseline or the evolved merge) on the test split."""
+    """One line of the results table: a model (the run's best, an elite, a source, a baseline) on test."""
 
     name: str
-    kind: str  # "evolved", "source", "base", "baseline"
+    kind: str  # "evolved", "elite", "source", "base", "baseline"
     score: float
     tasks: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    groups: dict[str, float] = field(default_factory=dict)  # "task:group" -> score, where lines carry groups
+
+
+@dataclass(frozen=True)
+class RunElite:
+    """An elite of a run: its id (the evaluation's key), where it sits, and its evaluation on dev."""
+
+    id: str
+    niche: str
+    evaluation: Evaluation
 
 
 def best_evaluation(run_dir: Path) -> Evaluation:
@@ -49,10 +66,48 @@ def best_evaluation(run_dir: Path) -> Evaluation:
     return best
 
 
+def run_elites(run_dir: Path) -> list[RunElite]:
+    """The run's best on dev first (among everything evaluated, warm start included), then the
+    optimiser's elites as of its last checkpoint (an archive, a front; for CMA-ES its own best)."""
+    with RunStore.in_dir(run_dir) as store:
+        best, stored = store.best(), store.elites()
+    elites = [RunElite(best.key, "best on dev", best)] if best is not None else []
+    elites += [RunElite(e.key, s.niche, e) for s, e in stored if best is None or e.key != best.key]
+    return elites
+
+
+def find_evaluation(run_dir: Path, elite_id: str) -> Evaluation:
+    """The evaluation an id names (`g3c5`, `w2`: any evaluation of the run, elite or not)."""
+    with RunStore.in_dir(run_dir) as store:
+        found = next((e for e in store.evaluations() if e.key == elite_id), None)
+    if found is None:
+        listed = ", ".join(e.id for e in run_elites(run_dir)) or "none yet"
+        raise UnknownEliteError(
+            f"{run_dir}: no evaluation {elite_id!r}; ids look like g3c5 (generation 3, candidate 5) or w2 "
+            f"(warm start); the elites are {listed} (`evomerge elites {run_dir}`)."
+        )
+    return found
+
+
+def export_elite(run_dir: Path, elite_id: str, out_dir: Path, *, force: bool = False) -> Path:
+    """Write the evaluation `elite_id` as a model dir (its recipe inside, as mergekit_config.yml)."""
+    run_dir = Path(run_dir)
+    evaluation = find_evaluation(run_dir, elite_id)
+    if not evaluation.result.ok:
+        raise NoResultError(
+            f"{run_dir}: {elite_id} failed on dev ({evaluation.result.error}); nothing to export."
+        )
+    space = load_run_config(run_dir).search_space()
+    out = space.export(evaluation.recipe, Path(out_dir), seed=evaluation.seed, force=force)
+    _write_card(out, evaluation, None, title=f"evomerge run {run_dir.name}, {evaluation.name}")
+    return out
+
+
 def write_best_recipe(run_dir: Path, best: Evaluation) -> tuple[Path, Path]:
     """The best recipe as evomerge YAML (mergekit YAML + how to rebuild it bit for bit) and as mergekit YAML."""
+    what = f" ({best.label})" if best.label else ""
     header = (
-        f"# evomerge: best recipe of {run_dir} (generation {best.generation}, candidate {best.index}),\n"
+        f"# evomerge: best recipe of {run_dir} ({best.key}{what}),\n"
         f"# dev score {best.score:.6g}. Rebuild it exactly with:\n"
         f"#   evomerge merge {BEST_RECIPE} OUT_DIR --random-seed {best.seed}\n"
         f"# random_seed: {best.seed}\n"
@@ -64,107 +119,92 @@ def write_best_recipe(run_dir: Path, best: Evaluation) -> tuple[Path, Path]:
 
 def write_best_model(run_dir: Path, best: Evaluation, scores: dict[str, float] | None = None) -> Path:
     """Merge the best recipe to disk (streaming engine) with its model card."""
-    from evomerge.merge.api import merge
-    from evomerge.merge.config import MergeConfig
-
-    out = merge(MergeConfig.from_yaml(best.recipe), run_dir / BEST_MODEL, force=True, random_seed=best.seed)
-    _write_card(out, best, scores)
+    space = load_run_config(run_dir).search_space()
+    out = space.export(best.recipe, run_dir / BEST_MODEL, seed=best.seed, force=True)
+    _write_card(out, best, scores, title="evomerge evolved merge")
     return out
 
 
-def _write_card(out: Path, best: Evaluation, scores: dict[str, float] | None) -> None:
-    try:
-        from evomerge.io.model_card import write_model_card
-    except ImportError:  # the IO helper's card writer is optional here: merge() already writes a README
-        return
+def _write_card(out: Path, evaluation: Evaluation, scores: dict[str, float] | None, *, title: str) -> None:
+    from evomerge.io.model_card import write_model_card
     from evomerge.merge.config import MergeConfig
 
-    recipe = MergeConfig.from_yaml(best.recipe)
+    recipe = MergeConfig.from_yaml(evaluation.recipe)
+    dev = {f"dev {task}": score.score for task, score in evaluation.result.tasks.items()}
     write_model_card(
         out,
-        title="evomerge evolved merge",
+        title=title,
         sources=recipe.referenced_models(),
         method=recipe.merge_method,
-        recipe_yaml=best.recipe,
-        scores=scores,
-        extra=f"Found by `evomerge evolve`; masks drawn with random seed {best.seed}.",
+        recipe_yaml=evaluation.recipe,
+        scores={**dev, **(scores or {})} or None,
+        extra=f"Found by `evomerge evolve` ({evaluation.name}); masks drawn with random seed {evaluation.seed}.",
     )
 
 
-def baseline_recipes(config: EvolveConfig) -> dict[str, dict[str, Any]]:
-    """Default-parameter merges of the same sources: what a user would try without a search."""
-    base, models = str(config.base_model), [str(m) for m in config.models]
-
-    def entries(**params: float) -> list[dict[str, Any]]:
-        return [{"model": m, "parameters": dict(params)} for m in models]
-
-    common = {"base_model": base, "dtype": config.dtype}
-    return {
-        "linear average": {"merge_method": "linear", "models": entries(weight=1.0), "dtype": config.dtype},
-        "task arithmetic (weight 1)": {
-            "merge_method": "task_arithmetic",
-            "models": entries(weight=1.0),
-            **common,
-        },
-        "ties (weight 1, density 0.5)": {
-            "merge_method": "ties",
-            "models": entries(weight=1.0, density=0.5),
-            **common,
-        },
-        "dare_ties (weight 1, density 0.5)": {
-            "merge_method": "dare_ties",
-            "models": entries(weight=1.0, density=0.5),
-            **common,
-        },
-    }
-
-
-def source_recipes(config: EvolveConfig) -> dict[str, dict[str, Any]]:
-    """Each source (and the base) alone, written as a one-model linear merge so the live model can hold it."""
-    named = {"base": config.base_model, **{Path(m).name: m for m in config.models}}
-    return {
-        name: {
-            "merge_method": "linear",
-            "models": [{"model": str(path), "parameters": {"weight": 1.0}}],
-            "dtype": config.dtype,
-        }
-        for name, path in named.items()
-    }
-
-
-def results_table(config: EvolveConfig, best: Evaluation) -> list[ResultRow]:
-    """Score the evolved merge, the base, the sources and the baselines on the test split."""
+def results_table(
+    config: EvolveConfig, best: Evaluation, elites: list[RunElite] | None = None
+) -> list[ResultRow]:
+    """Score the run's best, its other elites, the base, the sources and the baselines on the test split."""
     from evomerge.merge.config import MergeConfig
 
-    entries = [("evolved", "evolved", MergeConfig.from_yaml(best.recipe), best.seed)]
-    for name, recipe in source_recipes(config).items():
+    name = f"evolved ({best.label})" if best.label else "evolved"
+    entries = [(name, "evolved", MergeConfig.from_yaml(best.recipe), best.seed)]
+    others = sorted((e for e in elites or [] if e.id != best.key), key=lambda e: -e.evaluation.score)
+    for elite in others[:TABLE_ELITES]:
+        elite_recipe = MergeConfig.from_yaml(elite.evaluation.recipe)
+        entries.append((f"elite {elite.id} ({elite.niche})", "elite", elite_recipe, elite.evaluation.seed))
+    for name, mapping in source_recipes(config).items():
         entries.append(
-            (name, "base" if name == "base" else "source", MergeConfig.from_dict(recipe), config.seed)
+            (name, "base" if name == "base" else "source", MergeConfig.from_dict(mapping), config.seed)
         )
-    for name, recipe in baseline_recipes(config).items():
-        entries.append((name, "baseline", MergeConfig.from_dict(recipe), config.seed))
+    for name, mapping in baseline_recipes(config).items():
+        entries.append((name, "baseline", MergeConfig.from_dict(mapping), config.seed))
     return score_on_test_split(config, entries)
 
 
 def score_on_test_split(config: EvolveConfig, entries: list[tuple[str, str, Any, int]]) -> list[ResultRow]:
-    """Score (name, kind, recipe, seed) entries on the test split, all through one live model."""
-    from evomerge.merge.config import MergeConfig
-
-    union = {  # names the base and every source, so every recipe's tensors are loaded once
-        "merge_method": "task_arithmetic",
-        "base_model": str(config.base_model),
-        "models": [{"model": str(m), "parameters": {"weight": 1.0}} for m in config.models],
-    }
-    backend = local_backend(config, MergeConfig.from_dict(union), split="test")
+    """Score (name, kind, recipe, seed) entries on the test split, all through one backend."""
+    backend = make_backend(config, split="test")
     try:
-        return [_row(name, kind, backend.evaluate(recipe, seed)) for name, kind, recipe, seed in entries]
+        results = backend.evaluate_batch([e[2] for e in entries], [e[3] for e in entries])
     finally:
         backend.close()
+    return [_row(name, kind, result) for (name, kind, _, _), result in zip(entries, results, strict=True)]
 
 
 def _row(name: str, kind: str, result: EvalResult) -> ResultRow:
     tasks = {task: score.score for task, score in result.tasks.items()}
-    return ResultRow(name, kind, result.score, tasks, result.error)
+    groups = {
+        f"{task}:{group}": value
+        for task, score in result.tasks.items()
+        for group, value in getattr(score, "groups", {}).items()
+    }
+    return ResultRow(name, kind, result.score, tasks, result.error, groups)
+
+
+def shortfalls(rows: list[ResultRow]) -> list[ResultRow]:
+    """The sources and default merges that score above the run's best on test (best first)."""
+    evolved = next((row for row in rows if row.kind == "evolved"), None)
+    if evolved is None or evolved.error is not None:
+        return []
+    above = [
+        r for r in rows if r.kind in ("source", "baseline") and r.error is None and r.score > evolved.score
+    ]
+    return sorted(above, key=lambda row: -row.score)
+
+
+def shortfall_line(rows: list[ResultRow]) -> str | None:
+    """One sentence naming what beat the run's best on test, None when nothing did."""
+    above = shortfalls(rows)
+    if not above:
+        return None
+    evolved = next(row for row in rows if row.kind == "evolved")
+    named = ", ".join(f"{row.name} {row.score:.3f}" for row in above)
+    return (
+        f"the run's best scores {evolved.score:.3f} on test, below {named}: it was the best on dev, "
+        "so dev and test disagree (a small or unrepresentative dev split, or overfitting to it)"
+    )
 
 
 def write_results(run_dir: Path, rows: list[ResultRow]) -> Path:
@@ -176,17 +216,32 @@ def read_results(run_dir: Path) -> list[ResultRow] | None:
     path = run_dir / RESULTS
     if not path.is_file():
         return None
-    return [ResultRow(**row) for row in json.loads(path.read_text())]
+    return [ResultRow(**row) for row in json.loads(path.read_text())]  # `groups` is absent in old files
+
+
+def result_columns(rows: list[ResultRow]) -> list[str]:
+    """The per-task columns (only when there are several tasks), then the per-group ones."""
+    tasks = sorted({task for row in rows for task in row.tasks})
+    groups = sorted({group for row in rows for group in row.groups})
+    return (tasks if len(tasks) > 1 else []) + groups
+
+
+def column_value(row: ResultRow, column: str) -> float | None:
+    return row.tasks.get(column, row.groups.get(column))
 
 
 def results_markdown(rows: list[ResultRow]) -> str:
-    tasks = sorted({task for row in rows for task in row.tasks})
-    lines = ["| model | kind | test score | " + " | ".join(tasks) + " |", "|---" * (3 + len(tasks)) + "|"]
+    columns = result_columns(rows)
+    lines = ["| " + " | ".join(["model", "kind", "test score", *columns]) + " |", "|---" * (3 + len(columns)) + "|"]
     for row in rows:
-        cells = [f"{row.tasks[t]:.3f}" if t in row.tasks else "-" for t in tasks]
         score = f"{row.score:.3f}" if row.error is None else f"failed ({row.error[:40]})"
-        lines.append(f"| {row.name} | {row.kind} | {score} | " + " | ".join(cells) + " |")
+        cells = [row.name, row.kind, score, *(_cell(column_value(row, c)) for c in columns)]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def finalize(run_dir: Path, *, with_model: bool = True, with_table: bool = True) -> dict[str, Path]:
@@ -197,7 +252,7 @@ def finalize(run_dir: Path, *, with_model: bool = True, with_table: bool = True)
     config, best = load_run_config(run_dir), best_evaluation(run_dir)
     recipe, mergekit = write_best_recipe(run_dir, best)
     written = {"recipe": recipe, "mergekit": mergekit}
-    rows = results_table(config, best) if with_table else read_results(run_dir)
+    rows = results_table(config, best, run_elites(run_dir)) if with_table else read_results(run_dir)
     if with_table and rows is not None:
         written["results"] = write_results(run_dir, rows)
     if with_model:

@@ -1,7 +1,9 @@
 """report.html: one self-contained page (plots embedded as base64 PNG) that shows what a run found.
 
-Three views: fitness against evaluations (every candidate and the best so far), the best recipe's
-parameters as a per-layer heatmap, and the results table on the test split.
+At the top, a warning when the run's best scores below a source or default merge on test. Then:
+fitness against evaluations (every candidate and the best so far), the best recipe's parameters as a
+per-layer heatmap, the results table on the test split (per task and per group), the elites with their
+dev scores, and the run's facts (search space, best recipe, config).
 """
 
 from __future__ import annotations
@@ -16,8 +18,17 @@ from typing import Any
 import numpy as np
 
 from evomerge.runs.loop import load_run_config
-from evomerge.runs.outputs import ResultRow, read_results
+from evomerge.runs.outputs import (
+    ResultRow,
+    RunElite,
+    column_value,
+    read_results,
+    result_columns,
+    run_elites,
+    shortfall_line,
+)
 from evomerge.runs.store import Evaluation, RunStore, iter_scores
+from evomerge.search.base import SearchSpace
 
 REPORT = "report.html"
 
@@ -27,21 +38,39 @@ def write_report(run_dir: Path) -> Path:
     config = load_run_config(run_dir)
     with RunStore.in_dir(run_dir) as store:
         evaluations, best = store.evaluations(), store.best()
-    space = config.parameter_space()
+    space = config.search_space()
+    rows = read_results(run_dir)
     sections = [
+        _warning(rows),
         _section("Fitness against evaluations", _img(fitness_figure(evaluations))),
-        _section(
-            "Best recipe, per layer",
-            _img(heatmap_figure(space.per_layer(best.genome))) if best else "<p>none yet</p>",
-        ),
-        _section("Results on the test split", _table(read_results(run_dir))),
-        _section("Run", _summary(config.model_dump(mode="json"), evaluations, best)),
+        _section("Best recipe, per layer", _recipe_view(space, best)),
+        _section("Results on the test split", _table(rows)),
+        _section("Elites (dev split)", _elites_table(run_elites(run_dir))),
+        _section("Run", _summary(config.model_dump(mode="json"), evaluations, best, space.describe())),
     ]
     page = _PAGE.format(title=html.escape(f"evomerge run {run_dir.name}"), body="\n".join(sections))
     temporary = run_dir / f".{REPORT}.tmp"
     temporary.write_text(page, encoding="utf-8")
     temporary.replace(run_dir / REPORT)
     return run_dir / REPORT
+
+
+def _warning(rows: list[ResultRow] | None) -> str:
+    line = shortfall_line(rows or [])
+    return (
+        ""
+        if line is None
+        else f'<p class="warning"><strong>Below a baseline:</strong> {html.escape(line)}.</p>'
+    )
+
+
+def _recipe_view(space: SearchSpace, best: Evaluation | None) -> str:
+    if best is None:
+        return "<p>none yet</p>"
+    if best.genome.size != space.dim:  # a warm-start candidate outside the space (another method)
+        return f"<p>The best is {html.escape(best.name)}, outside the search space: see its recipe below.</p>"
+    rows = space.per_layer(best.genome)
+    return _img(heatmap_figure(rows)) if rows else "<p>The search space has no per-layer genes.</p>"
 
 
 def fitness_figure(evaluations: list[Evaluation]) -> Any:
@@ -94,33 +123,50 @@ def _img(figure: Any) -> str:
 def _table(rows: list[ResultRow] | None) -> str:
     if not rows:
         return "<p>No results table yet (run <code>evomerge report DIR</code>).</p>"
-    tasks = sorted({task for row in rows for task in row.tasks})
-    head = "".join(f"<th>{html.escape(t)}</th>" for t in ["model", "kind", "test score", *tasks])
-    body = "".join(_table_row(row, tasks) for row in rows)
+    columns = result_columns(rows)
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in ["model", "kind", "test score", *columns])
+    body = "".join(_table_row(row, columns) for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
-def _table_row(row: ResultRow, tasks: list[str]) -> str:
+def _table_row(row: ResultRow, columns: list[str]) -> str:
     score = f"{row.score:.3f}" if row.error is None else f"failed: {html.escape(row.error)}"
-    cells = [html.escape(row.name), row.kind, score, *(_cell(row.tasks.get(t)) for t in tasks)]
+    cells = [html.escape(row.name), row.kind, score, *(_cell(column_value(row, c)) for c in columns)]
     style = ' class="evolved"' if row.kind == "evolved" else ""
     return f"<tr{style}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
+def _elites_table(elites: list[RunElite]) -> str:
+    if not elites:
+        return "<p>none yet</p>"
+    tasks = sorted({t for e in elites for t in e.evaluation.result.tasks})
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in ["id", "niche", "what", "dev score", *tasks])
+    body = ""
+    for elite in elites:
+        result = elite.evaluation.result
+        what = elite.evaluation.label or "evolved"
+        cells = [elite.id, elite.niche, what, _cell(result.score), *(_cell(_task(result, t)) for t in tasks)]
+        body += "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+    return f"<table><tr>{head}</tr>{body}</table><p>Export one: <code>evomerge export RUN_DIR --elite ID OUT_DIR</code>.</p>"
+
+
+def _task(result: Any, task: str) -> float | None:
+    score = result.tasks.get(task)
+    return None if score is None else score.score
 
 
 def _cell(value: float | None) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
-def _summary(config: dict[str, Any], evaluations: list[Evaluation], best: Evaluation | None) -> str:
+def _summary(
+    config: dict[str, Any], evaluations: list[Evaluation], best: Evaluation | None, space: str
+) -> str:
     import yaml
 
     failed = sum(1 for e in evaluations if not e.result.ok)
-    best_line = (
-        f"best dev score {best.score:.4f} (generation {best.generation}, candidate {best.index})"
-        if best
-        else ""
-    )
-    facts = f"<p>{len(evaluations)} evaluations, {failed} failed; {best_line}</p>"
+    best_line = f"best dev score {best.score:.4f} ({html.escape(best.name)})" if best else ""
+    facts = f"<p>{len(evaluations)} evaluations, {failed} failed; {best_line}</p><p>{html.escape(space)}</p>"
     recipe = f"<h3>Best recipe</h3><pre>{html.escape(best.recipe)}</pre>" if best else ""
     return (
         facts + recipe + f"<h3>Config</h3><pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>"
@@ -136,7 +182,7 @@ _PAGE = """<!DOCTYPE html>
 <style>
 body {{ font-family: system-ui, sans-serif; max-width: 60rem; margin: 2rem auto; color: #222; }}
 table {{ border-collapse: collapse; }} td, th {{ border: 1px solid #ccc; padding: 0.2rem 0.5rem; text-align: right; }}
-tr.evolved {{ font-weight: bold; background: #eef6ee; }} pre {{ background: #f6f6f6; padding: 0.5rem; overflow-x: auto; }}
+tr.evolved {{ font-weight: bold; background: #eef6ee; }} .warning {{ background: #fdecea; padding: 0.5rem; }} pre {{ background: #f6f6f6; padding: 0.5rem; overflow-x: auto; }}
 img {{ max-width: 100%; }}
 </style></head>
 <body><h1>{title}</h1>

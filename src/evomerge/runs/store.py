@@ -2,7 +2,14 @@
 
 Durability is the point: WAL with synchronous=FULL, one transaction per evaluation, so after a kill -9
 everything the loop committed is on disk. Evaluations are keyed by (generation, index): a resumed run
-looks each asked genome up and re-evaluates nothing that was committed.
+looks each asked genome up and re-evaluates nothing that was committed. The warm start is generation -1;
+its evaluations carry a label ("source add", "default ties (weight 1, density 0.5)", ...) and, when they
+lie outside the search space, an empty genome.
+
+Format 2 (this version) adds the labels, the `meta` table and the `elites` table (the optimiser's elites
+as of its last checkpoint, as keys of evaluations). A format-1 store (evomerge 0.1.0) is still read
+(evaluations, best, elites); its checkpoints pickle optimiser classes this version no longer has, so it
+cannot be resumed (the loop says so).
 """
 
 from __future__ import annotations
@@ -20,6 +27,8 @@ import numpy as np
 from evomerge.eval.result import EvalResult
 
 STORE_NAME = "run.sqlite"
+FORMAT = 2
+WARM_START_GENERATION = -1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -46,6 +55,18 @@ CREATE TABLE IF NOT EXISTS clock (
     id INTEGER PRIMARY KEY CHECK (id = 1),
     elapsed_s REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS elites (
+    rank INTEGER PRIMARY KEY,
+    generation INTEGER NOT NULL,
+    "index" INTEGER NOT NULL,
+    niche TEXT NOT NULL,
+    measures TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS evaluations_by_genome ON evaluations (genome);
 CREATE TABLE IF NOT EXISTS checkpoints (
     generation INTEGER PRIMARY KEY,
     optimizer BLOB NOT NULL,
@@ -67,10 +88,32 @@ class Evaluation:
     seed: int
     result: EvalResult
     wall_s: float
+    label: str | None = None  # what a warm-start evaluation is ("source add", "default ties ...")
 
     @property
     def score(self) -> float:
         return self.result.score
+
+    @property
+    def key(self) -> str:
+        """The evaluation's id for users: `g{generation}c{index}`, `w{index}` in the warm start."""
+        if self.generation == WARM_START_GENERATION:
+            return f"w{self.index}"
+        return f"g{self.generation}c{self.index}"
+
+    @property
+    def name(self) -> str:
+        return self.label or self.key
+
+
+@dataclass(frozen=True)
+class StoredElite:
+    """One of the optimiser's elites, as the key of the evaluation it is."""
+
+    generation: int
+    index: int
+    niche: str
+    measures: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -92,6 +135,12 @@ class RunStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(_SCHEMA)
+        self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(evaluations)")}
+        if "label" not in columns:  # a format-1 store: labels are additive, old rows have none
+            self._db.execute("ALTER TABLE evaluations ADD COLUMN label TEXT")
 
     @classmethod
     def in_dir(cls, run_dir: Path) -> RunStore:
@@ -113,6 +162,14 @@ class RunStore:
                 "INSERT INTO run (id, config, seed, created) VALUES (1, ?, ?, ?)",
                 (json.dumps(config, sort_keys=True), seed, time.time()),
             )
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('format', ?)", (str(FORMAT),))
+
+    def format(self) -> int | None:
+        """The store format of the run in this file (1: evomerge 0.1.0, before `meta`); None: no run yet."""
+        if self.run_config() is None:
+            return None
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
+        return 1 if row is None else int(row[0])
 
     def run_config(self) -> dict[str, Any] | None:
         row = self._db.execute("SELECT config FROM run WHERE id = 1").fetchone()
@@ -124,11 +181,11 @@ class RunStore:
         with self._transaction():
             self._db.execute(
                 'INSERT INTO evaluations (generation, "index", genome, recipe, seed, score, result, wall_s,'
-                " error, created) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " error, created, label) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     evaluation.generation,
                     evaluation.index,
-                    json.dumps([float(v) for v in evaluation.genome]),
+                    genome_text(evaluation.genome),
                     evaluation.recipe,
                     evaluation.seed,
                     _finite_or_none(result.score),
@@ -136,6 +193,7 @@ class RunStore:
                     evaluation.wall_s,
                     result.error,
                     time.time(),
+                    evaluation.label,
                 ),
             )
 
@@ -150,6 +208,14 @@ class RunStore:
         """Every evaluation in the order it was asked (generation, then index)."""
         rows = self._db.execute(f'SELECT {_EVAL_COLUMNS} FROM evaluations ORDER BY generation, "index"')
         return [_row_to_evaluation(row) for row in rows]
+
+    def key_of(self, genome: np.ndarray) -> tuple[int, int] | None:
+        """(generation, index) of the first evaluation of exactly this genome, None if never evaluated."""
+        row = self._db.execute(
+            'SELECT generation, "index" FROM evaluations WHERE genome = ? ORDER BY generation, "index" LIMIT 1',
+            (genome_text(genome),),
+        ).fetchone()
+        return None if row is None else (int(row[0]), int(row[1]))
 
     def count_evaluations(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0])
@@ -173,8 +239,18 @@ class RunStore:
         return 0.0 if row is None else float(row[0])
 
     # --- checkpoints --------------------------------------------------------------------------------
-    def save_checkpoint(self, checkpoint: Checkpoint) -> None:
+    def save_checkpoint(self, checkpoint: Checkpoint, elites: list[StoredElite] | None = None) -> None:
+        """The optimiser before `checkpoint.generation`, and (when given) its elites, in one transaction."""
         with self._transaction():
+            if elites is not None:
+                self._db.execute("DELETE FROM elites")
+                self._db.executemany(
+                    'INSERT INTO elites (rank, generation, "index", niche, measures) VALUES (?, ?, ?, ?, ?)',
+                    [
+                        (rank, e.generation, e.index, e.niche, json.dumps(e.measures))
+                        for rank, e in enumerate(elites)
+                    ],
+                )
             self._db.execute(
                 "INSERT OR REPLACE INTO checkpoints (generation, optimizer, rng_state, elapsed_s, created)"
                 " VALUES (?, ?, ?, ?, ?)",
@@ -195,16 +271,39 @@ class RunStore:
             return None
         return Checkpoint(int(row[0]), bytes(row[1]), dict(json.loads(row[2])), float(row[3]))
 
+    def elites(self) -> list[tuple[StoredElite, Evaluation]]:
+        """The optimiser's elites as of its last checkpoint, in its order, with their evaluations."""
+        rows = self._db.execute(
+            f'SELECT e.generation, e."index", e.niche, e.measures, {_eval_columns("v")} FROM elites e '
+            'JOIN evaluations v ON v.generation = e.generation AND v."index" = e."index" ORDER BY e.rank'
+        ).fetchall()
+        return [
+            (StoredElite(int(r[0]), int(r[1]), str(r[2]), dict(json.loads(r[3]))), _row_to_evaluation(r[4:]))
+            for r in rows
+        ]
+
     # --- plumbing -----------------------------------------------------------------------------------
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
 
 
-_EVAL_COLUMNS = 'generation, "index", genome, recipe, seed, result, wall_s'
+_COLUMNS = ("generation", "index", "genome", "recipe", "seed", "result", "wall_s", "label")
+
+
+def _eval_columns(table: str = "evaluations") -> str:
+    return ", ".join(f'{table}."{column}"' for column in _COLUMNS)
+
+
+_EVAL_COLUMNS = _eval_columns()
+
+
+def genome_text(genome: np.ndarray) -> str:
+    """How a genome is stored (exact: JSON floats round-trip)."""
+    return json.dumps([float(v) for v in np.asarray(genome).ravel()])
 
 
 def _row_to_evaluation(row: tuple[Any, ...]) -> Evaluation:
-    generation, index, genome, recipe, seed, result, wall_s = row
+    generation, index, genome, recipe, seed, result, wall_s, label = row
     return Evaluation(
         generation=int(generation),
         index=int(index),
@@ -213,6 +312,7 @@ def _row_to_evaluation(row: tuple[Any, ...]) -> Evaluation:
         seed=int(seed),
         result=EvalResult.from_dict(json.loads(result)),
         wall_s=float(wall_s),
+        label=None if label is None else str(label),
     )
 
 

@@ -1,152 +1,156 @@
-"""Ask/tell optimisers over a box of genes. One convention: a higher score is better.
+"""The single-objective optimisers: CMA-ES (with IPOP/BIPOP restarts) and random search.
 
 Every optimiser is one picklable object holding all of its state (including its random generator), so the
 evolve loop checkpoints it with `pickle.dumps` and a restored copy asks exactly what the original would
-have asked. New strategies (MAP-Elites, NSGA-II, natural niches, ...) register a factory under a name
-with `register_optimizer` and are then chosen in the run config.
+have asked. Each has its own settings block (a pydantic model; `search.registry` maps names to them).
 """
 
 from __future__ import annotations
 
 import math
 import pickle
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol, runtime_checkable
+from collections.abc import Sequence
+from typing import Literal
 
 import numpy as np
+from pydantic import Field
 
-from evomerge.errors import ConfigError
-
-
-@dataclass(frozen=True)
-class OptimizerSettings:
-    """What every optimiser is built from; fields an optimiser does not use are ignored."""
-
-    name: str = "cma-es"
-    population_size: int = 8
-    sigma0: float = 0.2  # CMA-ES step size, in gene units (genes live in [0, 1])
-    seed: int = 0
-    restarts: Literal["none", "ipop"] = "none"
+from evomerge.eval.result import EvalResult
+from evomerge.search.base import (
+    Optimizer,
+    OptimizerSettings,
+    Seeds,
+    SingleObjective,
+    finite_or_worst,
+    scores_of,
+)
 
 
-@runtime_checkable
-class Optimizer(Protocol):
-    """`ask()` a batch of genomes (batch, dim), evaluate them, `tell(genomes, scores)` (higher is better)."""
+class RandomSettings(OptimizerSettings):
+    """`random`: uniform samples in the box, the baseline every other optimiser must beat."""
 
-    dim: int
-    population_size: int
-
-    def ask(self) -> np.ndarray: ...
-
-    def tell(self, genomes: np.ndarray, scores: np.ndarray) -> None: ...
-
-    @property
-    def best(self) -> tuple[np.ndarray, float] | None: ...
+    name: Literal["random"] = "random"
 
 
-class _Tracked:
-    """Keeps the best genome told so far (first one wins ties); non-finite scores never win."""
+class CMAESSettings(OptimizerSettings):
+    """`cma-es`: one search distribution; restarts when it stalls (see CMAESOptimizer)."""
 
-    def __init__(self, lower: np.ndarray, upper: np.ndarray) -> None:
-        self.lower = np.asarray(lower, dtype=float)
-        self.upper = np.asarray(upper, dtype=float)
-        self.dim = int(self.lower.shape[0])
-        self._best: tuple[np.ndarray, float] | None = None
-
-    @property
-    def best(self) -> tuple[np.ndarray, float] | None:
-        return self._best
-
-    def _track(self, genomes: np.ndarray, scores: np.ndarray) -> None:
-        for genome, score in zip(genomes, scores, strict=True):
-            if math.isfinite(score) and (self._best is None or score > self._best[1]):
-                self._best = (np.array(genome, dtype=float), float(score))
-
-    def _check_told(
-        self, genomes: np.ndarray, scores: np.ndarray, expected: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        genomes = np.asarray(genomes, dtype=float)
-        scores = np.asarray(scores, dtype=float)
-        if genomes.shape != (expected, self.dim) or scores.shape != (expected,):
-            raise ValueError(
-                f"tell: expected genomes ({expected}, {self.dim}) and scores ({expected},), "
-                f"got {genomes.shape} and {scores.shape}; tell every genome of the last ask() once."
-            )
-        return genomes, scores
+    name: Literal["cma-es"] = "cma-es"
+    population_size: int = Field(default=8, ge=4)  # < 2 parents leaves the rank-mu update undefined
+    sigma0: float = Field(default=0.2, gt=0)  # step size in gene units (genes live in [0, 1])
+    restarts: Literal["none", "ipop", "bipop"] = "ipop"
+    # A restart also happens when the best of the current run has not improved for this many generations
+    # (plateaus of accuracy-like fitness, where CMA-ES' own stop criteria take long to fire).
+    stagnation_generations: int = Field(default=8, ge=1)
 
 
-class RandomSearch(_Tracked):
+class RandomSearch(SingleObjective):
     """Uniform samples in the bounds: the baseline every other optimiser must beat."""
 
-    def __init__(self, lower: np.ndarray, upper: np.ndarray, settings: OptimizerSettings) -> None:
+    def __init__(
+        self, lower: np.ndarray, upper: np.ndarray, settings: RandomSettings, *, seed: int, seeds: Seeds = ()
+    ) -> None:
         super().__init__(lower, upper)
         self.population_size = settings.population_size
-        self.rng = np.random.default_rng(settings.seed)
+        self.rng = np.random.default_rng(seed)
+        for genome, result in seeds:
+            self._track(genome[None, :], [result])
 
     def ask(self) -> np.ndarray:
         return self.rng.uniform(self.lower, self.upper, size=(self.population_size, self.dim))  # (B, D)
 
-    def tell(self, genomes: np.ndarray, scores: np.ndarray) -> None:
-        genomes, scores = self._check_told(genomes, scores, self.population_size)
-        self._track(genomes, scores)
+    def tell(self, genomes: np.ndarray, results: Sequence[EvalResult]) -> None:
+        genomes = self._check_told(genomes, results, self.population_size)
+        self._track(genomes, results)
 
 
-class CMAESOptimizer(_Tracked):
+class CMAESOptimizer(SingleObjective):
     """CMA-ES through the `cmaes` library (which minimises: only this adapter flips the sign).
 
-    Starts at `x0` (default: the centre of the box) with step size `sigma0`; with `restarts="ipop"` a
-    converged search restarts from a random point with twice the population (IPOP-CMA-ES).
+    Starts at the best seed (default: the centre of the box) with step size `sigma0`. A run restarts
+    when cmaes' own criteria say it converged (spread collapsed, flat fitness history) or when its best
+    has not improved for `stagnation_generations` generations:
+    - `ipop` (Auger & Hansen 2005): from a uniform random point, with twice the last population;
+    - `bipop` (Hansen 2009): alternates that large-population regime with small-population runs
+      (population lambda_def * (lambda_large / (2 lambda_def))^(U^2), step sigma0 * 10^(-2U), U ~ U(0, 1)),
+      choosing the small regime whenever it has used fewer evaluations than the large one.
     """
 
     def __init__(
         self,
         lower: np.ndarray,
         upper: np.ndarray,
-        settings: OptimizerSettings,
+        settings: CMAESSettings,
         *,
-        x0: np.ndarray | None = None,
+        seed: int,
+        seeds: Seeds = (),
     ) -> None:
         super().__init__(lower, upper)
-        if settings.sigma0 <= 0:
-            raise ConfigError(f"optimizer.sigma0: expected a step size > 0, got {settings.sigma0}.")
-        if settings.population_size < 4:  # fewer than 2 parents leaves CMA-ES' rank-mu update undefined
-            raise ConfigError(
-                f"optimizer.population_size: CMA-ES needs at least 4, got {settings.population_size}."
-            )
         self.settings = settings
-        self.rng = np.random.default_rng(settings.seed)
+        self.rng = np.random.default_rng(seed)
         self.population_size = settings.population_size
         self.restarts_done = 0
-        mean = (
-            (self.lower + self.upper) / 2
-            if x0 is None
-            else np.clip(np.asarray(x0, float), self.lower, self.upper)
-        )
-        self._cma = self._new_cma(mean, self.population_size)
+        self.large_population = settings.population_size  # the IPOP regime's population so far
+        # Evaluations per BIPOP regime; the first run counts for neither, so the first restart is large.
+        self.spent = {"first": 0, "large": 0, "small": 0}
+        self.regime: Literal["first", "large", "small"] = "first"
+        for genome, result in seeds:
+            self._track(np.asarray(genome, float)[None, :], [result])
+        start = self._best.genome if self._best is not None else (self.lower + self.upper) / 2
+        self._new_run(np.clip(start, self.lower, self.upper), settings.sigma0, settings.population_size)
 
-    def _new_cma(self, mean: np.ndarray, population_size: int) -> object:
+    def _new_run(self, mean: np.ndarray, sigma: float, population_size: int) -> None:
         from cmaes import CMA
 
         bounds = np.stack([self.lower, self.upper], axis=1)  # (D, 2)
-        seed = int(self.rng.integers(2**31 - 1))
-        return CMA(
-            mean=mean, sigma=self.settings.sigma0, bounds=bounds, seed=seed, population_size=population_size
+        self.population_size = population_size
+        self._cma = CMA(
+            mean=mean,
+            sigma=sigma,
+            bounds=bounds,
+            seed=int(self.rng.integers(2**31 - 1)),
+            population_size=population_size,
         )
+        self._run_best = -math.inf
+        self._stale = 0
 
     def ask(self) -> np.ndarray:
         # cmaes drops its RandomState when pickled; reseeding it from our own generator before every ask
         # keeps all randomness in `self.rng`, so a restored checkpoint asks exactly the same genomes.
-        self._cma.reseed_rng(int(self.rng.integers(2**31 - 1)))  # type: ignore[attr-defined]
-        return np.stack([self._cma.ask() for _ in range(self.population_size)])  # type: ignore[attr-defined]  # (B, D)
+        self._cma.reseed_rng(int(self.rng.integers(2**31 - 1)))
+        return np.stack([self._cma.ask() for _ in range(self.population_size)])  # (B, D)
 
-    def tell(self, genomes: np.ndarray, scores: np.ndarray) -> None:
-        genomes, scores = self._check_told(genomes, scores, self.population_size)
-        self._track(genomes, scores)
-        losses = -_finite_or_worst(scores)  # cmaes minimises
-        self._cma.tell(list(zip(genomes, losses, strict=True)))  # type: ignore[attr-defined]
-        if self.settings.restarts == "ipop" and self._cma.should_stop():  # type: ignore[attr-defined]
+    def tell(self, genomes: np.ndarray, results: Sequence[EvalResult]) -> None:
+        genomes = self._check_told(genomes, results, self.population_size)
+        self._track(genomes, results)
+        scores = finite_or_worst(scores_of(results))
+        self._cma.tell(list(zip(genomes, -scores, strict=True)))  # cmaes minimises
+        self.spent[self.regime] += len(genomes)
+        self._note_progress(float(scores.max()))
+        if self.settings.restarts != "none" and (
+            self._cma.should_stop() or self._stale >= self.settings.stagnation_generations
+        ):
             self._restart()
+
+    def _note_progress(self, generation_best: float) -> None:
+        if generation_best > self._run_best:
+            self._run_best, self._stale = generation_best, 0
+        else:
+            self._stale += 1
+
+    def _restart(self) -> None:
+        self.restarts_done += 1
+        mean = self.rng.uniform(self.lower, self.upper)
+        base = self.settings.population_size
+        if self.settings.restarts == "bipop" and self.spent["small"] < self.spent["large"]:
+            u = float(self.rng.uniform())
+            population = max(4, int(base * (0.5 * self.large_population / base) ** (u**2)))
+            self.regime = "small"
+            self._new_run(mean, self.settings.sigma0 * 10 ** (-2 * u), population)
+            return
+        self.regime = "large"
+        self.large_population *= 2
+        self._new_run(mean, self.settings.sigma0, self.large_population)
 
     def __getstate__(self) -> dict[str, object]:
         # cmaes pickles its covariance through a symmetric compression that changes it in the last bit;
@@ -163,49 +167,6 @@ class CMAESOptimizer(_Tracked):
         cma._rng = np.random.RandomState()  # reseeded from self.rng before every ask
         self.__dict__.update({**state, "_cma": cma})
 
-    def _restart(self) -> None:
-        self.restarts_done += 1
-        self.population_size *= 2
-        mean = self.rng.uniform(self.lower, self.upper)
-        self._cma = self._new_cma(mean, self.population_size)
-
-
-def _finite_or_worst(scores: np.ndarray) -> np.ndarray:
-    """NaN/inf scores become a little worse than the worst finite one, so CMA-ES can still rank them."""
-    finite = scores[np.isfinite(scores)]
-    worst = float(finite.min()) - 1.0 if finite.size else 0.0
-    return np.where(np.isfinite(scores), scores, worst)
-
-
-# --- registry -----------------------------------------------------------------------------------------
-OptimizerFactory = Callable[[np.ndarray, np.ndarray, OptimizerSettings, "np.ndarray | None"], Optimizer]
-_OPTIMIZERS: dict[str, OptimizerFactory] = {}
-
-
-def register_optimizer(name: str, factory: OptimizerFactory) -> None:
-    if name in _OPTIMIZERS:
-        raise ValueError(f"optimizer {name!r} is registered twice")
-    _OPTIMIZERS[name] = factory
-
-
-def get_optimizer(name: str) -> OptimizerFactory:
-    """The factory `(lower, upper, settings, x0) -> Optimizer` registered under `name`."""
-    try:
-        return _OPTIMIZERS[name]
-    except KeyError:
-        known = ", ".join(sorted(_OPTIMIZERS))
-        raise ConfigError(f"optimizer.name: unknown optimizer {name!r}; known: {known}.") from None
-
-
-def optimizer_names() -> list[str]:
-    return sorted(_OPTIMIZERS)
-
-
-def make_optimizer(
-    settings: OptimizerSettings, lower: np.ndarray, upper: np.ndarray, x0: np.ndarray | None = None
-) -> Optimizer:
-    return get_optimizer(settings.name)(lower, upper, settings, x0)
-
 
 def save_state(optimizer: Optimizer) -> bytes:
     """The optimiser's whole state (rng included) as bytes for the run store."""
@@ -218,7 +179,3 @@ def load_state(blob: bytes) -> Optimizer:
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"checkpoint holds a {type(optimizer).__name__}, not an optimizer")
     return optimizer
-
-
-register_optimizer("cma-es", lambda lower, upper, settings, x0: CMAESOptimizer(lower, upper, settings, x0=x0))
-register_optimizer("random", lambda lower, upper, settings, x0: RandomSearch(lower, upper, settings))

@@ -253,6 +253,66 @@ class ParameterSpace:
             genomes.append(self.encode(middle))
         return np.stack(genomes)  # (n_models, dim)
 
+    # --- the rest of the SearchSpace protocol -----------------------------------------------------------
+    def genome_of(self, candidate: Any) -> np.ndarray | None:
+        """The genome whose recipe is exactly `candidate`, or None when it lies outside this space.
+
+        Inside means: this method (or a source alone, where weight 1 for it and 0 for the others is that
+        source: linear and task arithmetic), the same models and base, every evolved value within its
+        bounds and constant over each gene's layers, every other parameter as the space fixes it.
+        """
+        mapping = self._in_space_form(_recipe_mapping(candidate))
+        if mapping is None or mapping.get("merge_method") != self.method or "slices" in mapping:
+            return None
+        if sorted(str(m.get("model")) for m in mapping.get("models") or []) != sorted(self.models):
+            return None
+        if self.merge_method.accepts_base and str(mapping.get("base_model")) != self.base_model:
+            return None
+        try:
+            x = self.encode(mapping)
+            return x if _same_settings(self, self.decode_dict(x), mapping) else None
+        except (ConfigError, TypeError, ValueError, KeyError):
+            return None
+
+    def _in_space_form(self, mapping: dict[str, Any]) -> dict[str, Any] | None:
+        """A one-model recipe (a source alone) rewritten as this method's weights, where that is the same."""
+        models = mapping.get("models") or []
+        if len(models) != 1 or mapping.get("merge_method") != "linear" or "slices" in mapping:
+            return mapping
+        chosen, weight = str(models[0].get("model")), (models[0].get("parameters") or {}).get("weight", 1.0)
+        if self.method not in _SOURCE_ALONE or chosen not in self.models or weight == 0:
+            return None
+        entries = [{"model": m, "parameters": {"weight": 1.0 if m == chosen else 0.0}} for m in self.models]
+        return {"merge_method": self.method, "base_model": self.base_model, "models": entries}
+
+    def to_text(self, candidate: Any) -> str:
+        return str(candidate.to_yaml())
+
+    def from_text(self, text: str) -> MergeConfig:
+        from evomerge.merge.config import MergeConfig
+
+        return MergeConfig.from_yaml(text)
+
+    def describe(self) -> str:
+        names = ", ".join(Path(m).name for m in self.models)
+        ranges = ", ".join(f"{name} in [{low:g}, {high:g}]" for name, (low, high) in self.parameters.items())
+        layers = {
+            "model": "one value per model",
+            "group": f"one per {self.group_size} layers",
+            "layer": "one per layer",
+        }
+        separate = f"; own genes for {', '.join(self.separate)}" if self.separate else ""
+        return (
+            f"Parameter space: {self.method} of {names} (base {Path(self.base_model).name}); {self.dim} genes, "
+            f"{ranges}; {layers[self.granularity]} ({self.n_layers} layers){separate}."
+        )
+
+    def export(self, text: str, out_dir: Path, *, seed: int, force: bool = False) -> Path:
+        """Merge the recipe `text` into `out_dir` with the streaming engine (masks drawn from `seed`)."""
+        from evomerge.merge.api import merge
+
+        return merge(self.from_text(text), out_dir, force=force, random_seed=seed)
+
     def per_layer(self, x: np.ndarray) -> dict[str, np.ndarray]:
         """Row label -> the value each layer gets (n_layers,), for heatmaps of a recipe."""
         values = self.gene_values(x)
@@ -292,6 +352,40 @@ def _group_genes(
     for gene, value in zip(genes, values, strict=True):
         grouped.setdefault((gene.param, gene.model), {}).setdefault(gene.group, []).append(float(value))
     return grouped
+
+
+# Methods where "weight 1 for one model, 0 for the others" is that model alone.
+_SOURCE_ALONE = frozenset({"linear", "task_arithmetic"})
+_SAME = 1e-5  # genes are rounded to 6 decimals
+
+
+def _same_settings(space: ParameterSpace, ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
+    """Whether two recipes of the space's method set every parameter alike at every layer and group."""
+    groups = [("default", ())] + [(g, space.filters.get(g, ())) for g in space.separate]
+    known = {token for _, tokens in groups for token in tokens}
+    for spec in space.merge_method.params:
+        for owner in space.models if spec.per_model else (None,):
+            gene = Gene(spec.name, owner, "default", ())
+            a, b = _find_setting(ours, gene, spec), _find_setting(theirs, gene, spec)
+            if _unknown_filters(b, known) or not _alike(a, b, groups, space.n_layers):
+                return False
+    return True
+
+
+def _unknown_filters(setting: Any, known: set[str]) -> bool:
+    conditionals = setting if isinstance(setting, list) and setting and isinstance(setting[0], dict) else []
+    return any(c.get("filter") not in (None, "*", *known) for c in conditionals)
+
+
+def _alike(a: Any, b: Any, groups: Sequence[tuple[str, tuple[str, ...]]], n_layers: int) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a == b
+    for group, tokens in groups:
+        first, second = _select_group(a, group, tokens), _select_group(b, group, tokens)
+        for layer in range(max(1, n_layers)):
+            if abs(_at_layer(first, layer, n_layers) - _at_layer(second, layer, n_layers)) > _SAME:
+                return False
+    return True
 
 
 # --- validation ---------------------------------------------------------------------------------------
@@ -429,14 +523,15 @@ def _as_genome(x: np.ndarray, dim: int) -> np.ndarray:
 
 # --- model metadata -----------------------------------------------------------------------------------
 def read_num_layers(model_dir: Path) -> int:
-    """Layer count from config.json (0 when the architecture has none, e.g. the zoo's MLPs)."""
-    from evomerge.io.architecture import num_layers
+    """Layer count from config.json, else counted from numbered tensor names (`layers.{i}.weight` in the
+    zoo's MLPs); 0 when the model has no numbered layers."""
+    from evomerge.io.architecture import count_layers
 
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise ConfigError(f"base_model: {config_path} not found; a model dir needs its config.json.")
     config = json.loads(config_path.read_text())
-    return num_layers(config) or 0
+    return count_layers(config, lambda: read_tensor_names(model_dir))
 
 
 def read_tensor_names(model_dir: Path) -> list[str]:

@@ -1,0 +1,97 @@
+"""Optimiser names -> (settings block, factory). The run config and the loop choose optimisers here.
+
+Built-in optimisers are listed below; `register_optimizer` adds one from outside the package (register
+it before a config that names it is read).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from evomerge.errors import ConfigError
+from evomerge.search.base import Optimizer, OptimizerSettings, Seeds
+from evomerge.search.optimizers import CMAESOptimizer, CMAESSettings, RandomSearch, RandomSettings
+
+# (settings, lower, upper, seed, seeds) -> Optimizer. `seeds` are the warm start's in-space genomes with
+# their results, in evaluation order; `seed` is the resolved random seed.
+OptimizerFactory = Callable[[Any, np.ndarray, np.ndarray, int, Seeds], Optimizer]
+
+
+@dataclass(frozen=True)
+class OptimizerEntry:
+    settings: type[OptimizerSettings]
+    factory: OptimizerFactory
+
+
+_OPTIMIZERS: dict[str, OptimizerEntry] = {
+    "cma-es": OptimizerEntry(
+        CMAESSettings, lambda s, lo, hi, seed, seeds: CMAESOptimizer(lo, hi, s, seed=seed, seeds=seeds)
+    ),
+    "random": OptimizerEntry(
+        RandomSettings, lambda s, lo, hi, seed, seeds: RandomSearch(lo, hi, s, seed=seed, seeds=seeds)
+    ),
+}
+
+
+def register_optimizer(name: str, settings: type[OptimizerSettings], factory: OptimizerFactory) -> None:
+    """Make `name` choosable as `optimizer.name` in a run config, with `settings` as its block."""
+    if name in _OPTIMIZERS:
+        raise ValueError(f"optimizer {name!r} is registered twice")
+    _OPTIMIZERS[name] = OptimizerEntry(settings, factory)
+
+
+def optimizer_names() -> list[str]:
+    return sorted(_OPTIMIZERS)
+
+
+def optimizer_entry(name: str) -> OptimizerEntry:
+    try:
+        return _OPTIMIZERS[name]
+    except KeyError:
+        known = ", ".join(sorted(_OPTIMIZERS))
+        raise ConfigError(f"optimizer.name: unknown optimizer {name!r}; known: {known}.") from None
+
+
+def parse_settings(data: Any) -> OptimizerSettings:
+    """The settings block of the optimiser `data["name"]` names, validated; one located ConfigError."""
+    if isinstance(data, OptimizerSettings):
+        return data
+    if not isinstance(data, dict):
+        raise ConfigError(f"optimizer: expected a mapping with a 'name' ({', '.join(optimizer_names())}).")
+    name = str(data.get("name", "cma-es"))
+    entry = optimizer_entry(name)
+    try:
+        return entry.settings.model_validate({**data, "name": name})
+    except ValidationError as error:
+        raise ConfigError(_settings_message(error, name)) from None
+
+
+def _settings_message(error: ValidationError, name: str) -> str:
+    clauses = []
+    for item in error.errors():
+        where = ".".join(["optimizer", *(str(part) for part in item["loc"])])
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            field = str(item["loc"][-1])
+            owners = [n for n, entry in _OPTIMIZERS.items() if field in entry.settings.model_fields]
+            belongs = f"; it is a setting of {', '.join(sorted(owners))}" if owners else ""
+            message = f"'{name}' has no setting '{field}'{belongs} (see docs/evolve.md)"
+        clauses.append(f"{where}: {message}")
+    return "; ".join(dict.fromkeys(clauses))
+
+
+def make_optimizer(
+    settings: OptimizerSettings,
+    lower: np.ndarray,
+    upper: np.ndarray,
+    *,
+    seed: int = 0,
+    seeds: Seeds = (),
+) -> Optimizer:
+    """The optimiser `settings.name` names over the box [lower, upper], warm-started with `seeds`."""
+    return optimizer_entry(settings.name).factory(settings, lower, upper, seed, seeds)
