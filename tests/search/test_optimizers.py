@@ -123,7 +123,9 @@ def test_seeds_set_the_start_and_count_as_elites() -> None:
     seed_genome = np.full(DIM, 0.9)
     seeds = [(np.full(DIM, 0.1), EvalResult(0.2)), (seed_genome, EvalResult(0.7))]
     optimizer = CMAESOptimizer(LOWER, UPPER, CMAESSettings(sigma0=1e-6), seed=0, seeds=seeds)
-    np.testing.assert_allclose(optimizer.ask().mean(axis=0), seed_genome, atol=1e-4)  # starts at the best seed
+    np.testing.assert_allclose(
+        optimizer.ask().mean(axis=0), seed_genome, atol=1e-4
+    )  # starts at the best seed
     assert best_of(optimizer).score == 0.7
 
 

@@ -232,7 +232,10 @@ def column_value(row: ResultRow, column: str) -> float | None:
 
 def results_markdown(rows: list[ResultRow]) -> str:
     columns = result_columns(rows)
-    lines = ["| " + " | ".join(["model", "kind", "test score", *columns]) + " |", "|---" * (3 + len(columns)) + "|"]
+    lines = [
+        "| " + " | ".join(["model", "kind", "test score", *columns]) + " |",
+        "|---" * (3 + len(columns)) + "|",
+    ]
     for row in rows:
         score = f"{row.score:.3f}" if row.error is None else f"failed ({row.error[:40]})"
         cells = [row.name, row.kind, score, *(_cell(column_value(row, c)) for c in columns)]
