@@ -118,3 +118,49 @@ def test_demo_on_the_tiny_zoo(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "report.html").is_file() and (
         tmp_path / "run" / "best_model" / "config.json"
     ).is_file()
+
+
+def test_elites_lists_the_best_first_and_export_writes_one(tmp_path: Path, family: dict[str, Path]) -> None:
+    config = write_config(tmp_path / "evolve.yaml", family, budget={"max_evaluations": 11})
+    run_dir = tmp_path / "run"
+    assert runner.invoke(app, ["evolve", str(config), "--out", str(run_dir), "--no-outputs"]).exit_code == 0
+    listed = runner.invoke(app, ["elites", str(run_dir)])
+    assert listed.exit_code == 0, listed.output
+    header, first = listed.output.splitlines()[:2]
+    assert header.split("\t")[:4] == ["id", "niche", "what", "dev score"]
+    best_id = first.split("\t")[0]
+    assert first.split("\t")[1] == "best on dev"
+    exported = runner.invoke(app, ["export", str(run_dir), str(tmp_path / "model"), "--elite", best_id])
+    assert exported.exit_code == 0, exported.output
+    assert (tmp_path / "model" / "mergekit_config.yml").is_file()
+    unknown = runner.invoke(app, ["export", str(run_dir), str(tmp_path / "other"), "--elite", "g42c9"])
+    assert unknown.exit_code == 2 and "no evaluation 'g42c9'" in unknown.output
+    assert not (tmp_path / "other").exists()
+
+
+def test_the_summary_line_warns_when_a_baseline_beats_the_run(
+    tmp_path: Path, family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from evomerge.cli import evolve as evolve_cli
+    from evomerge.runs import outputs
+    from evomerge.runs.loop import RunSummary
+
+    rows = [outputs.ResultRow("evolved", "evolved", 0.45), outputs.ResultRow("high", "source", 0.5)]
+    outputs.write_results(tmp_path, rows)
+    monkeypatch.setattr(outputs, "finalize", lambda run_dir: {})
+    with RunStore.in_dir(tmp_path) as store:
+        store.init_run({}, 0)
+    summary = RunSummary(tmp_path, 3, 0, _evaluation(), "max_evaluations")
+    printed: list[str] = []
+    monkeypatch.setattr(evolve_cli.console, "print", lambda text, **kw: printed.append(str(text)))
+    evolve_cli._finish(summary, outputs=True)
+    assert "WARNING: the run's best scores 0.450 on test, below high 0.500" in printed[-1]
+
+
+def _evaluation():  # type: ignore[no-untyped-def]
+    import numpy as np
+
+    from evomerge.eval.result import EvalResult
+    from evomerge.runs.store import Evaluation
+
+    return Evaluation(0, 0, np.zeros(1), "merge_method: linear\n", 0, EvalResult(0.5), 0.0)

@@ -45,6 +45,17 @@ def write_task(path: Path) -> Path:
     return path
 
 
+# Settings that make each optimiser run on the fake problem (two tasks, tiny populations).
+OPTIMIZER_BLOCKS: dict[str, dict[str, Any]] = {
+    "cma-es": {"name": "cma-es", "population_size": 4, "sigma0": 0.3, "start": "center"},
+    "nsga2": {"name": "nsga2", "population_size": 4, "objectives": ["toy", "toy2"], "start": "center"},
+}
+
+
+def optimizer_block(name: str) -> dict[str, Any]:
+    return dict(OPTIMIZER_BLOCKS.get(name, {"name": name, "population_size": 4, "start": "center"}))
+
+
 def make_config(root: Path, family: dict[str, Path], **overrides: Any) -> EvolveConfig:
     task = write_task(root / "tasks" / "dev.jsonl")
     data: dict[str, Any] = {
@@ -56,9 +67,12 @@ def make_config(root: Path, family: dict[str, Path], **overrides: Any) -> Evolve
             "group_size": 2,
             "parameters": {"weight": [0.0, 1.0], "density": [0.2, 1.0]},
         },
-        "optimizer": {"name": "cma-es", "population_size": 4, "sigma0": 0.3, "start": "center"},
+        "optimizer": optimizer_block("cma-es"),
         "budget": {"max_evaluations": 20},
-        "fitness": [{"name": "toy", "dev": str(task), "test": str(task), "metric": "exact_match"}],
+        "fitness": [
+            {"name": "toy", "dev": str(task), "test": str(task), "metric": "exact_match"},
+            {"name": "toy2", "dev": str(task), "test": str(task), "metric": "exact_match"},
+        ],
         "seed": 3,
         "out": str(root / "run"),
     }
@@ -69,7 +83,8 @@ def make_config(root: Path, family: dict[str, Path], **overrides: Any) -> Evolve
 def quadratic_backend(
     space: ParameterSpace, *, delay: float = 0.0, fail_index: int | None = None
 ) -> FunctionBackend:
-    """Score = -(distance of the genes to a fixed target)^2; candidate `fail_index` of each call raises."""
+    """Two tasks, each 1 - (distance of the genes to its target)^2 (toy: a rising target, toy2: its
+    mirror); the score is their mean. Candidate `fail_index` of each call raises."""
     target = np.linspace(0.2, 0.8, space.dim)
     calls = {"n": 0}
 
@@ -79,19 +94,25 @@ def quadratic_backend(
         if fail_index is not None and calls["n"] == fail_index:
             raise RuntimeError("candidate blew up")
         genes = space.encode(recipe)
-        score = float(1.0 - np.sum((genes - target) ** 2))
-        return EvalResult(score=score, tasks={"toy": TaskScore("toy", "exact_match", score, [score], 1)})
+        toy = float(1.0 - np.sum((genes - target) ** 2))
+        toy2 = float(1.0 - np.sum((genes - target[::-1]) ** 2))
+        tasks = {
+            name: TaskScore(name, "exact_match", value, [value], 1)
+            for name, value in (("toy", toy), ("toy2", toy2))
+        }
+        return EvalResult(score=(toy + toy2) / 2, tasks=tasks)
 
     return FunctionBackend(fitness)
 
 
 def main() -> None:
-    """`python fake_problem.py evolve|resume ROOT FAMILY_DIR DELAY`: run in a subprocess by the kill test."""
+    """`python fake_problem.py evolve|resume ROOT FAMILY_DIR DELAY OPTIMIZER`: run in a subprocess by the
+    kill test."""
     from evomerge.runs.loop import evolve, resume
 
     command, root, family_dir, delay = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), float(sys.argv[4])
     family = {name: family_dir / name for name in ("base", "ft0", "ft1")}
-    config = make_config(root, family)
+    config = make_config(root, family, optimizer=optimizer_block(sys.argv[5]))
     backend = quadratic_backend(config.search_space(), delay=delay)
     if command == "evolve":
         evolve(config, backend=backend)

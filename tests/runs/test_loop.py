@@ -18,9 +18,10 @@ from evomerge.errors import OutputExistsError
 from evomerge.runs import loop
 from evomerge.runs.loop import candidate_seed, evolve, resume
 from evomerge.runs.store import RunStore
+from evomerge.search.registry import optimizer_names
 from evomerge.zoo.random_models import FamilySpec, build_family
 
-from .fake_problem import make_config, quadratic_backend
+from .fake_problem import make_config, optimizer_block, quadratic_backend
 
 HERE = Path(__file__).parent
 
@@ -142,7 +143,7 @@ def test_out_dir_that_is_not_a_run_is_never_deleted(tmp_path: Path, family: dict
     assert (config.out / "precious.txt").read_text() == "keep me"
 
 
-def _script(command: str, root: Path, family: dict[str, Path], delay: float) -> list[str]:
+def _script(command: str, root: Path, family: dict[str, Path], delay: float, optimizer: str) -> list[str]:
     return [
         sys.executable,
         str(HERE / "fake_problem.py"),
@@ -150,6 +151,7 @@ def _script(command: str, root: Path, family: dict[str, Path], delay: float) -> 
         str(root),
         str(family["base"].parent),
         str(delay),
+        optimizer,
     ]
 
 
@@ -177,11 +179,12 @@ def test_warm_start_evaluates_each_source_then_starts_at_the_best(
     assert np.abs(first_generation - best).max() < 0.3  # sampled around the best source, sigma 0.05
 
 
-@pytest.mark.parametrize("crash_at", [1, 2, 3])
+@pytest.mark.parametrize("start", ["best-source", "best-known"])
+@pytest.mark.parametrize("crash_at", [1, 2, 3, 7])
 def test_crash_in_the_warm_start_then_resume_equals_an_uninterrupted_run(
-    tmp_path: Path, family: dict[str, Path], crash_at: int
+    tmp_path: Path, family: dict[str, Path], crash_at: int, start: str
 ) -> None:
-    optimizer = {"name": "cma-es", "population_size": 4, "start": "best-source"}
+    optimizer = {"name": "cma-es", "population_size": 4, "start": start}
     config = make_config(tmp_path / "crashed", family, optimizer=optimizer, budget={"max_evaluations": 10})
     space = config.search_space()
     good = quadratic_backend(space)
@@ -231,12 +234,13 @@ def test_crash_anywhere_then_resume_equals_an_uninterrupted_run(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("optimizer", optimizer_names())
 def test_kill_9_mid_generation_then_resume_equals_an_uninterrupted_run(
-    tmp_path: Path, family: dict[str, Path]
+    tmp_path: Path, family: dict[str, Path], optimizer: str
 ) -> None:
     env = {**os.environ, "PYTHONPATH": str(HERE.parent.parent / "src"), "OMP_NUM_THREADS": "1"}
     killed_root = tmp_path / "killed"
-    process = subprocess.Popen(_script("evolve", killed_root, family, 0.15), env=env, cwd=HERE)
+    process = subprocess.Popen(_script("evolve", killed_root, family, 0.15, optimizer), env=env, cwd=HERE)
     deadline = time.monotonic() + 60
     while _count(killed_root / "run") < 6 and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.01)
@@ -244,9 +248,11 @@ def test_kill_9_mid_generation_then_resume_equals_an_uninterrupted_run(
     process.wait()
     killed_at = _count(killed_root / "run")
     assert 6 <= killed_at < 20, "the run must be killed part-way"
-    done = subprocess.run(_script("resume", killed_root, family, 0.0), env=env, cwd=HERE, timeout=120)
+    done = subprocess.run(
+        _script("resume", killed_root, family, 0.0, optimizer), env=env, cwd=HERE, timeout=120
+    )
     assert done.returncode == 0
-    config = make_config(tmp_path / "straight", family)
+    config = make_config(tmp_path / "straight", family, optimizer=optimizer_block(optimizer))
     evolve(config, backend=quadratic_backend(config.search_space()))
     resumed_rows, straight_rows = stored(killed_root / "run"), stored(config.out)
     assert len(resumed_rows) == 20
@@ -254,3 +260,4 @@ def test_kill_9_mid_generation_then_resume_equals_an_uninterrupted_run(
     with RunStore.in_dir(killed_root / "run") as a, RunStore.in_dir(config.out) as b:
         assert a.best().recipe == b.best().recipe  # type: ignore[union-attr]
         assert np.array_equal(a.best().genome, b.best().genome)  # type: ignore[union-attr]
+        assert [(s, e.key) for s, e in a.elites()] == [(s, e.key) for s, e in b.elites()]

@@ -171,3 +171,74 @@ def test_per_layer_table_for_heatmaps(family: dict[str, Path]) -> None:
     }
     np.testing.assert_allclose(rows["weight[ft0].default"], 0.5)
     np.testing.assert_allclose(rows["density[ft0].default"], 0.55)
+
+
+# --- genome_of: which recipes lie in the space (the warm start seeds optimisers with these) ----------
+def _ta_space(family: dict[str, Path], bounds: tuple[float, float] = (0.0, 1.5)) -> ParameterSpace:
+    return ParameterSpace.from_models(
+        family["base"], [family["ft0"], family["ft1"]], "task_arithmetic", parameters={"weight": bounds}
+    )
+
+
+def _recipe(family: dict[str, Path], method: str, **params: object) -> dict[str, object]:
+    models = [{"model": str(family[m]), "parameters": dict(params)} for m in ("ft0", "ft1")]
+    return {"merge_method": method, "base_model": str(family["base"]), "models": models}
+
+
+def test_genome_of_a_recipe_of_the_space(family: dict[str, Path]) -> None:
+    space = _ta_space(family)
+    genome = space.genome_of(_recipe(family, "task_arithmetic", weight=1.0))
+    assert genome is not None
+    np.testing.assert_allclose(space.gene_values(genome), [1.0] * space.dim)
+
+
+def test_genome_of_refuses_what_lies_outside(family: dict[str, Path]) -> None:
+    narrow = _ta_space(family, (0.0, 0.9))
+    assert narrow.genome_of(_recipe(family, "task_arithmetic", weight=1.0)) is None  # out of bounds
+    space = _ta_space(family)
+    assert space.genome_of(_recipe(family, "ties", weight=1.0, density=0.5)) is None  # another method
+    gradient = [0.2, 0.4, 0.6, 0.8, 1.0]  # the space has one gene per model: a gradient is not in it
+    assert space.genome_of(_recipe(family, "task_arithmetic", weight=gradient)) is None
+    scaled = _recipe(family, "task_arithmetic", weight=1.0)
+    scaled["parameters"] = {"lambda": 0.5}  # not evolved and not the default
+    assert space.genome_of(scaled) is None
+
+
+def test_a_source_alone_is_weight_one_for_it(family: dict[str, Path]) -> None:
+    space = _ta_space(family, (0.0, 1.0))
+    alone = {
+        "merge_method": "linear",
+        "models": [{"model": str(family["ft1"]), "parameters": {"weight": 1.0}}],
+    }
+    genome = space.genome_of(alone)
+    assert genome is not None
+    np.testing.assert_allclose(genome, space.source_genomes()[1])
+    ties = ParameterSpace.from_models(family["base"], [family["ft0"], family["ft1"]], "ties")
+    assert ties.genome_of(alone) is None  # TIES of (1, 0) trims the task vector: not the source
+
+
+def test_genome_of_in_a_layered_space_with_separate_groups(family: dict[str, Path]) -> None:
+    space = ParameterSpace.from_models(
+        family["base"], [family["ft0"], family["ft1"]], "ties", granularity="layer", separate=["attention"]
+    )
+    x = np.random.default_rng(0).uniform(size=space.dim)
+    genome = space.genome_of(space.decode_dict(x))
+    assert genome is not None
+    np.testing.assert_allclose(space.gene_values(genome), space.gene_values(x))
+
+
+def test_layers_are_counted_from_tensor_names_when_the_config_has_none(tmp_path: Path) -> None:
+    """The digits zoo's MLPs name their parameters `layers.{i}.weight`; their config has no layer count."""
+    import torch
+
+    from evomerge.zoo.digits import MLPClassifier
+
+    dirs = []
+    for seed in range(3):
+        model = MLPClassifier((64, 32, 16, 10))
+        model.reset_parameters(torch.Generator().manual_seed(seed))
+        model.save_pretrained(tmp_path / f"m{seed}")
+        dirs.append(tmp_path / f"m{seed}")
+    space = ParameterSpace.from_models(dirs[0], dirs[1:], "slerp", granularity="layer")
+    assert space.n_layers == 3 and space.dim == 3
+    assert space.decode_dict(np.array([0.0, 0.5, 1.0]))["parameters"]["t"] == [0.0, 0.5, 1.0]

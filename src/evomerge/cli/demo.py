@@ -1,8 +1,8 @@
 """`evomerge demo --out DIR`: the README's main job, the whole pipeline on a laptop CPU.
 
 Builds the `lm` zoo (a base and one specialist per skill, trained from scratch; cached), evolves a
-per-layer merge of the specialists for the zoo's multi-skill target with CMA-ES (warm-started at the
-best single specialist), then writes the best recipe, the best model, the test-split results table
+per-layer merge of the specialists for the zoo's multi-skill target with CMA-ES (warm-started from the
+best of the specialists, the default merges and the centre of the box), then writes the best recipe, the best model, the test-split results table
 and report.html, and prints the table.
 """
 
@@ -93,12 +93,7 @@ def demo_config(
         "models": [str(path) for path in zoo.models.values()],
         "merge_method": "task_arithmetic",
         "search": {"granularity": "layer", "parameters": {"weight": [0.0, 1.5]}},
-        "optimizer": {
-            "name": "cma-es",
-            "population_size": population,
-            "sigma0": 0.25,
-            "start": "best-source",
-        },
+        "optimizer": {"name": "cma-es", "population_size": population, "sigma0": 0.25},  # start: best-known
         "budget": {"max_evaluations": evaluations},
         "fitness": [
             {

@@ -81,7 +81,8 @@ def report(
 
 @app.command()
 def elites(run_dir: Path = typer.Argument(..., help="A run dir written by `evomerge evolve`.")) -> None:
-    """List the run's elites (the best on dev first, then the optimiser's archive or front) with dev scores."""
+    """List the run's elites (the best on dev first, then the optimiser's archive or front) with dev scores,
+    tab-separated (`| column -t -s $'\\t'` aligns them)."""
     from evomerge.runs.outputs import run_elites
 
     with user_errors():
@@ -90,13 +91,13 @@ def elites(run_dir: Path = typer.Argument(..., help="A run dir written by `evome
         console.print(f"{run_dir}: no successful evaluation yet.")
         return
     tasks = sorted({t for elite in found for t in elite.evaluation.result.tasks})
-    console.print("\t".join(["id", "niche", "what", "dev score", *tasks]), markup=False, highlight=False)
+    typer.echo("\t".join(["id", "niche", "what", "dev score", *tasks]))  # tab-separated: scriptable
     for elite in found:
         result = elite.evaluation.result
         scores = [f"{result.tasks[t].score:.4f}" if t in result.tasks else "-" for t in tasks]
         what = elite.evaluation.label or "evolved"
         line = [elite.id, elite.niche, what, f"{result.score:.4f}", *scores]
-        console.print("\t".join(line), markup=False, highlight=False)
+        typer.echo("\t".join(line))
 
 
 @app.command()

@@ -138,14 +138,26 @@ def _write_card(out: Path, evaluation: Evaluation, scores: dict[str, float] | No
         method=recipe.merge_method,
         recipe_yaml=evaluation.recipe,
         scores={**dev, **(scores or {})} or None,
-        extra=f"Found by `evomerge evolve` ({evaluation.name}); masks drawn with random seed {evaluation.seed}.",
+        extra=f"Found by `evomerge evolve` as {_described(evaluation)}; masks drawn with random seed {evaluation.seed}.",
     )
 
 
+def _described(evaluation: Evaluation) -> str:
+    return evaluation.key + (f" ({evaluation.label})" if evaluation.label else "")
+
+
 def results_table(
-    config: EvolveConfig, best: Evaluation, elites: list[RunElite] | None = None
+    config: EvolveConfig,
+    best: Evaluation,
+    elites: list[RunElite] | None = None,
+    warm_seeds: dict[str, int] | None = None,
 ) -> list[ResultRow]:
-    """Score the run's best, its other elites, the base, the sources and the baselines on the test split."""
+    """Score the run's best, its other elites, the base, the sources and the baselines on the test split.
+
+    A baseline the warm start evaluated (`warm_seeds`: its label -> mask seed) is scored with the masks
+    it had on dev, so a random method (DARE) is the same model in both columns.
+    """
+    warm_seeds = warm_seeds or {}
     from evomerge.merge.config import MergeConfig
 
     name = f"evolved ({best.label})" if best.label else "evolved"
@@ -159,7 +171,8 @@ def results_table(
             (name, "base" if name == "base" else "source", MergeConfig.from_dict(mapping), config.seed)
         )
     for name, mapping in baseline_recipes(config).items():
-        entries.append((name, "baseline", MergeConfig.from_dict(mapping), config.seed))
+        seed = warm_seeds.get(f"default {name}", config.seed)
+        entries.append((name, "baseline", MergeConfig.from_dict(mapping), seed))
     return score_on_test_split(config, entries)
 
 
@@ -255,7 +268,11 @@ def finalize(run_dir: Path, *, with_model: bool = True, with_table: bool = True)
     config, best = load_run_config(run_dir), best_evaluation(run_dir)
     recipe, mergekit = write_best_recipe(run_dir, best)
     written = {"recipe": recipe, "mergekit": mergekit}
-    rows = results_table(config, best, run_elites(run_dir)) if with_table else read_results(run_dir)
+    rows: list[ResultRow] | None = None
+    if with_table:
+        rows = results_table(config, best, run_elites(run_dir), _warm_seeds(run_dir))
+    else:
+        rows = read_results(run_dir)
     if with_table and rows is not None:
         written["results"] = write_results(run_dir, rows)
     if with_model:
@@ -265,6 +282,11 @@ def finalize(run_dir: Path, *, with_model: bool = True, with_table: bool = True)
         )
     written["report"] = write_report(run_dir)
     return written
+
+
+def _warm_seeds(run_dir: Path) -> dict[str, int]:
+    with RunStore.in_dir(run_dir) as store:
+        return {e.label: e.seed for e in store.evaluations() if e.label is not None}
 
 
 def _atomic_write(path: Path, text: str) -> Path:
