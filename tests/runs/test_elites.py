@@ -78,3 +78,22 @@ def test_a_format_1_run_is_refused_for_resume_but_its_elites_read(tmp_path: Path
         resume(run_dir)
     elites = run_elites(run_dir)
     assert elites[0].id == "g1c0" and elites[0].evaluation.score == pytest.approx(0.54170425860067)
+
+
+def test_the_report_places_elites_that_carry_measures(finished: Path) -> None:
+    from evomerge.runs.report import write_report
+    from evomerge.runs.store import Checkpoint, StoredElite
+
+    with RunStore.in_dir(finished) as store:
+        keys = [(e.generation, e.index) for e in store.evaluations()[-3:]]
+        checkpoint = store.last_checkpoint()
+        assert checkpoint is not None
+        elites = [
+            StoredElite(g, i, f"cell ({n}, 0)", {"toy": 0.1 * n, "toy2": 0.5})
+            for n, (g, i) in enumerate(keys)
+        ]
+        store.save_checkpoint(checkpoint, elites)
+    page = write_report(finished).read_text()
+    section = page[page.index("Elites (dev split)") :]
+    assert "<img" in section.split("</section>")[0]  # the elites placed at their measures
+    assert "cell (2, 0)" in section

@@ -56,6 +56,7 @@ class RunElite:
     id: str
     niche: str
     evaluation: Evaluation
+    measures: dict[str, float] = field(default_factory=dict)  # where it sits (archive measures, objectives)
 
 
 def best_evaluation(run_dir: Path) -> Evaluation:
@@ -72,7 +73,9 @@ def run_elites(run_dir: Path) -> list[RunElite]:
     with RunStore.in_dir(run_dir) as store:
         best, stored = store.best(), store.elites()
     elites = [RunElite(best.key, "best on dev", best)] if best is not None else []
-    elites += [RunElite(e.key, s.niche, e) for s, e in stored if best is None or e.key != best.key]
+    elites += [
+        RunElite(e.key, s.niche, e, s.measures) for s, e in stored if best is None or e.key != best.key
+    ]
     return elites
 
 

@@ -45,7 +45,7 @@ def write_report(run_dir: Path) -> Path:
         _section("Fitness against evaluations", _img(fitness_figure(evaluations))),
         _section("Best recipe, per layer", _recipe_view(space, best)),
         _section("Results on the test split", _table(rows)),
-        _section("Elites (dev split)", _elites_table(run_elites(run_dir))),
+        _section("Elites (dev split)", _elites_view(run_elites(run_dir))),
         _section("Run", _summary(config.model_dump(mode="json"), evaluations, best, space.describe())),
     ]
     page = _PAGE.format(title=html.escape(f"evomerge run {run_dir.name}"), body="\n".join(sections))
@@ -134,6 +134,32 @@ def _table_row(row: ResultRow, columns: list[str]) -> str:
     cells = [html.escape(row.name), row.kind, score, *(_cell(column_value(row, c)) for c in columns)]
     style = ' class="evolved"' if row.kind == "evolved" else ""
     return f"<tr{style}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
+def _elites_view(elites: list[RunElite]) -> str:
+    """The elites' table, and where they sit when they carry measures (an archive, a front)."""
+    placed = [elite for elite in elites if elite.measures]
+    names = sorted({name for elite in placed for name in elite.measures})
+    figure = _img(elites_figure(placed, names[:2])) if placed and names else ""
+    return figure + _elites_table(elites)
+
+
+def elites_figure(elites: list[RunElite], names: list[str]) -> Any:
+    """Each elite at its measures (two: a plane, one: against its dev score), coloured by dev score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scores = np.array([elite.evaluation.score for elite in elites])  # (E,)
+    xs = np.array([elite.measures.get(names[0], np.nan) for elite in elites])
+    ys = np.array([elite.measures.get(names[1], np.nan) for elite in elites]) if len(names) > 1 else scores
+    figure, axes = plt.subplots(figsize=(5.5, 4.5))
+    points = axes.scatter(xs, ys, c=scores, cmap="viridis", s=40, edgecolors="k", linewidths=0.3)
+    axes.set(xlabel=names[0], ylabel=names[1] if len(names) > 1 else "dev score")
+    figure.colorbar(points, ax=axes, label="dev score")
+    figure.tight_layout()
+    return figure
 
 
 def _elites_table(elites: list[RunElite]) -> str:

@@ -156,13 +156,18 @@ class SingleObjective:
                 self._best = Elite(np.array(genome, dtype=float), result)
 
     def _check_told(self, genomes: np.ndarray, results: Sequence[EvalResult], expected: int) -> np.ndarray:
-        genomes = np.asarray(genomes, dtype=float)
-        if genomes.shape != (expected, self.dim) or len(results) != expected:
-            raise ValueError(
-                f"tell: expected genomes ({expected}, {self.dim}) and {expected} results, "
-                f"got {genomes.shape} and {len(results)}; tell every genome of the last ask() once."
-            )
-        return genomes
+        return check_told(genomes, results, expected, self.dim)
+
+
+def check_told(genomes: np.ndarray, results: Sequence[EvalResult], expected: int, dim: int) -> np.ndarray:
+    """`genomes` as floats (expected, dim), after checking one result per asked genome; else ValueError."""
+    genomes = np.asarray(genomes, dtype=float)
+    if genomes.shape != (expected, dim) or len(results) != expected:
+        raise ValueError(
+            f"tell: expected genomes ({expected}, {dim}) and {expected} results, "
+            f"got {genomes.shape} and {len(results)}; tell every genome of the last ask() once."
+        )
+    return genomes
 
 
 def scores_of(results: Sequence[EvalResult]) -> np.ndarray:
