@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from evomerge.errors import ConfigError
-from evomerge.eval.result import EvalResult
+from evomerge.eval.result import EvalResult, TaskScore
 from evomerge.search.base import Elite, Optimizer, scores_of
 from evomerge.search.optimizers import (
     CMAESOptimizer,
@@ -31,8 +31,18 @@ LOWER, UPPER = np.zeros(DIM), np.ones(DIM)
 OPTIMUM = np.array([0.2, 0.7, 0.4, 0.9, 0.3])
 
 
+# Fields an optimiser needs beyond name and population_size (objectives of a multi-objective one).
+CONTRACT_FIELDS: dict[str, dict[str, Any]] = {"nsga2": {"objectives": ["left", "right"]}}
+
+
+def scored(score: float) -> EvalResult:
+    """A result whose two tasks both score `score` (so a multi-objective optimiser ranks like the score)."""
+    tasks = {name: TaskScore(name, "toy", float(score)) for name in ("left", "right")}
+    return EvalResult(score=float(score), tasks=tasks)
+
+
 def results(scores: Sequence[float]) -> list[EvalResult]:
-    return [EvalResult(score=float(s)) for s in scores]
+    return [scored(s) for s in scores]
 
 
 def shifted_quadratic(genomes: np.ndarray) -> list[EvalResult]:
@@ -47,7 +57,7 @@ def run(optimizer: Optimizer, generations: int) -> None:
 
 
 def settings(name: str, **fields: Any) -> Any:
-    return parse_settings({"name": name, **fields})
+    return parse_settings({"name": name, **CONTRACT_FIELDS.get(name, {}), **fields})
 
 
 def best_of(optimizer: Optimizer) -> Elite:
@@ -100,7 +110,7 @@ def test_asks_stay_in_bounds_and_seed_decides(name: str) -> None:
 def test_failed_results_rank_worst_and_never_become_elites(name: str) -> None:
     optimizer = make_optimizer(settings(name, population_size=4), LOWER, UPPER, seed=0)
     genomes = optimizer.ask()
-    told = [EvalResult.failed("boom"), EvalResult(0.5), EvalResult(float("-inf")), EvalResult(0.1)]
+    told = [EvalResult.failed("boom"), scored(0.5), EvalResult(float("-inf")), scored(0.1)]
     optimizer.tell(genomes, told)
     best = best_of(optimizer)
     assert best.score == 0.5
