@@ -181,7 +181,13 @@ def test_restarts_escape_a_plateau_that_stalls_a_single_run() -> None:
         return results(np.where(distance < 0.3, 1.0 - distance, 0.0))
 
     def search(restarts: str) -> float:
-        config = CMAESSettings(population_size=6, sigma0=0.02, restarts=restarts, stagnation_generations=3)  # type: ignore[arg-type]
+        config = CMAESSettings(
+            population_size=6,
+            sigma0=0.02,
+            restarts=restarts,
+            stagnation_generations=3,
+            restart_from="random",  # type: ignore[arg-type]
+        )
         optimizer = CMAESOptimizer(lower, upper, config, seed=0, seeds=[(np.full(2, 0.1), EvalResult(0.0))])
         spent = 0
         while spent < 600:
@@ -210,3 +216,20 @@ def test_settings_pickle_with_the_optimiser() -> None:
     optimizer = make_optimizer(settings("cma-es"), LOWER, UPPER, seed=0)
     restored = pickle.loads(pickle.dumps(optimizer))
     assert restored.settings == optimizer.settings  # type: ignore[attr-defined]
+
+
+def test_a_restart_starts_from_the_best_so_far_by_default() -> None:
+    incumbent = np.array([0.9, 0.1, 0.5, 0.3, 0.7])
+    config = CMAESSettings(population_size=4, sigma0=1e-6, stagnation_generations=1)
+    optimizer = CMAESOptimizer(LOWER, UPPER, config, seed=0, seeds=[(incumbent, EvalResult(1.0))])
+    for _ in range(2):
+        genomes = optimizer.ask()
+        optimizer.tell(genomes, results(np.zeros(len(genomes))))  # nothing beats the seed
+    assert optimizer.restarts_done >= 1
+    np.testing.assert_allclose(optimizer.ask().mean(axis=0), incumbent, atol=1e-4)
+    random_config = config.model_copy(update={"restart_from": "random"})
+    other = CMAESOptimizer(LOWER, UPPER, random_config, seed=0, seeds=[(incumbent, EvalResult(1.0))])
+    for _ in range(2):
+        genomes = other.ask()
+        other.tell(genomes, results(np.zeros(len(genomes))))
+    assert np.abs(other.ask().mean(axis=0) - incumbent).max() > 0.01
