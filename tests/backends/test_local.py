@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from evomerge.backends.local import LocalBackend
@@ -86,3 +87,57 @@ def test_a_gpu_backend_scores_like_the_cpu_one(scoreable_family: dict[str, Path]
         on_cpu, on_gpu = cpu.evaluate(config, seed=5), gpu.evaluate(config, seed=5)
         assert on_gpu.ok and next(gpu.model.parameters()).device.type == "cuda"
         assert on_gpu.score == pytest.approx(on_cpu.score, rel=1e-4)  # same masks, GPU arithmetic
+
+
+def test_a_whole_model_candidate_is_written_not_merged(
+    backend: LocalBackend, scoreable_family: dict[str, Path]
+) -> None:
+    from evomerge.search.weights import WeightsSpace
+
+    space = WeightsSpace.from_models(
+        scoreable_family["base"], [scoreable_family["ft0"], scoreable_family["ft1"]]
+    )
+    genome = space.genome_of(_alone(scoreable_family["ft1"]))  # ft1's own weights
+    assert genome is not None
+    as_model = backend.evaluate(space.decode(genome), seed=0)
+    as_recipe = backend.evaluate(MergeConfig.from_dict(_alone(scoreable_family["ft1"])), seed=0)
+    assert as_model.ok and as_model.score == pytest.approx(as_recipe.score, rel=1e-6)
+    other = backend.evaluate(space.decode(genome * 0.5), seed=0)
+    assert other.ok and other.score != as_model.score
+
+
+def test_a_whole_model_of_another_architecture_is_a_failed_result(
+    backend: LocalBackend, scoreable_family: dict[str, Path]
+) -> None:
+    from evomerge.search.weights import TensorSlot, WeightsCandidate
+
+    wrong = WeightsCandidate((TensorSlot("lm_head.weight", (3, 3), 0),), np.zeros(9, dtype=np.float32))
+    failed, fine = backend.evaluate_batch(
+        [wrong, MergeConfig.from_dict(_alone(scoreable_family["ft0"]))], [0, 0]
+    )
+    assert not failed.ok and "lm_head.weight" in (failed.error or "")
+    assert fine.ok
+
+
+def _alone(model: Path) -> dict:
+    return {"merge_method": "linear", "models": [{"model": str(model), "parameters": {"weight": 1.0}}]}
+
+
+@pytest.mark.gpu
+def test_a_gpu_backend_scores_whole_models_like_the_cpu_one(scoreable_family: dict[str, Path]) -> None:
+    import torch
+
+    from evomerge.search.weights import WeightsSpace
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    tasks = [load_task(scoreable_family["dev"], metric="perplexity", name="sums")]
+    sample = MergeConfig.from_dict(_alone(scoreable_family["ft0"]))
+    cpu = LocalBackend.create(scoreable_family["base"], sample, tasks)
+    gpu = LocalBackend.create(scoreable_family["base"], sample, tasks, device="cuda")
+    space = WeightsSpace.from_models(
+        scoreable_family["base"], [scoreable_family["ft0"], scoreable_family["ft1"]]
+    )
+    candidate = space.decode(space.read_genome(scoreable_family["ft1"]) * 0.9)
+    on_cpu, on_gpu = cpu.evaluate(candidate, seed=0), gpu.evaluate(candidate, seed=0)
+    assert on_gpu.ok and on_gpu.score == pytest.approx(on_cpu.score, rel=1e-4)

@@ -33,6 +33,19 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             r"fitness.0.dev: .*/nonexistent/dev.jsonl does not exist",
         ),
         ({"optimizer": {"name": "nsga3"}}, r"optimizer.name: .*unknown optimizer 'nsga3'"),
+        # refused when the config is read, before any model loads or any run dir is made
+        (
+            {"optimizer": {"name": "cma-es", "population_size": 2}},
+            r"optimizer.population_size: .*greater than or equal to 4",
+        ),
+        (
+            {"optimizer": {"name": "random", "sigma0": 0.3}},
+            r"optimizer.sigma0: 'random' has no setting 'sigma0'; it is a setting of cma-es",
+        ),
+        ({"optimizer": {"name": "cma-es", "restarts": "sometimes"}}, r"optimizer.restarts: .*'ipop'"),
+        ({"optimizer": {"start": "anywhere"}}, r"optimizer.start: .*'best-known'"),
+        ({"optimizer": "cma-es"}, r"optimizer: expected a mapping"),
+        ({"backend": "slurm"}, r"backend: unknown 'slurm'; known: local"),
         ({"budget": {}}, r"budget: .*max_evaluations, max_wall_seconds"),
         ({"serach": {}}, r"unknown field 'serach'"),
         ({"search": {"granularity": "layers"}}, r"search.granularity"),
@@ -128,3 +141,62 @@ def test_device_auto_is_the_cpu_without_a_gpu_and_an_unseen_gpu_is_refused(
     with pytest.raises(ConfigError, match=r"evaluation.device: 'cuda:0' but torch sees no CUDA device"):
         evolve(config, backend=quadratic_backend(config.search_space()))
     assert not config.out.exists()  # refused before anything was written
+
+
+# --- search.space: weights (whole models) -------------------------------------------------------------
+def weights_config(tmp_path: Path, family: dict[str, Path], **overrides: Any) -> EvolveConfig:
+    return make_config(
+        tmp_path,
+        family,
+        merge_method=None,
+        search={"space": "weights"},
+        optimizer={"name": "natural-niches", "population_size": 4},
+        **overrides,
+    )
+
+
+def test_the_weights_space_needs_no_merge_method(tmp_path: Path, family: dict[str, Path]) -> None:
+    from evomerge.search.weights import WeightsSpace
+
+    space = weights_config(tmp_path, family).search_space()
+    assert isinstance(space, WeightsSpace) and space.dim > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"merge_method": None},
+            r"merge_method: search.space 'parameter' evolves a merge method's parameters",
+        ),
+        (
+            {"merge_method": "ties", "search": {"space": "weights"}},
+            r"merge_method: search.space 'weights' .* remove merge_method \('ties'\)",
+        ),
+        (
+            {"merge_method": None, "search": {"space": "weights", "granularity": "model"}},
+            r"search: granularity .* 'weights' takes none of them",
+        ),
+        ({"search": {"space": "recipes"}}, r"search.space: .*'parameter' or 'weights'"),
+    ],
+)
+def test_the_merge_method_fits_the_space(
+    tmp_path: Path, family: dict[str, Path], overrides: dict, message: str
+) -> None:
+    with pytest.raises(ConfigError, match=message):
+        make_config(tmp_path, family, **overrides)
+
+
+def test_natural_niches_over_sources_of_other_shapes_is_refused_before_any_weights_are_read(
+    tmp_path: Path, family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from evomerge.io.reader import ModelDir
+
+    other = build_family(tmp_path / "wide", FamilySpec(overrides={"vocab_size": 128}))
+    config = weights_config(tmp_path, family, models=[str(family["ft0"]), str(other["ft0"])])
+    read: list[str] = []
+    monkeypatch.setattr(ModelDir, "get", lambda self, name: read.append(name))
+    calls: list[Any] = []
+    with pytest.raises(TensorMismatchError, match=r"has shape \[128, 32\] .* but \[96, 32\]"):
+        evolve(config, backend=_spy(calls))
+    assert read == [] and calls == [] and not config.out.exists()

@@ -82,7 +82,7 @@ def test_a_format_1_run_is_refused_for_resume_but_its_elites_read(tmp_path: Path
 
 def test_the_report_places_elites_that_carry_measures(finished: Path) -> None:
     from evomerge.runs.report import write_report
-    from evomerge.runs.store import Checkpoint, StoredElite
+    from evomerge.runs.store import StoredElite
 
     with RunStore.in_dir(finished) as store:
         keys = [(e.generation, e.index) for e in store.evaluations()[-3:]]

@@ -1,8 +1,10 @@
 """The in-process backend: sources in RAM once, one live model, each candidate merged into it in place.
 
 No disk I/O and no model instantiation per candidate: `merge_into` overwrites the live model's
-parameters, then the Evaluator scores it. This is what makes a laptop-CPU search of hundreds of
-candidates practical (see benchmarks/evolve_speed.py). Sources, model and evaluation live on one device
+parameters, then the Evaluator scores it. A candidate that is a whole model (the weights space's
+`WeightsCandidate`, anything with `write_into(model)`) writes its own tensors into the live model
+instead. This is what makes a laptop-CPU search of hundreds of candidates practical (see
+benchmarks/evolve_speed.py). Sources, model and evaluation live on one device
 (the CPU, or a GPU: `device`). Task vectors are not cached: each candidate's kernel takes
 `source - base` again (one pass per source), which keeps the sources' memory at one copy each.
 """
@@ -12,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -20,8 +22,16 @@ from evomerge.backends.base import checked
 from evomerge.eval.result import EvalResult
 
 
+@runtime_checkable
+class WholeModel(Protocol):
+    """A candidate that is a whole model: it writes its tensors into a live model of its architecture."""
+
+    def write_into(self, model: torch.nn.Module) -> None: ...
+
+
 class LocalBackend:
-    """Evaluate recipes one at a time in this process. Recipes must all name the same models."""
+    """Evaluate candidates one at a time in this process: merge recipes (which must all name the same
+    models) and whole models (WholeModel)."""
 
     batch_size = 1
 
@@ -67,12 +77,16 @@ class LocalBackend:
         return [self.evaluate(recipe, seed) for recipe, seed in zip(recipes, seeds, strict=True)]
 
     def evaluate(self, recipe: Any, seed: int) -> EvalResult:
-        """Merge `recipe` into the live model (masks drawn from `seed`), then score it."""
+        """Merge `recipe` into the live model (masks drawn from `seed`), or write it there when it is a
+        whole model, then score it."""
         from evomerge.merge.engine import merge_into
 
         start = time.perf_counter()
         try:
-            merge_into(self.model, recipe, self.sources, seed=seed, threads=self.merge_threads)
+            if isinstance(recipe, WholeModel):
+                recipe.write_into(self.model)
+            else:
+                merge_into(self.model, recipe, self.sources, seed=seed, threads=self.merge_threads)
             _check_finite(self.model)
         except Exception as error:  # a candidate that cannot be merged is a failed result, not a crash
             merge_s = time.perf_counter() - start

@@ -36,7 +36,7 @@ def write_model_card(
     title: str,
     sources: list[str],
     method: str,
-    recipe_yaml: str,
+    recipe_yaml: str | None,
     scores: Mapping[str, float] | None = None,
     extra: str = "",
 ) -> Path:
@@ -53,20 +53,22 @@ def render_model_card(
     title: str,
     sources: list[str],
     method: str,
-    recipe_yaml: str,
+    recipe_yaml: str | None,
     scores: Mapping[str, float] | None = None,
     extra: str = "",
 ) -> str:
-    """The card's text: front matter, then title, provenance, sources, method, recipe, scores, extra."""
+    """The card's text: front matter, then title, provenance, sources, method, recipe, scores, extra.
+
+    `recipe_yaml` None: a whole model bred by an evolutionary search (no recipe rebuilds it)."""
     sections = [
         _front_matter(sources),
         f"# {title}\n",
-        f"This model was made with **evomerge** (evolutionary model merging) by merging {len(sources)} "
+        f"This model was made with **evomerge** (evolutionary model merging) "
+        f"{'by merging' if recipe_yaml is not None else 'by breeding the weights of'} {len(sources)} "
         f"model{'s' if len(sources) != 1 else ''} with the `{method}` method.\n",
         "## Sources\n\n" + "".join(f"- {source}\n" for source in sources),
         _method_section(method),
-        f"## Recipe\n\nRe-create this model with `evomerge merge recipe.yaml OUT_DIR` "
-        f"(or mergekit's `mergekit-yaml`):\n\n```yaml\n{recipe_yaml.strip()}\n```\n",
+        _recipe_section(recipe_yaml),
     ]
     if scores:
         sections.append(_scores_section(scores))
@@ -78,6 +80,18 @@ def render_model_card(
 def _front_matter(sources: list[str]) -> str:
     metadata = {"base_model": list(sources), "library_name": "transformers", "tags": ["merge", "evomerge"]}
     return f"---\n{yaml.safe_dump(metadata, sort_keys=False, allow_unicode=True)}---\n"
+
+
+def _recipe_section(recipe_yaml: str | None) -> str:
+    if recipe_yaml is None:
+        return (
+            "## Recipe\n\nNone: its weights were bred directly (crossover and mutation of whole models), "
+            "so no merge recipe rebuilds it; the run dir that found it keeps every evaluation.\n"
+        )
+    return (
+        "## Recipe\n\nRe-create this model with `evomerge merge recipe.yaml OUT_DIR` "
+        f"(or mergekit's `mergekit-yaml`):\n\n```yaml\n{recipe_yaml.strip()}\n```\n"
+    )
 
 
 def _method_section(method: str) -> str:

@@ -22,6 +22,7 @@ from evomerge.search.base import OptimizerSettings, SearchSpace
 from evomerge.search.optimizers import CMAESSettings
 from evomerge.search.registry import parse_settings
 from evomerge.search.space import GeneGroup, Granularity, ParameterSpace
+from evomerge.search.weights import WeightsSpace
 
 # Methods that select layers instead of mixing parameters cannot be searched in parameter space.
 NOT_PARAMETER_SPACE = frozenset({"passthrough"})
@@ -32,9 +33,14 @@ class _Strict(BaseModel):
 
 
 class SearchConfig(_Strict):
-    """The genome: which parameters evolve, within which bounds, at which granularity."""
+    """The genome: which parameters evolve, within which bounds, at which granularity.
 
-    space: Literal["parameter"] = "parameter"  # the data-flow and black-box spaces come next
+    `space: parameter` evolves a merge method's parameters (the other fields shape that genome);
+    `space: weights` evolves every float parameter of the sources' architecture itself (whole models, for
+    natural niches), needs no merge_method and takes none of the other fields.
+    """
+
+    space: Literal["parameter", "weights"] = "parameter"  # the data-flow and black-box spaces come next
     granularity: Granularity = "layer"
     group_size: int = Field(default=1, ge=1)
     separate: list[GeneGroup] = Field(default_factory=list)
@@ -117,7 +123,7 @@ class EvolveConfig(YamlConfig):
 
     base_model: Path
     models: list[Path] = Field(min_length=2)
-    merge_method: str
+    merge_method: str | None = None  # required by search.space 'parameter'; 'weights' uses none
     search: SearchConfig = Field(default_factory=SearchConfig)
     # One settings block per optimiser, chosen by `name` (search.registry); see docs/evolve.md.
     optimizer: SerializeAsAny[OptimizerSettings] = Field(default_factory=CMAESSettings)
@@ -131,7 +137,9 @@ class EvolveConfig(YamlConfig):
 
     @field_validator("merge_method")
     @classmethod
-    def _parameter_space_method(cls, value: str) -> str:
+    def _parameter_space_method(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         method = get_method(value)  # ConfigError (a ValueError) names the known methods
         if method.name in NOT_PARAMETER_SPACE:
             raise ValueError(f"'{value}' selects layers, it is not a parameter-space method; choose another")
@@ -146,7 +154,7 @@ class EvolveConfig(YamlConfig):
     @classmethod
     def _known_backend(cls, value: str) -> str:
         if value not in backend_names():
-            raise ValueError(f"unknown backend {value!r}; known: {', '.join(backend_names())}")
+            raise ValueError(f"unknown {value!r}; known: {', '.join(backend_names())}")
         return value
 
     @field_validator("base_model", "models")
@@ -166,6 +174,28 @@ class EvolveConfig(YamlConfig):
         for task in self.fitness:
             task.dev = task.dev.resolve()
             task.test = task.test.resolve() if task.test is not None else None
+        return self
+
+    @model_validator(mode="after")
+    def _method_fits_the_space(self) -> EvolveConfig:
+        if self.search.space == "parameter" and self.merge_method is None:
+            raise ValueError(
+                "merge_method: search.space 'parameter' evolves a merge method's parameters; name the method "
+                "(e.g. merge_method: ties), or evolve whole models with search.space: weights"
+            )
+        if self.search.space == "weights":
+            if self.merge_method is not None:
+                raise ValueError(
+                    f"merge_method: search.space 'weights' evolves the weights themselves and merges with no "
+                    f"method; remove merge_method ({self.merge_method!r}) or use search.space: parameter"
+                )
+            defaults = SearchConfig(space="weights").model_dump()  # a saved config spells every field out
+            unused = sorted(k for k, v in self.search.model_dump().items() if v != defaults[k])
+            if unused:
+                raise ValueError(
+                    f"search: {', '.join(unused)} shape(s) a parameter-space genome; search.space 'weights' "
+                    "takes none of them: remove them"
+                )
         return self
 
     @model_validator(mode="after")
@@ -193,7 +223,10 @@ class EvolveConfig(YamlConfig):
         return self.seed if self.optimizer.seed is None else self.optimizer.seed
 
     def search_space(self) -> SearchSpace:
-        """The space `search.space` names, built from the models' metadata (no weights are read)."""
+        """The space `search.space` names, built from the models' metadata (no weights are read here)."""
+        if self.search.space == "weights":
+            return WeightsSpace.from_models(self.base_model, self.models, dtype=self.dtype)
+        assert self.merge_method is not None  # _method_fits_the_space
         return ParameterSpace.from_models(
             self.base_model,
             [str(model) for model in self.models],
@@ -210,6 +243,7 @@ class EvolveConfig(YamlConfig):
 def check_inputs(config: EvolveConfig) -> SearchSpace:
     """Everything that can be checked before evaluating: the search space and the sources' shapes."""
     space = config.search_space()
+    config.optimizer.check_space(space.dim)
     config.evaluation.torch_device()
     check_same_shapes(config.base_model, config.models)
     return space

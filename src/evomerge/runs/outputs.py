@@ -100,9 +100,9 @@ def export_elite(run_dir: Path, elite_id: str, out_dir: Path, *, force: bool = F
         raise NoResultError(
             f"{run_dir}: {elite_id} failed on dev ({evaluation.result.error}); nothing to export."
         )
-    space = load_run_config(run_dir).search_space()
-    out = space.export(evaluation.recipe, Path(out_dir), seed=evaluation.seed, force=force)
-    _write_card(out, evaluation, None, title=f"evomerge run {run_dir.name}, {evaluation.name}")
+    config = load_run_config(run_dir)
+    out = config.search_space().export(evaluation.recipe, Path(out_dir), seed=evaluation.seed, force=force)
+    _write_card(out, evaluation, None, config, title=f"evomerge run {run_dir.name}, {evaluation.name}")
     return out
 
 
@@ -122,27 +122,37 @@ def write_best_recipe(run_dir: Path, best: Evaluation) -> tuple[Path, Path]:
 
 def write_best_model(run_dir: Path, best: Evaluation, scores: dict[str, float] | None = None) -> Path:
     """Merge the best recipe to disk (streaming engine) with its model card."""
-    space = load_run_config(run_dir).search_space()
-    out = space.export(best.recipe, run_dir / BEST_MODEL, seed=best.seed, force=True)
-    _write_card(out, best, scores, title="evomerge evolved merge")
+    config = load_run_config(run_dir)
+    out = config.search_space().export(best.recipe, run_dir / BEST_MODEL, seed=best.seed, force=True)
+    _write_card(out, best, scores, config, title="evomerge evolved merge")
     return out
 
 
-def _write_card(out: Path, evaluation: Evaluation, scores: dict[str, float] | None, *, title: str) -> None:
+def _write_card(
+    out: Path, evaluation: Evaluation, scores: dict[str, float] | None, config: EvolveConfig, *, title: str
+) -> None:
     from evomerge.io.model_card import write_model_card
-    from evomerge.merge.config import MergeConfig
 
-    recipe = MergeConfig.from_yaml(evaluation.recipe)
+    candidate = config.search_space().from_text(evaluation.recipe)
+    if is_recipe(candidate):
+        sources, method, recipe = candidate.referenced_models(), candidate.merge_method, evaluation.recipe
+    else:  # a whole model (the weights space): bred, not merged by a recipe
+        sources, method, recipe = [str(m) for m in config.models], config.optimizer.name, None
     dev = {f"dev {task}": score.score for task, score in evaluation.result.tasks.items()}
     write_model_card(
         out,
         title=title,
-        sources=recipe.referenced_models(),
-        method=recipe.merge_method,
-        recipe_yaml=evaluation.recipe,
+        sources=sources,
+        method=method,
+        recipe_yaml=recipe,
         scores={**dev, **(scores or {})} or None,
         extra=f"Found by `evomerge evolve` as {_described(evaluation)}; masks drawn with random seed {evaluation.seed}.",
     )
+
+
+def is_recipe(candidate: Any) -> bool:
+    """Whether a candidate is a merge recipe (mergekit YAML), not a whole model bred in weights space."""
+    return hasattr(candidate, "referenced_models")
 
 
 def _described(evaluation: Evaluation) -> str:
@@ -163,11 +173,12 @@ def results_table(
     warm_seeds = warm_seeds or {}
     from evomerge.merge.config import MergeConfig
 
+    space = config.search_space()
     name = f"evolved ({best.label})" if best.label else "evolved"
-    entries = [(name, "evolved", MergeConfig.from_yaml(best.recipe), best.seed)]
+    entries = [(name, "evolved", space.from_text(best.recipe), best.seed)]
     others = sorted((e for e in elites or [] if e.id != best.key), key=lambda e: -e.evaluation.score)
     for elite in others[:TABLE_ELITES]:
-        elite_recipe = MergeConfig.from_yaml(elite.evaluation.recipe)
+        elite_recipe = space.from_text(elite.evaluation.recipe)
         entries.append((f"elite {elite.id} ({elite.niche})", "elite", elite_recipe, elite.evaluation.seed))
     for name, mapping in source_recipes(config).items():
         entries.append(
@@ -269,8 +280,9 @@ def finalize(run_dir: Path, *, with_model: bool = True, with_table: bool = True)
 
     run_dir = Path(run_dir)
     config, best = load_run_config(run_dir), best_evaluation(run_dir)
-    recipe, mergekit = write_best_recipe(run_dir, best)
-    written = {"recipe": recipe, "mergekit": mergekit}
+    written: dict[str, Path] = {}
+    if is_recipe(config.search_space().from_text(best.recipe)):  # a whole model has no recipe to write
+        written["recipe"], written["mergekit"] = write_best_recipe(run_dir, best)
     rows: list[ResultRow] | None = None
     if with_table:
         rows = results_table(config, best, run_elites(run_dir), _warm_seeds(run_dir))

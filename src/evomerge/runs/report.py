@@ -22,6 +22,7 @@ from evomerge.runs.outputs import (
     ResultRow,
     RunElite,
     column_value,
+    is_recipe,
     read_results,
     result_columns,
     run_elites,
@@ -46,7 +47,7 @@ def write_report(run_dir: Path) -> Path:
         _section("Best recipe, per layer", _recipe_view(space, best)),
         _section("Results on the test split", _table(rows)),
         _section("Elites (dev split)", _elites_view(run_elites(run_dir))),
-        _section("Run", _summary(config.model_dump(mode="json"), evaluations, best, space.describe())),
+        _section("Run", _summary(config.model_dump(mode="json"), evaluations, best, space)),
     ]
     page = _PAGE.format(title=html.escape(f"evomerge run {run_dir.name}"), body="\n".join(sections))
     temporary = run_dir / f".{REPORT}.tmp"
@@ -186,14 +187,18 @@ def _cell(value: float | None) -> str:
 
 
 def _summary(
-    config: dict[str, Any], evaluations: list[Evaluation], best: Evaluation | None, space: str
+    config: dict[str, Any], evaluations: list[Evaluation], best: Evaluation | None, space: SearchSpace
 ) -> str:
     import yaml
 
     failed = sum(1 for e in evaluations if not e.result.ok)
     best_line = f"best dev score {best.score:.4f} ({html.escape(best.name)})" if best else ""
-    facts = f"<p>{len(evaluations)} evaluations, {failed} failed; {best_line}</p><p>{html.escape(space)}</p>"
-    recipe = f"<h3>Best recipe</h3><pre>{html.escape(best.recipe)}</pre>" if best else ""
+    facts = f"<p>{len(evaluations)} evaluations, {failed} failed; {best_line}</p><p>{html.escape(space.describe())}</p>"
+    recipe = ""
+    if best is not None and is_recipe(space.from_text(best.recipe)):
+        recipe = f"<h3>Best recipe</h3><pre>{html.escape(best.recipe)}</pre>"
+    elif best is not None:
+        recipe = f"<p>The best is a whole model: <code>evomerge export RUN_DIR --elite {best.key} OUT_DIR</code>.</p>"
     return (
         facts + recipe + f"<h3>Config</h3><pre>{html.escape(yaml.safe_dump(config, sort_keys=False))}</pre>"
     )

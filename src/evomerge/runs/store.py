@@ -10,10 +10,19 @@ Format 2 (this version) adds the labels, the `meta` table and the `elites` table
 as of its last checkpoint, as keys of evaluations). A format-1 store (evomerge 0.1.0) is still read
 (evaluations, best, elites); its checkpoints pickle optimiser classes this version no longer has, so it
 cannot be resumed (the loop says so).
+
+Genomes are stored exactly, as text: a JSON list of floats up to `BLOB_MIN_GENES` genes (recipes stay
+readable), and above it (a whole model's weights) as "f32:"/"f64:" + base64 of the little-endian values
+(`floats_to_text`: 5.3 characters a gene when every gene is a float32, which whole models are, 10.7
+otherwise, instead of ~20 as JSON). `key_of` finds a genome through the SHA-1 of that text (indexed;
+an index over the texts themselves would copy every whole model once more) and compares the text.
+Only the last two checkpoints are kept: resume reads the last one, and a whole-model archive makes each
+checkpoint large.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sqlite3
 import time
@@ -25,10 +34,12 @@ from typing import Any
 import numpy as np
 
 from evomerge.eval.result import EvalResult
+from evomerge.search.weights import floats_from_text, floats_to_text, is_float_text
 
 STORE_NAME = "run.sqlite"
 FORMAT = 2
 WARM_START_GENERATION = -1
+BLOB_MIN_GENES = 256  # genomes with this many genes or more are stored as a base64 blob
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS run (
@@ -49,6 +60,8 @@ CREATE TABLE IF NOT EXISTS evaluations (
     wall_s REAL NOT NULL,
     error TEXT,
     created REAL NOT NULL,
+    label TEXT,
+    genome_sha TEXT,
     UNIQUE (generation, "index")
 );
 CREATE TABLE IF NOT EXISTS clock (
@@ -66,7 +79,6 @@ CREATE TABLE IF NOT EXISTS elites (
     niche TEXT NOT NULL,
     measures TEXT NOT NULL
 );
-CREATE INDEX IF NOT EXISTS evaluations_by_genome ON evaluations (genome);
 CREATE TABLE IF NOT EXISTS checkpoints (
     generation INTEGER PRIMARY KEY,
     optimizer BLOB NOT NULL,
@@ -139,8 +151,10 @@ class RunStore:
 
     def _add_missing_columns(self) -> None:
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(evaluations)")}
-        if "label" not in columns:  # a format-1 store: labels are additive, old rows have none
-            self._db.execute("ALTER TABLE evaluations ADD COLUMN label TEXT")
+        for column in ("label", "genome_sha"):  # a format-1 store: additive, its rows have none
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE evaluations ADD COLUMN {column} TEXT")
+        self._db.execute("CREATE INDEX IF NOT EXISTS evaluations_by_genome_sha ON evaluations (genome_sha)")
 
     @classmethod
     def in_dir(cls, run_dir: Path) -> RunStore:
@@ -177,15 +191,15 @@ class RunStore:
 
     # --- evaluations --------------------------------------------------------------------------------
     def add_evaluation(self, evaluation: Evaluation) -> None:
-        result = evaluation.result
+        result, text = evaluation.result, genome_text(evaluation.genome)
         with self._transaction():
             self._db.execute(
                 'INSERT INTO evaluations (generation, "index", genome, recipe, seed, score, result, wall_s,'
-                " error, created, label) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " error, created, label, genome_sha) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     evaluation.generation,
                     evaluation.index,
-                    genome_text(evaluation.genome),
+                    text,
                     evaluation.recipe,
                     evaluation.seed,
                     _finite_or_none(result.score),
@@ -194,6 +208,7 @@ class RunStore:
                     result.error,
                     time.time(),
                     evaluation.label,
+                    _sha(text),
                 ),
             )
 
@@ -211,9 +226,11 @@ class RunStore:
 
     def key_of(self, genome: np.ndarray) -> tuple[int, int] | None:
         """(generation, index) of the first evaluation of exactly this genome, None if never evaluated."""
+        text = genome_text(genome)
         row = self._db.execute(
-            'SELECT generation, "index" FROM evaluations WHERE genome = ? ORDER BY generation, "index" LIMIT 1',
-            (genome_text(genome),),
+            'SELECT generation, "index" FROM evaluations WHERE genome_sha = ? AND genome = ? '
+            'ORDER BY generation, "index" LIMIT 1',
+            (_sha(text), text),
         ).fetchone()
         return None if row is None else (int(row[0]), int(row[1]))
 
@@ -240,7 +257,8 @@ class RunStore:
 
     # --- checkpoints --------------------------------------------------------------------------------
     def save_checkpoint(self, checkpoint: Checkpoint, elites: list[StoredElite] | None = None) -> None:
-        """The optimiser before `checkpoint.generation`, and (when given) its elites, in one transaction."""
+        """The optimiser before `checkpoint.generation`, and (when given) its elites, in one transaction;
+        checkpoints older than the one before it are dropped."""
         with self._transaction():
             if elites is not None:
                 self._db.execute("DELETE FROM elites")
@@ -262,6 +280,8 @@ class RunStore:
                     time.time(),
                 ),
             )
+            # Resume reads the last; the one before stays in case the newest is ever unreadable.
+            self._db.execute("DELETE FROM checkpoints WHERE generation < ?", (checkpoint.generation - 1,))
 
     def last_checkpoint(self) -> Checkpoint | None:
         row = self._db.execute(
@@ -298,8 +318,22 @@ _EVAL_COLUMNS = _eval_columns()
 
 
 def genome_text(genome: np.ndarray) -> str:
-    """How a genome is stored (exact: JSON floats round-trip)."""
-    return json.dumps([float(v) for v in np.asarray(genome).ravel()])
+    """How a genome is stored: exact and deterministic (the loop and `key_of` compare these texts)."""
+    values = np.asarray(genome, dtype=float).ravel()
+    return _json_text(values) if values.size < BLOB_MIN_GENES else floats_to_text(values)
+
+
+def genome_from_text(text: str) -> np.ndarray:
+    """Inverse of genome_text."""
+    return floats_from_text(text) if is_float_text(text) else np.array(json.loads(text), dtype=float)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha1(text.encode("ascii")).hexdigest()
+
+
+def _json_text(values: np.ndarray) -> str:
+    return json.dumps([float(v) for v in values])  # exact: JSON floats round-trip
 
 
 def _row_to_evaluation(row: tuple[Any, ...]) -> Evaluation:
@@ -307,7 +341,7 @@ def _row_to_evaluation(row: tuple[Any, ...]) -> Evaluation:
     return Evaluation(
         generation=int(generation),
         index=int(index),
-        genome=np.array(json.loads(genome), dtype=float),
+        genome=genome_from_text(genome),
         recipe=str(recipe),
         seed=int(seed),
         result=EvalResult.from_dict(json.loads(result)),

@@ -130,6 +130,10 @@ class OptimizerSettings(BaseModel):
         """Refuse settings that name fitness tasks the config does not have (objectives, measures)."""
         return None
 
+    def check_space(self, dim: int) -> None:
+        """Refuse a search space this optimiser cannot search (checked before any model loads)."""
+        return None
+
 
 class SingleObjective:
     """Keeps the best genome told so far (first one wins ties); failed or non-finite results never win.

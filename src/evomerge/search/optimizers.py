@@ -15,6 +15,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field
 
+from evomerge.errors import ConfigError
 from evomerge.eval.result import EvalResult
 from evomerge.search.base import (
     Optimizer,
@@ -24,6 +25,8 @@ from evomerge.search.base import (
     finite_or_worst,
     scores_of,
 )
+
+MAX_CMA_GENES = 2000  # a (D, D) covariance: 32 MB and a few seconds' eigendecomposition at 2000
 
 
 class RandomSettings(OptimizerSettings):
@@ -45,6 +48,14 @@ class CMAESSettings(OptimizerSettings):
     # Where a restart's mean is: the best genome told so far (keeps a small budget's progress; a larger
     # population and a fresh step size still look around it), or a uniform random point (IPOP as published).
     restart_from: Literal["best", "random"] = "best"
+
+    def check_space(self, dim: int) -> None:
+        if dim > MAX_CMA_GENES:
+            raise ConfigError(
+                f"optimizer.name: cma-es keeps a {dim} x {dim} covariance and decomposes it every few "
+                f"generations; above {MAX_CMA_GENES} genes use natural-niches, ga or map-elites (a whole "
+                "model's weights), or a coarser search.granularity."
+            )
 
 
 class RandomSearch(SingleObjective):

@@ -15,6 +15,10 @@ from pydantic import ValidationError
 
 from evomerge.errors import ConfigError
 from evomerge.search.base import Optimizer, OptimizerSettings, Seeds
+from evomerge.search.ga import GAOptimizer, GASettings
+from evomerge.search.map_elites import MapElites, MapElitesSettings
+from evomerge.search.natural_niches import NaturalNiches, NaturalNichesSettings
+from evomerge.search.nsga2 import NSGA2Optimizer, NSGA2Settings
 from evomerge.search.optimizers import CMAESOptimizer, CMAESSettings, RandomSearch, RandomSettings
 
 # (settings, lower, upper, seed, seeds) -> Optimizer. `seeds` are the warm start's in-space genomes with
@@ -34,6 +38,18 @@ _OPTIMIZERS: dict[str, OptimizerEntry] = {
     ),
     "random": OptimizerEntry(
         RandomSettings, lambda s, lo, hi, seed, seeds: RandomSearch(lo, hi, s, seed=seed, seeds=seeds)
+    ),
+    "ga": OptimizerEntry(
+        GASettings, lambda s, lo, hi, seed, seeds: GAOptimizer(lo, hi, s, seed=seed, seeds=seeds)
+    ),
+    "nsga2": OptimizerEntry(
+        NSGA2Settings, lambda s, lo, hi, seed, seeds: NSGA2Optimizer(lo, hi, s, seed=seed, seeds=seeds)
+    ),
+    "map-elites": OptimizerEntry(
+        MapElitesSettings, lambda s, lo, hi, seed, seeds: MapElites(lo, hi, s, seed=seed, seeds=seeds)
+    ),
+    "natural-niches": OptimizerEntry(
+        NaturalNichesSettings, lambda s, lo, hi, seed, seeds: NaturalNiches(lo, hi, s, seed=seed, seeds=seeds)
     ),
 }
 
