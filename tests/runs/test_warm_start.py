@@ -93,7 +93,7 @@ def test_restarts_leave_a_plateau_even_without_the_centre(tmp_path: Path, family
     the peak in every seed, where one CMA-ES run stays on the plateau in some."""
 
     def best(restarts: str, seed: int) -> float:
-        optimizer = {"start": "best-source", "restarts": restarts, "stagnation_generations": 3, "seed": seed}
+        optimizer = {"start": "best-source", "restarts": restarts, "seed": seed}  # default plateau criterion
         run = config(tmp_path / f"{restarts}{seed}", family, optimizer, 120)
         summary = evolve(run, backend=FunctionBackend(plateau_landscape))
         assert summary.best is not None

@@ -141,19 +141,34 @@ def test_seeds_set_the_start_and_count_as_elites() -> None:
 
 @pytest.mark.parametrize("restarts", ["ipop", "bipop"])
 def test_a_plateau_triggers_a_restart(restarts: str) -> None:
-    config = CMAESSettings(population_size=4, sigma0=0.3, restarts=restarts, stagnation_generations=3)  # type: ignore[arg-type]
+    config = CMAESSettings(population_size=4, sigma0=0.3, restarts=restarts, flat_generations=3)  # type: ignore[arg-type]
     optimizer = CMAESOptimizer(LOWER, UPPER, config, seed=0)
-    for _ in range(3):  # the first generation sets the run's best; 2 without improvement do not restart
+    for _ in range(3):  # the first sets the run's best, two more find exactly it again
         genomes = optimizer.ask()
-        optimizer.tell(genomes, results(np.zeros(len(genomes))))  # flat: the best never moves
+        optimizer.tell(genomes, results(np.zeros(len(genomes))))
         assert optimizer.restarts_done == 0
     genomes = optimizer.ask()
-    optimizer.tell(genomes, results(np.zeros(len(genomes))))  # the third without improvement
+    optimizer.tell(genomes, results(np.zeros(len(genomes))))  # the third generation on the plateau
     assert optimizer.restarts_done == 1 and optimizer.population_size == 8  # the first restart is large
 
 
+def test_noise_without_a_new_best_restarts_only_after_the_stagnation_window() -> None:
+    config = CMAESSettings(population_size=4, flat_generations=1, stagnation_generations=5)
+    optimizer = CMAESOptimizer(LOWER, UPPER, config, seed=0)
+    draws = np.random.default_rng(0)
+    genomes = optimizer.ask()
+    optimizer.tell(genomes, results([0.9, 0.1, 0.2, 0.3]))  # the run's best: 0.9
+    for _ in range(4):  # scores that vary (not a plateau) but never beat 0.9
+        genomes = optimizer.ask()
+        optimizer.tell(genomes, results(draws.uniform(0.0, 0.8, size=len(genomes))))
+        assert optimizer.restarts_done == 0
+    genomes = optimizer.ask()
+    optimizer.tell(genomes, results(draws.uniform(0.0, 0.8, size=len(genomes))))
+    assert optimizer.restarts_done == 1
+
+
 def test_bipop_alternates_with_small_populations() -> None:
-    config = CMAESSettings(population_size=4, sigma0=0.3, restarts="bipop", stagnation_generations=2)
+    config = CMAESSettings(population_size=4, sigma0=0.3, restarts="bipop", flat_generations=2)
     optimizer = CMAESOptimizer(LOWER, UPPER, config, seed=0)
     sizes = []
     for _ in range(40):
@@ -165,7 +180,8 @@ def test_bipop_alternates_with_small_populations() -> None:
 
 
 def test_no_restarts_when_asked_for_none() -> None:
-    optimizer = CMAESOptimizer(LOWER, UPPER, CMAESSettings(restarts="none", stagnation_generations=1), seed=0)
+    settings_ = CMAESSettings(restarts="none", stagnation_generations=1, flat_generations=1)
+    optimizer = CMAESOptimizer(LOWER, UPPER, settings_, seed=0)
     for _ in range(5):
         genomes = optimizer.ask()
         optimizer.tell(genomes, results(np.zeros(len(genomes))))
@@ -218,9 +234,9 @@ def test_settings_pickle_with_the_optimiser() -> None:
     assert restored.settings == optimizer.settings  # type: ignore[attr-defined]
 
 
-def test_a_restart_starts_from_the_best_so_far_by_default() -> None:
+def test_a_restart_starts_from_the_best_so_far_when_asked() -> None:
     incumbent = np.array([0.9, 0.1, 0.5, 0.3, 0.7])
-    config = CMAESSettings(population_size=4, sigma0=1e-6, stagnation_generations=1)
+    config = CMAESSettings(population_size=4, sigma0=1e-6, flat_generations=1, restart_from="best")
     optimizer = CMAESOptimizer(LOWER, UPPER, config, seed=0, seeds=[(incumbent, EvalResult(1.0))])
     for _ in range(2):
         genomes = optimizer.ask()
