@@ -28,7 +28,7 @@ from evomerge.runs.outputs import (
     run_elites,
     shortfall_line,
 )
-from evomerge.runs.store import Evaluation, RunStore, iter_scores
+from evomerge.runs.store import WARM_START_GENERATION, Evaluation, RunStore, iter_scores
 from evomerge.search.base import SearchSpace
 
 REPORT = "report.html"
@@ -85,6 +85,9 @@ def fitness_figure(evaluations: list[Evaluation]) -> Any:
     steps = np.arange(1, len(scores) + 1)
     axes.scatter(steps, scores, s=10, alpha=0.5, label="candidate (dev)")
     axes.plot(steps, np.fmax.accumulate(np.nan_to_num(scores, nan=-np.inf)), color="C3", label="best so far")
+    warm = np.array([e.generation == WARM_START_GENERATION for e in evaluations], dtype=bool)  # (N,)
+    if warm.any():
+        axes.scatter(steps[warm], scores[warm], s=22, marker="D", color="C1", label="warm start")
     failed = np.isnan(scores)
     if failed.any():
         axes.scatter(steps[failed], np.zeros(failed.sum()), marker="x", color="k", s=14, label="failed")
