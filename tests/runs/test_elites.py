@@ -97,3 +97,28 @@ def test_the_report_places_elites_that_carry_measures(finished: Path) -> None:
     section = page[page.index("Elites (dev split)") :]
     assert "<img" in section.split("</section>")[0]  # the elites placed at their measures
     assert "cell (2, 0)" in section
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "stat"),
+    [
+        ({"name": "map-elites", "population_size": 4, "resolution": 4}, "coverage"),
+        ({"name": "nsga2", "population_size": 4, "objectives": ["toy", "toy2"]}, "hypervolume"),
+    ],
+)
+def test_archive_and_front_stats_are_kept_per_generation_and_plotted(
+    tmp_path: Path, family: dict[str, Path], optimizer: dict[str, object], stat: str
+) -> None:
+    from evomerge.runs.report import write_report
+
+    config = make_config(tmp_path, family, optimizer=optimizer, budget={"max_evaluations": 23})
+    evolve(config, backend=quadratic_backend(config.search_space()))
+    with RunStore.in_dir(config.out) as store:
+        stats = store.stats()
+    assert len(stats) >= 3 and all(stat in values for _, values in stats)
+    done = [evaluations for evaluations, _ in stats]
+    assert done == sorted(done) and done[0] == 7  # the first checkpoint follows the 7-point warm start
+    values = [v[stat] for _, v in stats]
+    assert values[-1] >= values[0] > 0  # an archive only fills, a front's hypervolume only grows
+    page = write_report(config.out).read_text()
+    assert "archive or front against evaluations" in page

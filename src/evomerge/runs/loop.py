@@ -327,10 +327,13 @@ def _restore_or_start(
 
 
 def _save_checkpoint(store: RunStore, generation: int, optimizer: Optimizer, clock: _Clock) -> None:
-    """The optimiser before `generation`, and its elites as keys of stored evaluations."""
+    """The optimiser before `generation`, its elites as keys of stored evaluations, and its stats."""
     elites = [_stored_elite(store, elite) for elite in optimizer.elites()]
+    stats = getattr(optimizer, "stats", None)  # optional: archive coverage, front hypervolume, ...
     checkpoint = _checkpoint(generation, optimizer, clock.elapsed())
-    store.save_checkpoint(checkpoint, [elite for elite in elites if elite is not None])
+    store.save_checkpoint(
+        checkpoint, [elite for elite in elites if elite is not None], stats() if callable(stats) else None
+    )
 
 
 def _stored_elite(store: RunStore, elite: Elite) -> StoredElite | None:

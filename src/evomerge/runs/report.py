@@ -38,12 +38,15 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     with RunStore.in_dir(run_dir) as store:
-        evaluations, best = store.evaluations(), store.best()
+        evaluations, best, stats = store.evaluations(), store.best(), store.stats()
     space = config.search_space()
     rows = read_results(run_dir)
     sections = [
         _warning(rows),
         _section("Fitness against evaluations", _img(fitness_figure(evaluations))),
+        _section("The optimiser's archive or front against evaluations", _img(stats_figure(stats)))
+        if stats
+        else "",
         _section("Best recipe, per layer", _recipe_view(space, best)),
         _section("Results on the test split", _table(rows)),
         _section("Elites (dev split)", _elites_view(run_elites(run_dir))),
@@ -93,6 +96,23 @@ def fitness_figure(evaluations: list[Evaluation]) -> Any:
         axes.scatter(steps[failed], np.zeros(failed.sum()), marker="x", color="k", s=14, label="failed")
     axes.set(xlabel="evaluations", ylabel="fitness (dev)")
     axes.legend(loc="lower right", fontsize=8)
+    figure.tight_layout()
+    return figure
+
+
+def stats_figure(stats: list[tuple[int, dict[str, float]]]) -> Any:
+    """One panel per stat the optimiser reports (coverage, QD score, front size, hypervolume)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({name for _, values in stats for name in values})
+    figure, axes = plt.subplots(1, len(names), figsize=(3.5 * len(names), 3), squeeze=False)
+    for axis, name in zip(axes[0], names, strict=True):
+        points = [(done, values[name]) for done, values in stats if name in values]
+        axis.plot([p[0] for p in points], [p[1] for p in points], marker=".")
+        axis.set(xlabel="evaluations", title=name.replace("_", " "))
     figure.tight_layout()
     return figure
 

@@ -79,6 +79,11 @@ CREATE TABLE IF NOT EXISTS elites (
     niche TEXT NOT NULL,
     measures TEXT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS stats (
+    generation INTEGER PRIMARY KEY,
+    evaluations INTEGER NOT NULL,
+    "values" TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS checkpoints (
     generation INTEGER PRIMARY KEY,
     optimizer BLOB NOT NULL,
@@ -256,10 +261,20 @@ class RunStore:
         return 0.0 if row is None else float(row[0])
 
     # --- checkpoints --------------------------------------------------------------------------------
-    def save_checkpoint(self, checkpoint: Checkpoint, elites: list[StoredElite] | None = None) -> None:
-        """The optimiser before `checkpoint.generation`, and (when given) its elites, in one transaction;
-        checkpoints older than the one before it are dropped."""
+    def save_checkpoint(
+        self,
+        checkpoint: Checkpoint,
+        elites: list[StoredElite] | None = None,
+        stats: dict[str, float] | None = None,
+    ) -> None:
+        """The optimiser before `checkpoint.generation`, and (when given) its elites and stats, in one
+        transaction; checkpoints older than the one before it are dropped (stats are all kept)."""
         with self._transaction():
+            if stats:
+                self._db.execute(
+                    'INSERT OR REPLACE INTO stats (generation, evaluations, "values") VALUES (?, ?, ?)',
+                    (checkpoint.generation, self.count_evaluations(), json.dumps(stats)),
+                )
             if elites is not None:
                 self._db.execute("DELETE FROM elites")
                 self._db.executemany(
@@ -290,6 +305,11 @@ class RunStore:
         if row is None:
             return None
         return Checkpoint(int(row[0]), bytes(row[1]), dict(json.loads(row[2])), float(row[3]))
+
+    def stats(self) -> list[tuple[int, dict[str, float]]]:
+        """(evaluations so far, the optimiser's stats) at every checkpoint that had stats, in order."""
+        rows = self._db.execute('SELECT evaluations, "values" FROM stats ORDER BY generation')
+        return [(int(row[0]), dict(json.loads(row[1]))) for row in rows]
 
     def elites(self) -> list[tuple[StoredElite, Evaluation]]:
         """The optimiser's elites as of its last checkpoint, in its order, with their evaluations."""

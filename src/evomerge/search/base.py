@@ -91,7 +91,11 @@ class Elite:
 
 @runtime_checkable
 class Optimizer(Protocol):
-    """`ask()` a batch of genomes (batch, dim), evaluate them, `tell(genomes, results)`; `elites()`."""
+    """`ask()` a batch of genomes (batch, dim), evaluate them, `tell(genomes, results)`; `elites()`.
+
+    An optimiser may also define `stats() -> dict[str, float]` (an archive's coverage and QD score, a
+    front's size and hypervolume): the loop stores them with every checkpoint and the report plots them
+    against evaluations."""
 
     dim: int
     population_size: int

@@ -301,6 +301,10 @@ class MapElites:
             elites.append(Elite(genome.copy(), result, archive.niche(cell), named))
         return elites
 
+    def stats(self) -> dict[str, float]:
+        """Coverage and QD score over every archive, for the run store and the report."""
+        return {"coverage": self.coverage(), "qd_score": self.qd_score()} if self.archives else {}
+
     def coverage(self, task: str | None = None) -> float:
         """Fraction of cells holding an elite, over every archive (or the one whose quality is `task`)."""
         archives = self._chosen(task)

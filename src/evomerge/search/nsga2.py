@@ -162,6 +162,16 @@ class NSGA2Optimizer:
     def elites(self) -> list[Elite]:
         return list(self._front)
 
+    def stats(self) -> dict[str, float]:
+        """The front's size and hypervolume above the origin (every built-in metric is in [0, 1])."""
+        if not self._front:
+            return {}
+        points = np.array([[e.measures[name] for name in self.objectives] for e in self._front])  # (F, M)
+        return {
+            "front_size": float(len(self._front)),
+            "hypervolume": hypervolume(points, np.zeros(len(self.objectives))),
+        }
+
     def ask(self) -> np.ndarray:
         # pymoo's generator pickles with it, but reseeding it from ours keeps every random choice in
         # `self.rng`: the optimiser's seed decides them all, and one generator is what a checkpoint records.
