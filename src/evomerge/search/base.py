@@ -139,17 +139,32 @@ class OptimizerSettings(BaseModel):
         return None
 
 
-class SingleObjective:
+class BoxOptimizer:
+    """What every optimiser over the box [lower, upper] holds: the bounds, its settings, its population
+    size and its own generator, seeded from the run (all of it pickles with the optimiser)."""
+
+    def __init__(self, lower: np.ndarray, upper: np.ndarray, settings: Any, seed: int) -> None:
+        self.lower = np.asarray(lower, dtype=float)
+        self.upper = np.asarray(upper, dtype=float)
+        self.dim = int(self.lower.shape[0])
+        self.settings = settings
+        self.population_size = int(settings.population_size)
+        self.rng = np.random.default_rng(seed)
+
+
+class SingleObjective(BoxOptimizer):
     """Keeps the best genome told so far (first one wins ties); failed or non-finite results never win.
 
     The elite of a single-objective optimiser; seeds given at construction count as told.
     """
 
-    def __init__(self, lower: np.ndarray, upper: np.ndarray) -> None:
-        self.lower = np.asarray(lower, dtype=float)
-        self.upper = np.asarray(upper, dtype=float)
-        self.dim = int(self.lower.shape[0])
+    def __init__(
+        self, lower: np.ndarray, upper: np.ndarray, settings: Any, seed: int, seeds: Seeds = ()
+    ) -> None:
+        super().__init__(lower, upper, settings, seed)
         self._best: Elite | None = None
+        for genome, result in seeds:
+            self._track(np.asarray(genome, dtype=float)[None, :], [result])
 
     def elites(self) -> list[Elite]:
         return [] if self._best is None else [self._best]
@@ -176,6 +191,16 @@ def check_told(genomes: np.ndarray, results: Sequence[EvalResult], expected: int
             f"got {genomes.shape} and {len(results)}; tell every genome of the last ask() once."
         )
     return genomes
+
+
+def as_genome(x: np.ndarray, dim: int) -> np.ndarray:
+    """`x` as a float genome of shape (dim,); ValueError for another shape, NaN or inf."""
+    x = np.asarray(x, dtype=float)
+    if x.shape != (dim,):
+        raise ValueError(f"genome: expected shape ({dim},), got {x.shape}.")
+    if not np.all(np.isfinite(x)):
+        raise ValueError("genome: holds NaN or inf.")
+    return x
 
 
 def scores_of(results: Sequence[EvalResult]) -> np.ndarray:

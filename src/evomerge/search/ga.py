@@ -56,11 +56,8 @@ class GAOptimizer(SingleObjective):
     def __init__(
         self, lower: np.ndarray, upper: np.ndarray, settings: GASettings, *, seed: int, seeds: Seeds = ()
     ) -> None:
-        super().__init__(lower, upper)
-        self.settings = settings
-        self.population_size = settings.population_size
+        super().__init__(lower, upper, settings, seed)
         self.mutation_rate = settings.mutation_rate if settings.mutation_rate is not None else 1 / self.dim
-        self.rng = np.random.default_rng(seed)
         self.genomes = np.zeros((0, self.dim))  # the current population, (P, D)
         self.scores = np.zeros(0)  # their scores, NaN where the evaluation failed, (P,)
         self.filled = False  # whether the first population is complete (then asks breed)

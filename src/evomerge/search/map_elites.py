@@ -41,7 +41,7 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.eval.result import WORST_SCORE, EvalResult
-from evomerge.search.base import Elite, OptimizerSettings, Seeds, check_told
+from evomerge.search.base import BoxOptimizer, Elite, OptimizerSettings, Seeds, check_told
 
 EXTRA_HINT = "install it with `pip install 'evomerge[search]'`"
 
@@ -175,7 +175,7 @@ class _Archive:
         return f"{self.label}cell ({', '.join(str(int(i)) for i in cell)})"
 
 
-class MapElites:
+class MapElites(BoxOptimizer):
     """MAP-Elites over fitness tasks through pyribs (see the module doc). All state in one picklable object."""
 
     def __init__(
@@ -187,12 +187,7 @@ class MapElites:
         seed: int,
         seeds: Seeds = (),
     ) -> None:
-        self.lower = np.asarray(lower, dtype=float)
-        self.upper = np.asarray(upper, dtype=float)
-        self.dim = int(self.lower.shape[0])
-        self.settings = settings
-        self.population_size = settings.population_size
-        self.rng = np.random.default_rng(seed)
+        super().__init__(lower, upper, settings, seed)
         self.generation = 0  # generations told; the quality archive is archives[generation % k]
         self.archives: list[_Archive] = []  # built when the task names are known (see _layout)
         self._told: dict[int, tuple[np.ndarray, EvalResult]] = {}  # id -> (genome, result) of archived ones

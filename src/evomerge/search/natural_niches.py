@@ -47,7 +47,7 @@ import numpy as np
 from pydantic import Field
 
 from evomerge.eval.result import EvalResult
-from evomerge.search.base import Elite, OptimizerSettings, Seeds
+from evomerge.search.base import BoxOptimizer, Elite, OptimizerSettings, Seeds, check_told
 
 
 class NaturalNichesSettings(OptimizerSettings):
@@ -135,7 +135,7 @@ class Member:
     scores: np.ndarray
 
 
-class NaturalNiches:
+class NaturalNiches(BoxOptimizer):
     """Natural niches over the box [lower, upper]; see the module doc for the algorithm."""
 
     def __init__(
@@ -147,12 +147,7 @@ class NaturalNiches:
         seed: int,
         seeds: Seeds = (),
     ) -> None:
-        self.lower = np.asarray(lower, dtype=float)
-        self.upper = np.asarray(upper, dtype=float)
-        self.dim = int(self.lower.shape[0])
-        self.settings = settings
-        self.population_size = settings.population_size
-        self.rng = np.random.default_rng(seed)
+        super().__init__(lower, upper, settings, seed)
         self.members: list[Member] = []
         self.capacity: np.ndarray | None = None  # (n,), fixed by the first result with scores
         self._asked = 0
@@ -217,12 +212,9 @@ class NaturalNiches:
     # --- tell ---------------------------------------------------------------------------------------
     def tell(self, genomes: np.ndarray, results: Sequence[EvalResult]) -> None:
         """Offer each told genome to the archive, in order (the replacement rule of the module doc)."""
-        genomes = np.asarray(genomes, dtype=float)
-        if self._asked == 0 or genomes.shape != (self._asked, self.dim) or len(results) != self._asked:
-            raise ValueError(
-                f"tell: expected genomes ({self._asked}, {self.dim}) and {self._asked} results, "
-                f"got {genomes.shape} and {len(results)}; tell every genome of the last ask() once."
-            )
+        if self._asked == 0:
+            raise ValueError("tell: nothing was asked since the last tell; ask() first.")
+        genomes = check_told(genomes, results, self._asked, self.dim)
         self._asked = 0
         for genome, result in zip(genomes, results, strict=True):
             self._offer(genome, result)

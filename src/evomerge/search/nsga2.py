@@ -21,7 +21,7 @@ from pydantic import Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.eval.result import EvalResult
-from evomerge.search.base import Elite, OptimizerSettings, Seeds, check_told, finite_or_worst
+from evomerge.search.base import BoxOptimizer, Elite, OptimizerSettings, Seeds, check_told, finite_or_worst
 
 BEHAVIOUR_PREFIX = "behaviour:"
 SCORE = "score"  # the evaluation's overall (weighted) score, when no fitness task has this name
@@ -129,7 +129,7 @@ def _require_pymoo() -> None:
         raise ConfigError(f"optimizer.name: 'nsga2' runs on pymoo, which is not installed; {INSTALL_HINT}")
 
 
-class NSGA2Optimizer:
+class NSGA2Optimizer(BoxOptimizer):
     """NSGA-II through pymoo's ask/tell interface, over the box [lower, upper].
 
     The warm start's seeds (already evaluated) open the first population, which uniform samples fill up
@@ -147,13 +147,8 @@ class NSGA2Optimizer:
         seed: int,
         seeds: Seeds = (),
     ) -> None:
-        self.lower = np.asarray(lower, dtype=float)
-        self.upper = np.asarray(upper, dtype=float)
-        self.dim = int(self.lower.shape[0])
-        self.settings = settings
+        super().__init__(lower, upper, settings, seed)
         self.objectives = list(settings.objectives)
-        self.population_size = settings.population_size
-        self.rng = np.random.default_rng(seed)
         self._front: list[Elite] = []
         self._pending: Any = None  # the pymoo Population of the last ask, until it is told
         self._fresh = np.zeros(0, dtype=int)  # which of its individuals were asked (not evaluated yet)

@@ -68,11 +68,7 @@ class RandomSearch(SingleObjective):
     def __init__(
         self, lower: np.ndarray, upper: np.ndarray, settings: RandomSettings, *, seed: int, seeds: Seeds = ()
     ) -> None:
-        super().__init__(lower, upper)
-        self.population_size = settings.population_size
-        self.rng = np.random.default_rng(seed)
-        for genome, result in seeds:
-            self._track(genome[None, :], [result])
+        super().__init__(lower, upper, settings, seed, seeds)
 
     def ask(self) -> np.ndarray:
         return self.rng.uniform(self.lower, self.upper, size=(self.population_size, self.dim))  # (B, D)
@@ -109,17 +105,12 @@ class CMAESOptimizer(SingleObjective):
         seed: int,
         seeds: Seeds = (),
     ) -> None:
-        super().__init__(lower, upper)
-        self.settings = settings
-        self.rng = np.random.default_rng(seed)
-        self.population_size = settings.population_size
+        super().__init__(lower, upper, settings, seed, seeds)
         self.restarts_done = 0
         self.large_population = settings.population_size  # the IPOP regime's population so far
         # Evaluations per BIPOP regime; the first run counts for neither, so the first restart is large.
         self.spent = {"first": 0, "large": 0, "small": 0}
         self.regime: Literal["first", "large", "small"] = "first"
-        for genome, result in seeds:
-            self._track(np.asarray(genome, float)[None, :], [result])
         start = self._best.genome if self._best is not None else (self.lower + self.upper) / 2
         self._new_run(np.clip(start, self.lower, self.upper), settings.sigma0, settings.population_size)
 

@@ -32,25 +32,20 @@ class OptimizerEntry:
     factory: OptimizerFactory
 
 
+def _builtin(settings: type[OptimizerSettings], optimizer: Callable[..., Optimizer]) -> OptimizerEntry:
+    """Every built-in optimiser takes (lower, upper, settings, *, seed, seeds)."""
+    return OptimizerEntry(
+        settings, lambda s, lo, hi, seed, seeds: optimizer(lo, hi, s, seed=seed, seeds=seeds)
+    )
+
+
 _OPTIMIZERS: dict[str, OptimizerEntry] = {
-    "cma-es": OptimizerEntry(
-        CMAESSettings, lambda s, lo, hi, seed, seeds: CMAESOptimizer(lo, hi, s, seed=seed, seeds=seeds)
-    ),
-    "random": OptimizerEntry(
-        RandomSettings, lambda s, lo, hi, seed, seeds: RandomSearch(lo, hi, s, seed=seed, seeds=seeds)
-    ),
-    "ga": OptimizerEntry(
-        GASettings, lambda s, lo, hi, seed, seeds: GAOptimizer(lo, hi, s, seed=seed, seeds=seeds)
-    ),
-    "nsga2": OptimizerEntry(
-        NSGA2Settings, lambda s, lo, hi, seed, seeds: NSGA2Optimizer(lo, hi, s, seed=seed, seeds=seeds)
-    ),
-    "map-elites": OptimizerEntry(
-        MapElitesSettings, lambda s, lo, hi, seed, seeds: MapElites(lo, hi, s, seed=seed, seeds=seeds)
-    ),
-    "natural-niches": OptimizerEntry(
-        NaturalNichesSettings, lambda s, lo, hi, seed, seeds: NaturalNiches(lo, hi, s, seed=seed, seeds=seeds)
-    ),
+    "cma-es": _builtin(CMAESSettings, CMAESOptimizer),
+    "random": _builtin(RandomSettings, RandomSearch),
+    "ga": _builtin(GASettings, GAOptimizer),
+    "nsga2": _builtin(NSGA2Settings, NSGA2Optimizer),
+    "map-elites": _builtin(MapElitesSettings, MapElites),
+    "natural-niches": _builtin(NaturalNichesSettings, NaturalNiches),
 }
 
 

@@ -32,6 +32,7 @@ import yaml
 
 from evomerge.errors import ConfigError
 from evomerge.merge.registry import MergeMethod, ParamSpec, get_method
+from evomerge.search.base import as_genome
 
 if TYPE_CHECKING:
     from evomerge.merge.config import MergeConfig
@@ -145,7 +146,7 @@ class ParameterSpace:
 
     def gene_values(self, x: np.ndarray) -> np.ndarray:
         """Each gene in its parameter's own units (clipped to the bounds, rounded)."""
-        x = _as_genome(x, self.dim)
+        x = as_genome(x, self.dim)
         lows, highs = self._unit_bounds()
         return np.round(lows + np.clip(x, 0.0, 1.0) * (highs - lows), DECIMALS)  # (dim,)
 
@@ -510,15 +511,6 @@ def _at_layer(setting: Any, layer: int, n_layers: int) -> float:
     high = min(len(setting) - 1, low + 1)
     frac = scaled - low
     return float((1 - frac) * setting[low] + frac * setting[high])
-
-
-def _as_genome(x: np.ndarray, dim: int) -> np.ndarray:
-    x = np.asarray(x, dtype=float)
-    if x.shape != (dim,):
-        raise ValueError(f"genome: expected shape ({dim},), got {x.shape}.")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("genome: holds NaN or inf.")
-    return x
 
 
 # --- model metadata -----------------------------------------------------------------------------------

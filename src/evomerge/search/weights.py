@@ -38,6 +38,7 @@ import torch
 import yaml
 
 from evomerge.errors import ConfigError, TensorMismatchError
+from evomerge.search.base import as_genome
 
 BOUND_SCALE = 4.0  # bounds: this many times the largest |value| a tensor holds in any source
 MIN_MAGNITUDE = 0.1  # ... but never tighter than this (a tensor that is all zeros in every source)
@@ -192,7 +193,7 @@ class WeightsSpace:
 
     def decode(self, x: np.ndarray) -> WeightsCandidate:
         """The model of genome `x`: its values clipped to the bounds, as float32."""
-        x = _as_genome(x, self.dim)
+        x = as_genome(x, self.dim)
         lower, upper = self.bounds
         return WeightsCandidate(self.slots, np.clip(x, lower, upper).astype(np.float32))
 
@@ -343,12 +344,3 @@ def _source_alone(candidate: Any) -> str | None:
         return None
     weight = (models[0].get("parameters") or {}).get("weight", 1.0)
     return str(models[0].get("model")) if weight == 1.0 else None
-
-
-def _as_genome(x: np.ndarray, dim: int) -> np.ndarray:
-    x = np.asarray(x, dtype=float)
-    if x.shape != (dim,):
-        raise ValueError(f"genome: expected shape ({dim},), got {x.shape}.")
-    if not np.all(np.isfinite(x)):
-        raise ValueError("genome: holds NaN or inf.")
-    return x
