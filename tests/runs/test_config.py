@@ -46,6 +46,21 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ({"optimizer": {"start": "anywhere"}}, r"optimizer.start: .*'best-known'"),
         ({"optimizer": "cma-es"}, r"optimizer: expected a mapping"),
         ({"backend": "slurm"}, r"backend: unknown 'slurm'; known: local"),
+        # issue 8's bad inputs, each refused when the config is read
+        (
+            {"optimizer": {"name": "map-elites", "measures": ["toy", "nope"]}},
+            r"optimizer.measures.*'nope'",
+        ),
+        (
+            {"optimizer": {"name": "map-elites", "measures": ["toy"], "resolution": 0}},
+            r"optimizer.resolution",
+        ),
+        ({"optimizer": {"name": "nsga2", "objectives": ["toy"]}}, r"optimizer.objectives: .*at least 2"),
+        ({"optimizer": {"name": "nsga2", "objectives": ["toy", "nope"]}}, r"optimizer.objectives.*'nope'"),
+        (
+            {"optimizer": {"name": "natural-niches", "sigma0": 0.2}},
+            r"optimizer.sigma0: 'natural-niches' has no setting 'sigma0'; it is a setting of cma-es",
+        ),
         ({"budget": {}}, r"budget: .*max_evaluations, max_wall_seconds"),
         ({"serach": {}}, r"unknown field 'serach'"),
         ({"search": {"granularity": "layers"}}, r"search.granularity"),

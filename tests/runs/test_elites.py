@@ -122,3 +122,19 @@ def test_archive_and_front_stats_are_kept_per_generation_and_plotted(
     assert values[-1] >= values[0] > 0  # an archive only fills, a front's hypervolume only grows
     page = write_report(config.out).read_text()
     assert "archive or front against evaluations" in page
+
+
+def test_map_elites_archives_are_read_back_as_heatmap_cells(tmp_path: Path, family: dict[str, Path]) -> None:
+    from evomerge.runs.report import archive_cells
+
+    optimizer = {"name": "map-elites", "population_size": 4, "resolution": 4}
+    config = make_config(tmp_path, family, optimizer=optimizer, budget={"max_evaluations": 23})
+    evolve(config, backend=quadratic_backend(config.search_space()))
+    elites = run_elites(config.out)[1:]  # the optimiser's, without the run's best on dev
+    archives = archive_cells(elites)
+    assert set(archives) == {"toy", "toy2"}  # CycleQD: one archive per task, the other task the measure
+    names, cells = archives["toy"]
+    assert names == ["toy2"] or len(names) == 1
+    archived = [e for e in elites if e.niche.startswith("quality toy,")]
+    assert len(cells) == len(archived) > 0
+    assert max(cells.values()) == max(e.evaluation.result.tasks["toy"].score for e in archived)

@@ -12,6 +12,7 @@ import base64
 import html
 import io
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -161,11 +162,60 @@ def _table_row(row: ResultRow, columns: list[str]) -> str:
 
 
 def _elites_view(elites: list[RunElite]) -> str:
-    """The elites' table, and where they sit when they carry measures (an archive, a front)."""
+    """The elites' table, and where they sit: each MAP-Elites archive as a heatmap of its cells, or the
+    elites at their measures (a front, explicit measures)."""
+    archives = archive_cells(elites)
+    if archives:
+        return _img(archive_figure(archives)) + _elites_table(elites)
     placed = [elite for elite in elites if elite.measures]
     names = sorted({name for elite in placed for name in elite.measures})
     figure = _img(elites_figure(placed, names[:2])) if placed and names else ""
     return figure + _elites_table(elites)
+
+
+_CELL = re.compile(r"^(?:quality (?P<quality>\S+), )?cell \((?P<cell>\d+(?:, \d+)?)\)$")
+
+
+def archive_cells(elites: list[RunElite]) -> dict[str, tuple[list[str], dict[tuple[int, int], float]]]:
+    """One- and two-measure archives from the elites' niches ("quality add, cell (3, 7)"): archive ->
+    (measure names, cell -> quality; a one-measure cell is (i, 0)). The quality is the archive's task
+    score (the weighted score without one)."""
+    archives: dict[str, tuple[list[str], dict[tuple[int, int], float]]] = {}
+    for elite in elites:
+        match = _CELL.match(elite.niche)
+        if match is None:
+            continue
+        quality = match.group("quality")
+        result = elite.evaluation.result
+        value = result.tasks[quality].score if quality in result.tasks else result.score
+        i, j = ([int(v) for v in match.group("cell").split(", ")] + [0])[:2]
+        cells = archives.setdefault(quality or "score", (list(elite.measures), {}))[1]
+        cells[(i, j)] = value
+    return archives
+
+
+def archive_figure(archives: dict[str, tuple[list[str], dict[tuple[int, int], float]]]) -> Any:
+    """One heatmap per archive: each cell's elite quality (empty cells blank)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(archives), figsize=(4.2 * len(archives), 3.8), squeeze=False)
+    for axis, (quality, (names, cells)) in zip(axes[0], archives.items(), strict=True):
+        size = (max(i for i, _ in cells) + 1, max(j for _, j in cells) + 1)
+        grid = np.full(size, np.nan)  # (cells of measure 0, cells of measure 1)
+        for (i, j), value in cells.items():
+            grid[i, j] = value
+        image = axis.imshow(grid.T, origin="lower", cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        axis.set(
+            xlabel=f"{names[0]} (cell)" if names else "",
+            ylabel=f"{names[1]} (cell)" if len(names) > 1 else "",
+        )
+        axis.set_title(f"quality: {quality}", fontsize=9)
+        figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    return figure
 
 
 def elites_figure(elites: list[RunElite], names: list[str]) -> Any:
