@@ -5,8 +5,8 @@ Every search evolves per-layer task-arithmetic weights of the three specialists 
 number of dev examples per candidate (`--examples`, split evenly over the tasks a search scores).
 
 - **QD** (`map-elites`, CycleQD's default: each skill in turn is the quality, the other two skills' dev
-  scores are the measures; 3 seeds): coverage and QD score against evaluations (the archives replayed from
-  the run store); the best elite per skill against each source, on that skill's test split; the
+  scores are the measures; 3 seeds): coverage and QD score against evaluations (the optimiser's own
+  `stats()`, kept in the run store with every checkpoint); the best elite per skill against each source, on that skill's test split; the
   multi-skill score (the `multi` task's test split) of the elite with the best mean dev skill score,
   against CMA-ES over the `multi` dev split at the same budget (3 seeds).
 - **Pareto** (`nsga2` over the `add` and `reverse` dev scores): the front's hypervolume (reference (0, 0))
@@ -140,7 +140,7 @@ def quality_diversity(zoo: Any, args: argparse.Namespace) -> dict[str, Any]:
         cfg = config(zoo, args, "qd", list(SKILLS), {"name": "map-elites", "resolution": 10}, seed)
         summary = search(cfg)
         elites = [e for e in run_elites(summary.run_dir) if e.evaluation.result.ok]
-        curve = _replayed_coverage(summary.run_dir, resolution=10)
+        curve = _stats_curve(summary.run_dir)
         best_per_skill = {
             skill: max(elites, key=lambda e, s=skill: e.evaluation.result.tasks[s].score) for skill in SKILLS
         }
@@ -187,32 +187,12 @@ def quality_diversity(zoo: Any, args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _replayed_coverage(run_dir: Path, resolution: int) -> list[tuple[int, float, float]]:
-    """(evaluations, coverage, QD score) after each generation, replaying CycleQD's k archives from the
-    store: archive i keeps, per cell of the other skills' scores, the best score on skill i."""
+def _stats_curve(run_dir: Path) -> list[tuple[int, float, float]]:
+    """(evaluations, coverage, QD score) after each generation, as the optimiser reported them."""
     from evomerge.runs.store import RunStore
 
     with RunStore.in_dir(run_dir) as store:
-        evaluations = [e for e in store.evaluations() if e.result.ok]
-    cells: list[dict[tuple[int, ...], float]] = [{} for _ in SKILLS]
-    curve, done, last_generation = [], 0, None
-    for evaluation in evaluations:
-        if last_generation is not None and evaluation.generation != last_generation:
-            curve.append(_point(done, cells, resolution))
-        last_generation, done = evaluation.generation, done + 1
-        scores = [evaluation.result.tasks[s].score for s in SKILLS]
-        for i, archive in enumerate(cells):
-            others = [scores[j] for j in range(len(SKILLS)) if j != i]
-            cell = tuple(min(resolution - 1, int(v * resolution)) for v in others)
-            archive[cell] = max(archive.get(cell, -1.0), scores[i])
-    curve.append(_point(done, cells, resolution))
-    return curve
-
-
-def _point(done: int, cells: list[dict[tuple[int, ...], float]], resolution: int) -> tuple[int, float, float]:
-    total = len(cells) * resolution ** (len(SKILLS) - 1)
-    filled = sum(len(archive) for archive in cells)
-    return done, filled / total, sum(sum(archive.values()) for archive in cells)
+        return [(done, values["coverage"], values["qd_score"]) for done, values in store.stats()]
 
 
 # --- Pareto -------------------------------------------------------------------------------------------
