@@ -218,6 +218,6 @@ def test_nsga2_without_pymoo_is_refused_with_the_extra_to_install(monkeypatch: p
         importlib.util, "find_spec", lambda name, *a: None if name == "pymoo" else find_spec(name, *a)
     )
     with pytest.raises(
-        ConfigError, match=r"optimizer: 'nsga2' runs on pymoo.*pip install 'evomerge\[search\]'"
+        ConfigError, match=r"optimizer: 'nsga2' needs pymoo.*pip install 'evomerge\[search\]'"
     ):
         parse_settings({"name": "nsga2", "objectives": OBJECTIVES})

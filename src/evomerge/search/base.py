@@ -24,6 +24,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from evomerge.errors import ConfigError
 from evomerge.eval.result import EvalResult
 
 
@@ -191,6 +192,17 @@ def check_told(genomes: np.ndarray, results: Sequence[EvalResult], expected: int
             f"got {genomes.shape} and {len(results)}; tell every genome of the last ask() once."
         )
     return genomes
+
+
+SEARCH_EXTRA = "install it with `pip install 'evomerge[search]'`"
+
+
+def require_extra(module: str, who: str) -> None:
+    """A ConfigError (a ValueError, so pydantic locates it) when `module` of the `search` extra is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec(module) is None:
+        raise ConfigError(f"{who} needs {module}, which is not installed; {SEARCH_EXTRA}")
 
 
 def as_genome(x: np.ndarray, dim: int) -> np.ndarray:

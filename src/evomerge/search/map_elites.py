@@ -30,7 +30,6 @@ Everything (archives and emitters with their numpy Generators) pickles; a restor
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,9 +40,15 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.eval.result import WORST_SCORE, EvalResult
-from evomerge.search.base import BoxOptimizer, Elite, OptimizerSettings, Seeds, check_told
-
-EXTRA_HINT = "install it with `pip install 'evomerge[search]'`"
+from evomerge.search.base import (
+    SEARCH_EXTRA,
+    BoxOptimizer,
+    Elite,
+    OptimizerSettings,
+    Seeds,
+    check_told,
+    require_extra,
+)
 
 
 class MapElitesSettings(OptimizerSettings):
@@ -102,8 +107,7 @@ class MapElitesSettings(OptimizerSettings):
 
     @model_validator(mode="after")
     def _ribs_installed(self) -> MapElitesSettings:
-        if importlib.util.find_spec("ribs") is None:
-            raise ValueError(f"'map-elites' needs pyribs, which is not installed; {EXTRA_HINT}")
+        require_extra("ribs", "'map-elites'")
         return self
 
     def check_tasks(self, task_names: Sequence[str]) -> None:
@@ -354,5 +358,5 @@ def _import_ribs() -> Any:
         import ribs.archives
         import ribs.emitters
     except ImportError as error:
-        raise ConfigError(f"optimizer.name: 'map-elites' needs pyribs ({error}); {EXTRA_HINT}") from error
+        raise ConfigError(f"optimizer.name: 'map-elites' needs pyribs ({error}); {SEARCH_EXTRA}") from error
     return ribs

@@ -12,7 +12,6 @@ each ask, so the pickled optimiser alone decides what a restored run asks next.
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -21,12 +20,19 @@ from pydantic import Field, field_validator, model_validator
 
 from evomerge.errors import ConfigError
 from evomerge.eval.result import EvalResult
-from evomerge.search.base import BoxOptimizer, Elite, OptimizerSettings, Seeds, check_told, finite_or_worst
+from evomerge.search.base import (
+    BoxOptimizer,
+    Elite,
+    OptimizerSettings,
+    Seeds,
+    check_told,
+    finite_or_worst,
+    require_extra,
+)
 
 BEHAVIOUR_PREFIX = "behaviour:"
 SCORE = "score"  # the evaluation's overall (weighted) score, when no fitness task has this name
 FRONT = "front 0"
-INSTALL_HINT = "install it with `pip install 'evomerge[search]'`"
 
 
 class NSGA2Settings(OptimizerSettings):
@@ -54,8 +60,7 @@ class NSGA2Settings(OptimizerSettings):
 
     @model_validator(mode="after")
     def _pymoo_installed(self) -> NSGA2Settings:
-        if importlib.util.find_spec("pymoo") is None:
-            raise ValueError(f"'nsga2' runs on pymoo, which is not installed; {INSTALL_HINT}")
+        require_extra("pymoo", "'nsga2'")
         return self
 
     def check_tasks(self, task_names: Sequence[str]) -> None:
@@ -118,15 +123,10 @@ def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
     inside = points[np.all(np.isfinite(points), axis=1) & np.all(points > reference, axis=1)]
     if len(inside) == 0:
         return 0.0
-    _require_pymoo()
+    require_extra("pymoo", "'nsga2'")
     from pymoo.indicators.hv import HV
 
     return float(HV(ref_point=-reference)(-inside))  # pymoo measures the volume a minimised front dominates
-
-
-def _require_pymoo() -> None:
-    if importlib.util.find_spec("pymoo") is None:
-        raise ConfigError(f"optimizer.name: 'nsga2' runs on pymoo, which is not installed; {INSTALL_HINT}")
 
 
 class NSGA2Optimizer(BoxOptimizer):
@@ -187,7 +187,7 @@ class NSGA2Optimizer(BoxOptimizer):
 
     # --- pymoo ------------------------------------------------------------------------------------------
     def _setup(self, seeds: Seeds) -> Any:
-        _require_pymoo()
+        require_extra("pymoo", "'nsga2'")
         from pymoo.algorithms.moo.nsga2 import NSGA2
         from pymoo.core.problem import Problem
         from pymoo.core.termination import NoTermination
