@@ -3,6 +3,7 @@ large JSON genomes of earlier format-2 stores still read and found."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -58,3 +59,20 @@ def test_only_the_last_two_checkpoints_are_kept(tmp_path: Path) -> None:
         rows = store._db.execute("SELECT generation FROM checkpoints ORDER BY generation").fetchall()
         assert [r[0] for r in rows] == [3, 4]
         assert store.last_checkpoint().generation == 4  # type: ignore[union-attr]
+
+
+def test_evaluation_keys_parse_back() -> None:
+    from evomerge.runs.store import parse_key
+
+    assert parse_key("g12c3") == (12, 3)
+    assert parse_key("w4") == (-1, 4)
+    assert parse_key("g1") is None and parse_key("x1c2") is None and parse_key("w-1") is None
+
+
+def test_outcomes_read_scores_without_genomes_and_mark_failures(tmp_path: Path) -> None:
+    with RunStore(tmp_path / "run.sqlite") as store:
+        store.add_evaluation(evaluation(0, np.array([0.5, 0.5])))
+        failed = evaluation(1, np.array([0.1, 0.2]))
+        store.add_evaluation(replace(failed, result=EvalResult.failed("boom")))
+        outcomes = store.outcomes()
+    assert outcomes[0] == (0, 0.5) and outcomes[1][0] == 0 and np.isnan(outcomes[1][1])

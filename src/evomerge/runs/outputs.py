@@ -19,7 +19,7 @@ from evomerge.eval.result import EvalResult
 from evomerge.runs.baselines import baseline_recipes, source_recipes
 from evomerge.runs.config import EvolveConfig
 from evomerge.runs.loop import load_run_config, make_backend
-from evomerge.runs.store import Evaluation, RunStore
+from evomerge.runs.store import Evaluation, RunStore, parse_key
 
 BEST_RECIPE = "best_recipe.yaml"
 BEST_MERGEKIT = "best_recipe.mergekit.yaml"
@@ -81,8 +81,9 @@ def run_elites(run_dir: Path) -> list[RunElite]:
 
 def find_evaluation(run_dir: Path, elite_id: str) -> Evaluation:
     """The evaluation an id names (`g3c5`, `w2`: any evaluation of the run, elite or not)."""
+    key = parse_key(elite_id)
     with RunStore.in_dir(run_dir) as store:
-        found = next((e for e in store.evaluations() if e.key == elite_id), None)
+        found = None if key is None else store.evaluation(*key)
     if found is None:
         listed = ", ".join(e.id for e in run_elites(run_dir)) or "none yet"
         raise UnknownEliteError(
@@ -301,7 +302,7 @@ def finalize(run_dir: Path, *, with_model: bool = True, with_table: bool = True)
 
 def _warm_seeds(run_dir: Path) -> dict[str, int]:
     with RunStore.in_dir(run_dir) as store:
-        return {e.label: e.seed for e in store.evaluations() if e.label is not None}
+        return dict(store.warm_start())
 
 
 def _atomic_write(path: Path, text: str) -> Path:

@@ -29,7 +29,7 @@ from evomerge.runs.outputs import (
     run_elites,
     shortfall_line,
 )
-from evomerge.runs.store import WARM_START_GENERATION, Evaluation, RunStore, iter_scores
+from evomerge.runs.store import WARM_START_GENERATION, Evaluation, RunStore
 from evomerge.search.base import SearchSpace
 
 REPORT = "report.html"
@@ -39,19 +39,19 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     with RunStore.in_dir(run_dir) as store:
-        evaluations, best, stats = store.evaluations(), store.best(), store.stats()
+        outcomes, best, stats = store.outcomes(), store.best(), store.stats()
     space = config.search_space()
     rows = read_results(run_dir)
     sections = [
         _warning(rows),
-        _section("Fitness against evaluations", _img(fitness_figure(evaluations))),
+        _section("Fitness against evaluations", _img(fitness_figure(outcomes))),
         _section("The optimiser's archive or front against evaluations", _img(stats_figure(stats)))
         if stats
         else "",
         _section("Best recipe, per layer", _recipe_view(space, best)),
         _section("Results on the test split", _table(rows)),
         _section("Elites (dev split)", _elites_view(run_elites(run_dir))),
-        _section("Run", _summary(config.model_dump(mode="json"), evaluations, best, space)),
+        _section("Run", _summary(config.model_dump(mode="json"), outcomes, best, space)),
     ]
     page = _PAGE.format(title=html.escape(f"evomerge run {run_dir.name}"), body="\n".join(sections))
     temporary = run_dir / f".{REPORT}.tmp"
@@ -78,18 +78,19 @@ def _recipe_view(space: SearchSpace, best: Evaluation | None) -> str:
     return _img(heatmap_figure(rows)) if rows else "<p>The search space has no per-layer genes.</p>"
 
 
-def fitness_figure(evaluations: list[Evaluation]) -> Any:
+def fitness_figure(outcomes: list[tuple[int, float]]) -> Any:
+    """Every evaluation's dev score (warm start marked) and the best so far, against evaluations."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    scores = np.array(list(iter_scores(evaluations)), dtype=float)  # (N,) NaN for failed
+    scores = np.array([score for _, score in outcomes], dtype=float)  # (N,) NaN for failed
     figure, axes = plt.subplots(figsize=(7, 3.5))
     steps = np.arange(1, len(scores) + 1)
     axes.scatter(steps, scores, s=10, alpha=0.5, label="candidate (dev)")
     axes.plot(steps, np.fmax.accumulate(np.nan_to_num(scores, nan=-np.inf)), color="C3", label="best so far")
-    warm = np.array([e.generation == WARM_START_GENERATION for e in evaluations], dtype=bool)  # (N,)
+    warm = np.array([generation == WARM_START_GENERATION for generation, _ in outcomes], dtype=bool)  # (N,)
     if warm.any():
         axes.scatter(steps[warm], scores[warm], s=22, marker="D", color="C1", label="warm start")
     failed = np.isnan(scores)
@@ -260,13 +261,13 @@ def _cell(value: float | None) -> str:
 
 
 def _summary(
-    config: dict[str, Any], evaluations: list[Evaluation], best: Evaluation | None, space: SearchSpace
+    config: dict[str, Any], outcomes: list[tuple[int, float]], best: Evaluation | None, space: SearchSpace
 ) -> str:
     import yaml
 
-    failed = sum(1 for e in evaluations if not e.result.ok)
+    failed = sum(1 for _, score in outcomes if math.isnan(score))
     best_line = f"best dev score {best.score:.4f} ({html.escape(best.name)})" if best else ""
-    facts = f"<p>{len(evaluations)} evaluations, {failed} failed; {best_line}</p><p>{html.escape(space.describe())}</p>"
+    facts = f"<p>{len(outcomes)} evaluations, {failed} failed; {best_line}</p><p>{html.escape(space.describe())}</p>"
     recipe = ""
     if best is not None and is_recipe(space.from_text(best.recipe)):
         recipe = f"<h3>Best recipe</h3><pre>{html.escape(best.recipe)}</pre>"

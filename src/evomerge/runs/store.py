@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import sqlite3
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,16 @@ class Evaluation:
     @property
     def name(self) -> str:
         return self.label or self.key
+
+
+def parse_key(key: str) -> tuple[int, int] | None:
+    """(generation, index) of an evaluation key (`g12c3`, `w4`), None when `key` is not one."""
+    match = re.fullmatch(r"g(\d+)c(\d+)|w(\d+)", key)
+    if match is None:
+        return None
+    if match.group(3) is not None:
+        return WARM_START_GENERATION, int(match.group(3))
+    return int(match.group(1)), int(match.group(2))
 
 
 @dataclass(frozen=True)
@@ -228,6 +239,24 @@ class RunStore:
         """Every evaluation in the order it was asked (generation, then index)."""
         rows = self._db.execute(f'SELECT {_EVAL_COLUMNS} FROM evaluations ORDER BY generation, "index"')
         return [_row_to_evaluation(row) for row in rows]
+
+    def outcomes(self) -> list[tuple[int, float]]:
+        """(generation, dev score) of every evaluation in asking order, NaN where it failed; reads no
+        genomes, recipes or results (a whole-model run's store holds ~100 KB per evaluation)."""
+        rows = self._db.execute(
+            'SELECT generation, score, error FROM evaluations ORDER BY generation, "index"'
+        )
+        return [
+            (int(g), float(score) if error is None and score is not None else math.nan)
+            for g, score, error in rows
+        ]
+
+    def warm_start(self) -> list[tuple[str, int]]:
+        """(label, mask seed) of every labelled warm-start evaluation (no genomes or results read)."""
+        rows = self._db.execute(
+            'SELECT label, seed FROM evaluations WHERE label IS NOT NULL ORDER BY generation, "index"'
+        )
+        return [(str(row[0]), int(row[1])) for row in rows]
 
     def key_of(self, genome: np.ndarray) -> tuple[int, int] | None:
         """(generation, index) of the first evaluation of exactly this genome, None if never evaluated."""
@@ -385,9 +414,3 @@ class _Transaction:
 
     def __exit__(self, exc_type: object, *exc: object) -> None:
         self._db.execute("ROLLBACK" if exc_type else "COMMIT")
-
-
-def iter_scores(evaluations: list[Evaluation]) -> Iterator[float]:
-    """Scores in asking order, failed ones as NaN (for plots)."""
-    for evaluation in evaluations:
-        yield evaluation.score if evaluation.result.ok else float("nan")
