@@ -215,3 +215,22 @@ def test_natural_niches_over_sources_of_other_shapes_is_refused_before_any_weigh
     with pytest.raises(TensorMismatchError, match=r"has shape \[128, 32\] .* but \[96, 32\]"):
         evolve(config, backend=_spy(calls))
     assert read == [] and calls == [] and not config.out.exists()
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "message"),
+    [
+        (
+            {"name": "map-elites", "measures": ["toy"], "mutation": "svd"},
+            r"optimizer.mutation: 'svd'.*weights",
+        ),
+    ],
+)
+def test_an_optimiser_that_cannot_search_the_space_fails_before_any_evaluation(
+    tmp_path: Path, family: dict[str, Path], optimizer: dict, message: str
+) -> None:
+    config = make_config(tmp_path, family, optimizer=optimizer)
+    calls: list[Any] = []
+    with pytest.raises(ConfigError, match=message):
+        evolve(config, backend=_spy(calls))
+    assert calls == [] and not config.out.exists()

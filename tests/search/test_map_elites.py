@@ -242,3 +242,50 @@ def test_the_told_store_only_keeps_archived_genomes() -> None:
     search = optimizer()
     run(search, 30)
     assert len(search._told) == len({e.genome.tobytes() for e in search.elites()})
+
+
+# --- CycleQD's SVD mutation of whole models --------------------------------------------------------------
+class TinyTensors:
+    """A stand-in weights space: a (4, 3) matrix and a (3,) bias, around a fixed origin."""
+
+    dim = 15
+
+    def tensor_slots(self) -> list[tuple[int, tuple[int, ...]]]:
+        return [(0, (4, 3)), (12, (3,))]
+
+    def origin(self) -> np.ndarray:
+        return np.linspace(-0.5, 0.5, 15)
+
+
+def test_svd_mutation_grows_each_matrix_along_its_top_direction_and_leaves_biases() -> None:
+    settings = MapElitesSettings(measures=["b"], quality="a", mutation="svd", svd_rank=1, svd_scale=0.5)
+    space = TinyTensors()
+    lower, upper = np.full(15, -5.0), np.full(15, 5.0)
+    rng = np.random.default_rng(0)
+    scores = rng.uniform(size=(6, 2))
+    seeds = [
+        (genome, EvalResult(0.5, tasks={"a": TaskScore("a", "m", a), "b": TaskScore("b", "m", b)}))
+        for genome, (a, b) in zip(rng.normal(size=(6, 15)), scores, strict=True)
+    ]
+    plain = settings.model_copy(update={"mutation": "none"})
+    before = MapElites(lower, upper, plain, seed=3, seeds=seeds).ask()  # the emitter's children
+    after = MapElites(lower, upper, settings, seed=3, seeds=seeds, space=space).ask()  # type: ignore[arg-type]
+    origin = space.origin()
+    for child, mutated in zip(before, after, strict=True):
+        np.testing.assert_array_equal(mutated[12:], child[12:])  # the bias is left alone
+        u, s, vh = np.linalg.svd((child[:12] - origin[:12]).reshape(4, 3))  # the child's task vector
+        top = np.outer(u[:, 0], vh[0])
+        change = (mutated[:12] - child[:12]).reshape(4, 3)
+        gain = float(np.sum(change * top)) / s[0]
+        np.testing.assert_allclose(change, gain * s[0] * top, atol=1e-9)  # rank 1, along the top direction
+        assert 0.0 <= gain < 0.5
+
+
+def test_svd_mutation_needs_a_space_of_whole_tensors() -> None:
+    from evomerge.errors import ConfigError
+
+    settings = MapElitesSettings(mutation="svd")
+    with pytest.raises(ConfigError, match=r"optimizer.mutation: 'svd' .*search.space: weights"):
+        settings.check_space(object())  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match=r"optimizer.mutation: 'svd'"):
+        MapElites(np.zeros(3), np.ones(3), settings, seed=0)

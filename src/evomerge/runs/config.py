@@ -243,7 +243,7 @@ class EvolveConfig(YamlConfig):
 def check_inputs(config: EvolveConfig) -> SearchSpace:
     """Everything that can be checked before evaluating: the search space and the sources' shapes."""
     space = config.search_space()
-    config.optimizer.check_space(space.dim)
+    config.optimizer.check_space(space)
     config.evaluation.torch_device()
     check_same_shapes(config.base_model, config.models)
     return space

@@ -320,7 +320,9 @@ def _restore_or_start(
     complete = results is not None
     seeds = [(p.genome, r) for p, r in zip(points, results or [], strict=False) if p.genome.size]
     lower, upper = space.bounds
-    optimizer = make_optimizer(config.optimizer, lower, upper, seed=config.optimizer_seed(), seeds=seeds)
+    optimizer = make_optimizer(
+        config.optimizer, lower, upper, seed=config.optimizer_seed(), seeds=seeds, space=space
+    )
     if complete:  # an interrupted warm start is redone (from the store) on resume, never checkpointed
         _save_checkpoint(store, 0, optimizer, clock)
     return optimizer, 0

@@ -74,6 +74,20 @@ class SearchSpace(Protocol):
         ...
 
 
+@runtime_checkable
+class TensorSpace(Protocol):
+    """A space whose genome is whole tensors laid end to end (the weights space): what tensor-wise
+    variation (CycleQD's SVD mutation of task vectors) needs besides the box."""
+
+    def tensor_slots(self) -> list[tuple[int, tuple[int, ...]]]:
+        """(offset, shape) of each tensor in the genome, in layout order."""
+        ...
+
+    def origin(self) -> np.ndarray:
+        """The base model's genome (dim,): a genome minus it is a task vector."""
+        ...
+
+
 # --- optimisers ---------------------------------------------------------------------------------------
 @dataclass
 class Elite:
@@ -135,7 +149,7 @@ class OptimizerSettings(BaseModel):
         """Refuse settings that name fitness tasks the config does not have (objectives, measures)."""
         return None
 
-    def check_space(self, dim: int) -> None:
+    def check_space(self, space: SearchSpace) -> None:
         """Refuse a search space this optimiser cannot search (checked before any model loads)."""
         return None
 

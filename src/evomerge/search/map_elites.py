@@ -45,7 +45,9 @@ from evomerge.search.base import (
     BoxOptimizer,
     Elite,
     OptimizerSettings,
+    SearchSpace,
     Seeds,
+    TensorSpace,
     check_told,
     require_extra,
 )
@@ -65,6 +67,12 @@ class MapElitesSettings(OptimizerSettings):
     # within the few hundred evaluations a merge search affords.
     sigma: float = Field(default=0.05, gt=0)
     line_sigma: float = Field(default=0.2, ge=0)  # iso-line: step along the line between two elites
+    # CycleQD's SVD mutation of each child's task vectors (whole models: `search.space: weights`): the top
+    # `svd_rank` singular directions of each weight matrix's task vector grow by gains drawn in
+    # [0, svd_scale) (merge.svd_mutation); "none": only the emitter's variation.
+    mutation: Literal["none", "svd"] = "none"
+    svd_rank: int = Field(default=8, ge=1)
+    svd_scale: float = Field(default=0.1, gt=0)  # CycleQD's configs: 0.1
 
     @field_validator("measures")
     @classmethod
@@ -109,6 +117,14 @@ class MapElitesSettings(OptimizerSettings):
     def _ribs_installed(self) -> MapElitesSettings:
         require_extra("ribs", "'map-elites'")
         return self
+
+    def check_space(self, space: SearchSpace) -> None:
+        if self.mutation == "svd" and not isinstance(space, TensorSpace):
+            raise ConfigError(
+                "optimizer.mutation: 'svd' mutates task vectors tensor by tensor, which needs a genome of "
+                f"whole tensors (search.space: weights); this space is {type(space).__name__}. Use "
+                "mutation: none (the emitter's steps) or search whole models."
+            )
 
     def check_tasks(self, task_names: Sequence[str]) -> None:
         """Refuse measures or a quality naming unknown tasks, and the CycleQD default with < 2 tasks."""
@@ -190,8 +206,16 @@ class MapElites(BoxOptimizer):
         *,
         seed: int,
         seeds: Seeds = (),
+        space: SearchSpace | None = None,
     ) -> None:
         super().__init__(lower, upper, settings, seed)
+        self._tensors: tuple[list[tuple[int, tuple[int, ...]]], np.ndarray] | None = None  # (slots, origin)
+        if settings.mutation == "svd":
+            if not isinstance(space, TensorSpace):  # a run checks this before any model loads
+                raise ConfigError(
+                    "optimizer.mutation: 'svd' needs a space of whole tensors (search.space: weights)."
+                )
+            self._tensors = (space.tensor_slots(), np.asarray(space.origin(), dtype=float))
         self.generation = 0  # generations told; the quality archive is archives[generation % k]
         self.archives: list[_Archive] = []  # built when the task names are known (see _layout)
         self._told: dict[int, tuple[np.ndarray, EvalResult]] = {}  # id -> (genome, result) of archived ones
@@ -213,7 +237,35 @@ class MapElites(BoxOptimizer):
         archive = self._breeding()
         if archive is None or archive.grid.empty:
             return self.rng.uniform(self.lower, self.upper, size=(self.population_size, self.dim))
-        return np.asarray(archive.emitter.ask(), dtype=float)  # (B, D), clipped to the box by ribs
+        children = np.asarray(archive.emitter.ask(), dtype=float)  # (B, D), clipped to the box by ribs
+        if self._tensors is None:
+            return children
+        return np.clip(self._svd_mutated(children), self.lower, self.upper)
+
+    def _svd_mutated(self, children: np.ndarray) -> np.ndarray:
+        """Each child's task vectors (child - origin, per weight matrix) after CycleQD's SVD mutation."""
+        import torch
+
+        from evomerge.merge.svd_mutation import svd_mutation
+
+        assert self._tensors is not None
+        slots, origin = self._tensors
+        generator = torch.Generator().manual_seed(int(self.rng.integers(2**63 - 1)))
+        mutated = children.copy()
+        for child in mutated:  # (D,) views: written in place
+            for offset, shape in slots:
+                if len(shape) < 2:
+                    continue  # biases and norms: CycleQD leaves them alone
+                stop = offset + int(np.prod(shape))
+                task_vector = torch.from_numpy(child[offset:stop] - origin[offset:stop]).reshape(shape)
+                changed = svd_mutation(
+                    task_vector,
+                    rank=self.settings.svd_rank,
+                    scale=self.settings.svd_scale,
+                    generator=generator,
+                )
+                child[offset:stop] = origin[offset:stop] + changed.reshape(-1).numpy()
+        return mutated
 
     def tell(self, genomes: np.ndarray, results: Sequence[EvalResult]) -> None:
         genomes = check_told(genomes, results, self.population_size, self.dim)

@@ -20,6 +20,7 @@ from evomerge.eval.result import EvalResult
 from evomerge.search.base import (
     Optimizer,
     OptimizerSettings,
+    SearchSpace,
     Seeds,
     SingleObjective,
     finite_or_worst,
@@ -53,7 +54,8 @@ class CMAESSettings(OptimizerSettings):
     # or the best genome told so far (a larger population and a fresh step size look around it again).
     restart_from: Literal["random", "best"] = "random"
 
-    def check_space(self, dim: int) -> None:
+    def check_space(self, space: SearchSpace) -> None:
+        dim = space.dim
         if dim > MAX_CMA_GENES:
             raise ConfigError(
                 f"optimizer.name: cma-es keeps a {dim} x {dim} covariance and decomposes it every few "

@@ -14,16 +14,17 @@ import numpy as np
 from pydantic import ValidationError
 
 from evomerge.errors import ConfigError
-from evomerge.search.base import Optimizer, OptimizerSettings, Seeds
+from evomerge.search.base import Optimizer, OptimizerSettings, SearchSpace, Seeds
 from evomerge.search.ga import GAOptimizer, GASettings
 from evomerge.search.map_elites import MapElites, MapElitesSettings
 from evomerge.search.natural_niches import NaturalNiches, NaturalNichesSettings
 from evomerge.search.nsga2 import NSGA2Optimizer, NSGA2Settings
 from evomerge.search.optimizers import CMAESOptimizer, CMAESSettings, RandomSearch, RandomSettings
 
-# (settings, lower, upper, seed, seeds) -> Optimizer. `seeds` are the warm start's in-space genomes with
-# their results, in evaluation order; `seed` is the resolved random seed.
-OptimizerFactory = Callable[[Any, np.ndarray, np.ndarray, int, Seeds], Optimizer]
+# (settings, lower, upper, seed, seeds, space) -> Optimizer. `seeds` are the warm start's in-space genomes
+# with their results, in evaluation order; `seed` is the resolved random seed; `space` the search space
+# (None outside a run), for the few optimisers whose variation needs more than the box (TensorSpace).
+OptimizerFactory = Callable[[Any, np.ndarray, np.ndarray, int, Seeds, "SearchSpace | None"], Optimizer]
 
 
 @dataclass(frozen=True)
@@ -32,11 +33,16 @@ class OptimizerEntry:
     factory: OptimizerFactory
 
 
-def _builtin(settings: type[OptimizerSettings], optimizer: Callable[..., Optimizer]) -> OptimizerEntry:
-    """Every built-in optimiser takes (lower, upper, settings, *, seed, seeds)."""
-    return OptimizerEntry(
-        settings, lambda s, lo, hi, seed, seeds: optimizer(lo, hi, s, seed=seed, seeds=seeds)
-    )
+def _builtin(
+    settings: type[OptimizerSettings], optimizer: Callable[..., Optimizer], *, with_space: bool = False
+) -> OptimizerEntry:
+    """Every built-in optimiser takes (lower, upper, settings, *, seed, seeds), some also `space`."""
+
+    def factory(s: Any, lo: np.ndarray, hi: np.ndarray, seed: int, seeds: Seeds, space: Any) -> Optimizer:
+        extra = {"space": space} if with_space else {}
+        return optimizer(lo, hi, s, seed=seed, seeds=seeds, **extra)
+
+    return OptimizerEntry(settings, factory)
 
 
 _OPTIMIZERS: dict[str, OptimizerEntry] = {
@@ -44,7 +50,7 @@ _OPTIMIZERS: dict[str, OptimizerEntry] = {
     "random": _builtin(RandomSettings, RandomSearch),
     "ga": _builtin(GASettings, GAOptimizer),
     "nsga2": _builtin(NSGA2Settings, NSGA2Optimizer),
-    "map-elites": _builtin(MapElitesSettings, MapElites),
+    "map-elites": _builtin(MapElitesSettings, MapElites, with_space=True),
     "natural-niches": _builtin(NaturalNichesSettings, NaturalNiches),
 }
 
@@ -103,6 +109,7 @@ def make_optimizer(
     *,
     seed: int = 0,
     seeds: Seeds = (),
+    space: SearchSpace | None = None,
 ) -> Optimizer:
     """The optimiser `settings.name` names over the box [lower, upper], warm-started with `seeds`."""
-    return optimizer_entry(settings.name).factory(settings, lower, upper, seed, seeds)
+    return optimizer_entry(settings.name).factory(settings, lower, upper, seed, seeds, space)

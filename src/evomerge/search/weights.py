@@ -244,6 +244,14 @@ class WeightsSpace:
                 genome[slot.offset : slot.stop] = tensor.float().numpy().ravel()
         return genome
 
+    def tensor_slots(self) -> list[tuple[int, tuple[int, ...]]]:
+        """(offset, shape) of each tensor in the genome (TensorSpace)."""
+        return [(slot.offset, slot.shape) for slot in self.slots]
+
+    def origin(self) -> np.ndarray:
+        """The base model's weights as a genome (TensorSpace): genome - origin is a task vector."""
+        return self.read_genome(self.base_model)
+
     def source_genomes(self) -> np.ndarray:
         """Each source's own weights, (n_models, dim): the `best-source` warm start."""
         return np.stack([self.read_genome(model) for model in self.models])
