@@ -141,3 +141,27 @@ def test_a_gpu_backend_scores_whole_models_like_the_cpu_one(scoreable_family: di
     candidate = space.decode(space.read_genome(scoreable_family["ft1"]) * 0.9)
     on_cpu, on_gpu = cpu.evaluate(candidate, seed=0), gpu.evaluate(candidate, seed=0)
     assert on_gpu.ok and on_gpu.score == pytest.approx(on_cpu.score, rel=1e-4)
+
+
+def test_sparsity_is_the_share_of_weights_left_at_the_base(scoreable_family: dict[str, Path]) -> None:
+    tasks = [load_task(scoreable_family["dev"], metric="perplexity", name="sums")]
+    sample = recipe(scoreable_family, "ties", (0.5, 0.5), density=0.5)
+    measured = LocalBackend.create(scoreable_family["base"], sample, tasks, measures=["sparsity"])
+    try:
+        sparse = measured.evaluate(recipe(scoreable_family, "ties", (1.0, 1.0), density=0.2), seed=0)
+        dense = measured.evaluate(recipe(scoreable_family, "ties", (1.0, 1.0), density=1.0), seed=0)
+        nothing = measured.evaluate(recipe(scoreable_family, "task_arithmetic", (0.0, 0.0)), seed=0)
+    finally:
+        measured.close()
+    # TIES keeps the top 20% of each task vector's entries: where both sources' kept entries miss, the
+    # base stays (most entries); at density 1 nearly every entry moves; weight 0 leaves the base as it is.
+    assert 0.5 < sparse.behaviour["sparsity"] < 0.9
+    assert dense.behaviour["sparsity"] < 0.1
+    assert nothing.behaviour["sparsity"] == 1.0
+
+
+def test_no_measure_is_computed_unless_asked(
+    backend: LocalBackend, scoreable_family: dict[str, Path]
+) -> None:
+    result = backend.evaluate(recipe(scoreable_family, "ties", (1.0, 1.0), density=0.2), seed=0)
+    assert "sparsity" not in result.behaviour

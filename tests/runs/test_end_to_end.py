@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from evomerge.merge.api import merge
 from evomerge.runs.config import EvolveConfig
 from evomerge.runs.loop import evolve
-from evomerge.runs.outputs import BEST_MERGEKIT, BEST_RECIPE, finalize, read_results
+from evomerge.runs.outputs import BEST_MERGEKIT, BEST_RECIPE, finalize, read_results, run_elites
 
 from .fake_problem import build_scoreable_family
 
@@ -101,3 +101,30 @@ def test_mergekit_yaml_reproduces_the_best_model(finished_run: Path, tmp_path: P
     assert ours.keys() == theirs.keys()
     for name, tensor in ours.items():
         torch.testing.assert_close(tensor, theirs[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_a_front_of_score_against_sparsity(tmp_path: Path) -> None:
+    """nsga2 over a fitness task and the built-in sparsity measure, through the real local backend."""
+    family = build_scoreable_family(tmp_path)
+    config = EvolveConfig.from_dict(
+        {
+            "base_model": str(family["base"]),
+            "models": [str(family["ft0"]), str(family["ft1"])],
+            "merge_method": "ties",
+            "search": {"granularity": "model", "parameters": {"weight": [0, 1], "density": [0.1, 1]}},
+            "optimizer": {
+                "name": "nsga2",
+                "population_size": 4,
+                "objectives": ["sums", "behaviour:sparsity"],
+            },
+            "budget": {"max_evaluations": 15},
+            "fitness": [{"name": "sums", "dev": str(family["dev"]), "metric": "perplexity"}],
+            "out": str(tmp_path / "run"),
+        }
+    )
+    assert config.optimizer.measures_needed() == ("sparsity",)
+    summary = evolve(config)
+    front = [e for e in run_elites(summary.run_dir) if e.niche == "front 0"]
+    assert front and all(0.0 <= e.measures["behaviour:sparsity"] <= 1.0 for e in front)
+    sparsities = [e.measures["behaviour:sparsity"] for e in front]
+    assert max(sparsities) > 0.3  # low-density TIES merges keep much of the base, and the front keeps one

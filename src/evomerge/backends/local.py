@@ -19,6 +19,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from evomerge.backends.base import checked
+from evomerge.errors import ConfigError
 from evomerge.eval.result import EvalResult
 
 
@@ -29,6 +30,9 @@ class WholeModel(Protocol):
     def write_into(self, model: torch.nn.Module) -> None: ...
 
 
+MEASURES = ("sparsity",)  # behaviour measures this backend can add to results
+
+
 class LocalBackend:
     """Evaluate candidates one at a time in this process: merge recipes (which must all name the same
     models) and whole models (WholeModel)."""
@@ -36,13 +40,22 @@ class LocalBackend:
     batch_size = 1
 
     def __init__(
-        self, model: torch.nn.Module, sources: Any, evaluator: Any, *, merge_threads: int | None = None
+        self,
+        model: torch.nn.Module,
+        sources: Any,
+        evaluator: Any,
+        *,
+        merge_threads: int | None = None,
+        sparsity_against: str | None = None,
     ) -> None:
         from evomerge.merge.engine import default_threads
 
         self.model = model
         self.sources = sources
         self.evaluator = evaluator
+        # The source (the base) whose tensors `behaviour["sparsity"]` compares the merged model with;
+        # None: not measured (it costs one more pass over the weights per candidate).
+        self.sparsity_against = sparsity_against
         # Tensors merge independently (and deterministically) into the live model: as many at once as
         # the streaming engine computes, or the in-memory merge would be slower than a merge to disk.
         self.merge_threads = merge_threads or default_threads()
@@ -58,8 +71,12 @@ class LocalBackend:
         batch_size: int = 64,
         max_new_tokens: int | None = None,
         device: str | torch.device = "cpu",
+        measures: Sequence[str] = (),
     ) -> LocalBackend:
-        """Load the sources of `sample_recipe` into RAM and the base's architecture as the live model."""
+        """Load the sources of `sample_recipe` into RAM and the base's architecture as the live model.
+
+        `measures`: behaviour measures to add to every result; "sparsity" is the fraction of the merged
+        model's weights equal to the base's (1 - the density of its task vector)."""
         from evomerge.allocator import retain_freed_memory
         from evomerge.eval.evaluator import Evaluator
         from evomerge.eval.loading import load_model
@@ -71,7 +88,13 @@ class LocalBackend:
         evaluator = Evaluator(
             tasks, tokenizer=tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
         )
-        return cls(model, sources, evaluator)
+        unknown = sorted(set(measures) - set(MEASURES))
+        if unknown:
+            raise ConfigError(
+                f"behaviour measures {unknown} are not computed by the local backend; known: {MEASURES}."
+            )
+        sparsity_against = str(base_model) if "sparsity" in measures else None
+        return cls(model, sources, evaluator, sparsity_against=sparsity_against)
 
     def evaluate_batch(self, recipes: Sequence[Any], seeds: Sequence[int]) -> list[EvalResult]:
         return [self.evaluate(recipe, seed) for recipe, seed in zip(recipes, seeds, strict=True)]
@@ -95,8 +118,19 @@ class LocalBackend:
             )
         merge_s = time.perf_counter() - start
         result = self.evaluator.evaluate(self.model)
+        if self.sparsity_against is not None:
+            result.behaviour["sparsity"] = self._sparsity(self.sparsity_against)
         eval_s = time.perf_counter() - start - merge_s
         return checked(result, cost={"merge_s": merge_s, "eval_s": eval_s, "wall_s": merge_s + eval_s})
+
+    def _sparsity(self, base: str) -> float:
+        """Fraction of the live model's weights (those the base holds) exactly equal to the base's."""
+        same = total = 0
+        for name, parameter in self.model.named_parameters():
+            if self.sources.has(base, name):
+                same += int((parameter.detach() == self.sources.get(base, name)).sum())
+                total += parameter.numel()
+        return same / total if total else 0.0
 
     def close(self) -> None:
         self.sources.close()

@@ -28,6 +28,7 @@ class BackendRequest:
     batch_size: int = 64
     max_new_tokens: int | None = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    measures: tuple[str, ...] = ()  # behaviour measures to add to every result ("sparsity")
 
 
 BackendFactory = Callable[[BackendRequest], Backend]
@@ -43,6 +44,7 @@ def _local(request: BackendRequest) -> Backend:
         batch_size=request.batch_size,
         max_new_tokens=request.max_new_tokens,
         device=request.device,
+        measures=request.measures,
     )
 
 

@@ -369,6 +369,7 @@ def make_backend(config: EvolveConfig, *, split: str = "dev") -> Backend:
         batch_size=settings.batch_size,
         max_new_tokens=settings.max_new_tokens,
         device=settings.torch_device(),
+        measures=config.optimizer.measures_needed(),
     )
     return build_backend(config.backend, request)
 

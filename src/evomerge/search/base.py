@@ -153,6 +153,10 @@ class OptimizerSettings(BaseModel):
         """Refuse a search space this optimiser cannot search (checked before any model loads)."""
         return None
 
+    def measures_needed(self) -> tuple[str, ...]:
+        """Behaviour measures the backend must add to every result (e.g. "sparsity" for an objective)."""
+        return ()
+
 
 class BoxOptimizer:
     """What every optimiser over the box [lower, upper] holds: the bounds, its settings, its population

@@ -31,6 +31,7 @@ from evomerge.search.base import (
 )
 
 BEHAVIOUR_PREFIX = "behaviour:"
+BUILTIN_MEASURES = ("sparsity",)  # what the local backend measures when asked (behaviour:sparsity)
 SCORE = "score"  # the evaluation's overall (weighted) score, when no fitness task has this name
 FRONT = "front 0"
 
@@ -62,6 +63,15 @@ class NSGA2Settings(OptimizerSettings):
     def _pymoo_installed(self) -> NSGA2Settings:
         require_extra("pymoo", "'nsga2'")
         return self
+
+    def measures_needed(self) -> tuple[str, ...]:
+        """The built-in measures among the `behaviour:<key>` objectives (the backend computes them)."""
+        keys = [
+            name.removeprefix(BEHAVIOUR_PREFIX)
+            for name in self.objectives
+            if name.startswith(BEHAVIOUR_PREFIX)
+        ]
+        return tuple(key for key in keys if key in BUILTIN_MEASURES)
 
     def check_tasks(self, task_names: Sequence[str]) -> None:
         """Refuse objectives that are neither fitness tasks, `score`, nor `behaviour:<key>`."""
