@@ -91,11 +91,7 @@ def test_bad_config_fields_are_located(
 def test_bad_search_space_fails_before_any_evaluation(
     tmp_path: Path, family: dict[str, Path], search: dict, message: str
 ) -> None:
-    config = make_config(tmp_path, family, search=search)
-    calls: list[Any] = []
-    with pytest.raises(ConfigError, match=message):
-        evolve(config, backend=_spy(calls))
-    assert calls == [] and not config.out.exists()
+    assert_refused_before_any_evaluation(make_config(tmp_path, family, search=search), message)
 
 
 def test_sources_with_other_shapes_name_the_tensor_and_both_shapes(
@@ -229,7 +225,10 @@ def test_natural_niches_over_sources_of_other_shapes_is_refused_before_any_weigh
 def test_an_optimiser_that_cannot_search_the_space_fails_before_any_evaluation(
     tmp_path: Path, family: dict[str, Path], optimizer: dict, message: str
 ) -> None:
-    config = make_config(tmp_path, family, optimizer=optimizer)
+    assert_refused_before_any_evaluation(make_config(tmp_path, family, optimizer=optimizer), message)
+
+
+def assert_refused_before_any_evaluation(config: EvolveConfig, message: str) -> None:
     calls: list[Any] = []
     with pytest.raises(ConfigError, match=message):
         evolve(config, backend=_spy(calls))
