@@ -242,3 +242,26 @@ def test_layers_are_counted_from_tensor_names_when_the_config_has_none(tmp_path:
     space = ParameterSpace.from_models(dirs[0], dirs[1:], "slerp", granularity="layer")
     assert space.n_layers == 3 and space.dim == 3
     assert space.decode_dict(np.array([0.0, 0.5, 1.0]))["parameters"]["t"] == [0.0, 0.5, 1.0]
+
+
+def test_source_alone_is_a_one_model_linear_merge_of_weight_one() -> None:
+    from evomerge.search.space import source_alone
+
+    alone = {"merge_method": "linear", "models": [{"model": "/m/a", "parameters": {"weight": 1.0}}]}
+    assert source_alone(alone) == "/m/a"
+    assert source_alone(yaml_text(alone)) == "/m/a"
+    half = {
+        **alone,
+        "models": [{"model": "/m/a", "parameters": {"weight": 0.5}}],
+        "parameters": {"normalize": False},
+    }
+    assert source_alone(half) is None  # 0.5 x the model without normalisation: not the source
+    two = {**alone, "models": alone["models"] * 2}
+    assert source_alone(two) is None and source_alone({**alone, "merge_method": "ties"}) is None
+    assert source_alone("not: [a mapping") is None
+
+
+def yaml_text(mapping: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(mapping)

@@ -276,12 +276,11 @@ class ParameterSpace:
             return None
 
     def _in_space_form(self, mapping: dict[str, Any]) -> dict[str, Any] | None:
-        """A one-model recipe (a source alone) rewritten as this method's weights, where that is the same."""
-        models = mapping.get("models") or []
-        if len(models) != 1 or mapping.get("merge_method") != "linear" or "slices" in mapping:
+        """A source alone rewritten as this method's weights, where that is the same model."""
+        chosen = source_alone(mapping)
+        if chosen is None:
             return mapping
-        chosen, weight = str(models[0].get("model")), (models[0].get("parameters") or {}).get("weight", 1.0)
-        if self.method not in _SOURCE_ALONE or chosen not in self.models or weight == 0:
+        if self.method not in _SOURCE_ALONE or chosen not in self.models:
             return None
         entries = [{"model": m, "parameters": {"weight": 1.0 if m == chosen else 0.0}} for m in self.models]
         return {"merge_method": self.method, "base_model": self.base_model, "models": entries}
@@ -460,6 +459,21 @@ def _bounds_of(spec: ParamSpec, bounds: Sequence[float] | None) -> tuple[float, 
 
 
 # --- reading a recipe ---------------------------------------------------------------------------------
+def source_alone(recipe: Any) -> str | None:
+    """The model a source-alone recipe names (a one-model linear merge of weight 1, as the warm start and
+    the results table write each source), else None."""
+    try:
+        mapping = _recipe_mapping(recipe)
+    except (ConfigError, AttributeError, yaml.YAMLError):
+        return None
+    models = mapping.get("models") or []
+    if mapping.get("merge_method") != "linear" or "slices" in mapping or len(models) != 1:
+        return None
+    if not isinstance(models[0], dict) or (models[0].get("parameters") or {}).get("weight", 1.0) != 1.0:
+        return None
+    return str(models[0].get("model"))
+
+
 def _recipe_mapping(recipe: Any) -> dict[str, Any]:
     if isinstance(recipe, dict):
         return recipe

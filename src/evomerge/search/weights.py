@@ -35,10 +35,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 
 from evomerge.errors import ConfigError, TensorMismatchError
 from evomerge.search.base import as_genome
+from evomerge.search.space import source_alone
 
 BOUND_SCALE = 4.0  # bounds: this many times the largest |value| a tensor holds in any source
 MIN_MAGNITUDE = 0.1  # ... but never tighter than this (a tensor that is all zeros in every source)
@@ -222,7 +222,7 @@ class WeightsSpace:
             if candidate.values.shape != (self.dim,):
                 return None
             return candidate.values.astype(np.float64)
-        model = _source_alone(candidate)
+        model = source_alone(candidate)
         known = {str(Path(m).resolve()): m for m in (self.base_model, *self.models)}
         if model is None or str(Path(model).resolve()) not in known:
             return None
@@ -337,18 +337,3 @@ def _is_weights_text(text: str) -> bool:
     except json.JSONDecodeError:
         return False
     return isinstance(payload, dict) and payload.get("space") == TEXT_KIND
-
-
-def _source_alone(candidate: Any) -> str | None:
-    """The model a one-model linear recipe of weight 1 names (a source alone), else None."""
-    if isinstance(candidate, str):
-        candidate = yaml.safe_load(candidate)
-    elif hasattr(candidate, "to_yaml"):
-        candidate = yaml.safe_load(candidate.to_yaml())
-    if not isinstance(candidate, dict) or candidate.get("merge_method") != "linear" or "slices" in candidate:
-        return None
-    models = candidate.get("models") or []
-    if len(models) != 1 or not isinstance(models[0], dict):
-        return None
-    weight = (models[0].get("parameters") or {}).get("weight", 1.0)
-    return str(models[0].get("model")) if weight == 1.0 else None
