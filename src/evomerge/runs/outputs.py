@@ -10,6 +10,7 @@ did not, `shortfalls` names what beat it (the CLI's summary line and the report'
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from evomerge.runs.baselines import baseline_recipes, source_recipes
 from evomerge.runs.config import EvolveConfig
 from evomerge.runs.loop import load_run_config, make_backend
 from evomerge.runs.store import Evaluation, RunStore, parse_key
+from evomerge.search.base import SearchSpace
 
 BEST_RECIPE = "best_recipe.yaml"
 BEST_MERGEKIT = "best_recipe.mergekit.yaml"
@@ -102,8 +104,9 @@ def export_elite(run_dir: Path, elite_id: str, out_dir: Path, *, force: bool = F
             f"{run_dir}: {elite_id} failed on dev ({evaluation.result.error}); nothing to export."
         )
     config = load_run_config(run_dir)
-    out = config.search_space().export(evaluation.recipe, Path(out_dir), seed=evaluation.seed, force=force)
-    _write_card(out, evaluation, None, config, title=f"evomerge run {run_dir.name}, {evaluation.name}")
+    space = config.search_space()
+    out = space.export(evaluation.recipe, Path(out_dir), seed=evaluation.seed, force=force)
+    _write_card(out, evaluation, None, config, space, title=f"evomerge run {run_dir.name}, {evaluation.name}")
     return out
 
 
@@ -124,17 +127,24 @@ def write_best_recipe(run_dir: Path, best: Evaluation) -> tuple[Path, Path]:
 def write_best_model(run_dir: Path, best: Evaluation, scores: dict[str, float] | None = None) -> Path:
     """Merge the best recipe to disk (streaming engine) with its model card."""
     config = load_run_config(run_dir)
-    out = config.search_space().export(best.recipe, run_dir / BEST_MODEL, seed=best.seed, force=True)
-    _write_card(out, best, scores, config, title="evomerge evolved merge")
+    space = config.search_space()
+    out = space.export(best.recipe, run_dir / BEST_MODEL, seed=best.seed, force=True)
+    _write_card(out, best, scores, config, space, title="evomerge evolved merge")
     return out
 
 
 def _write_card(
-    out: Path, evaluation: Evaluation, scores: dict[str, float] | None, config: EvolveConfig, *, title: str
+    out: Path,
+    evaluation: Evaluation,
+    scores: dict[str, float] | None,
+    config: EvolveConfig,
+    space: SearchSpace,
+    *,
+    title: str,
 ) -> None:
     from evomerge.io.model_card import write_model_card
 
-    candidate = config.search_space().from_text(evaluation.recipe)
+    candidate = space.from_text(evaluation.recipe)
     if is_recipe(candidate):
         sources, method, recipe = candidate.referenced_models(), candidate.merge_method, evaluation.recipe
     else:  # a whole model (the weights space): bred, not merged by a recipe
@@ -206,7 +216,7 @@ def _row(name: str, kind: str, result: EvalResult) -> ResultRow:
     groups = {
         f"{task}:{group}": value
         for task, score in result.tasks.items()
-        for group, value in getattr(score, "groups", {}).items()
+        for group, value in score.groups.items()
     }
     return ResultRow(name, kind, result.score, tasks, result.error, groups)
 
@@ -266,13 +276,14 @@ def results_markdown(rows: list[ResultRow]) -> str:
     ]
     for row in rows:
         score = f"{row.score:.3f}" if row.error is None else f"failed ({row.error[:40]})"
-        cells = [row.name, row.kind, score, *(_cell(column_value(row, c)) for c in columns)]
+        cells = [row.name, row.kind, score, *(score_cell(column_value(row, c)) for c in columns)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _cell(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def score_cell(value: float | None) -> str:
+    """A score as a table cell (3 decimals; "-" where there is none or it is not finite)."""
+    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
 def finalize(run_dir: Path, *, with_model: bool = True, with_table: bool = True) -> dict[str, Path]:

@@ -27,6 +27,7 @@ from evomerge.runs.outputs import (
     read_results,
     result_columns,
     run_elites,
+    score_cell,
     shortfall_line,
 )
 from evomerge.runs.store import WARM_START_GENERATION, Evaluation, RunStore
@@ -157,7 +158,7 @@ def _table(rows: list[ResultRow] | None) -> str:
 
 def _table_row(row: ResultRow, columns: list[str]) -> str:
     score = f"{row.score:.3f}" if row.error is None else f"failed: {html.escape(row.error)}"
-    cells = [html.escape(row.name), row.kind, score, *(_cell(column_value(row, c)) for c in columns)]
+    cells = [html.escape(row.name), row.kind, score, *(score_cell(column_value(row, c)) for c in columns)]
     style = ' class="evolved"' if row.kind == "evolved" else ""
     return f"<tr{style}>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
@@ -246,7 +247,13 @@ def _elites_table(elites: list[RunElite]) -> str:
     for elite in elites:
         result = elite.evaluation.result
         what = elite.evaluation.label or "evolved"
-        cells = [elite.id, elite.niche, what, _cell(result.score), *(_cell(_task(result, t)) for t in tasks)]
+        cells = [
+            elite.id,
+            elite.niche,
+            what,
+            score_cell(result.score),
+            *(score_cell(_task(result, t)) for t in tasks),
+        ]
         body += "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
     return f"<table><tr>{head}</tr>{body}</table><p>Export one: <code>evomerge export RUN_DIR --elite ID OUT_DIR</code>.</p>"
 
@@ -254,10 +261,6 @@ def _elites_table(elites: list[RunElite]) -> str:
 def _task(result: Any, task: str) -> float | None:
     score = result.tasks.get(task)
     return None if score is None else score.score
-
-
-def _cell(value: float | None) -> str:
-    return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
 
 
 def _summary(

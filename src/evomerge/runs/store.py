@@ -6,8 +6,9 @@ looks each asked genome up and re-evaluates nothing that was committed. The warm
 its evaluations carry a label ("source add", "default ties (weight 1, density 0.5)", ...) and, when they
 lie outside the search space, an empty genome.
 
-Format 2 (this version) adds the labels, the `meta` table and the `elites` table (the optimiser's elites
-as of its last checkpoint, as keys of evaluations). A format-1 store (evomerge 0.1.0) is still read
+Format 2 (this version) adds the labels, a hash of each genome, the `meta` table, the `elites` table (the
+optimiser's elites as of its last checkpoint, as keys of evaluations) and the `stats` table (the
+optimiser's stats at each checkpoint). A format-1 store (evomerge 0.1.0) is still read
 (evaluations, best, elites); its checkpoints pickle optimiser classes this version no longer has, so it
 cannot be resumed (the loop says so).
 
