@@ -25,6 +25,7 @@ from evomerge.merge.sparsify import (
 EXPECTED = {
     "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
     "della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "passthrough",
+    "nearswap", "arcee_fusion", "ram", "ramplus_tl",
 }  # fmt: skip
 METHODS = all_methods()
 GTA = [
@@ -405,3 +406,78 @@ def test_inputs_that_require_grad_are_merged_without_autograd(method: MergeMetho
     tensors, base = inputs(method)
     out = call(method.name, [t.requires_grad_() for t in tensors], base, seed=0)
     assert not out.requires_grad
+
+
+# ---- nearswap, arcee_fusion, ram, ramplus_tl: their defining identities
+
+
+def test_nearswap_takes_near_entries_whole_and_far_ones_in_part() -> None:
+    base = torch.zeros(3)
+    other = torch.tensor([0.01, 0.2, -0.4])
+    out = call("nearswap", [other], base, t=0.1)
+    # |gap| 0.01 <= t: swapped; 0.2: half way (t / gap = 0.5); 0.4: a quarter
+    torch.testing.assert_close(out, torch.tensor([0.01, 0.1, -0.1]))
+    assert torch.equal(call("nearswap", [other], base, t=0.0), base)
+    assert torch.equal(call("nearswap", [other], base, t=10.0), other)
+
+
+def test_nearswap_at_t_zero_is_the_base_in_float16_too() -> None:
+    """mergekit gives NaN where float16 entries are equal at t = 0; the base is the value meant."""
+    base = torch.randn(40).half()
+    other = base.clone()
+    other[:5] += 0.5
+    out = call("nearswap", [other], base, t=0.0)
+    assert torch.equal(out, base) and out.data_ptr() != base.data_ptr()
+
+
+def test_arcee_fusion_takes_each_entry_from_one_model() -> None:
+    tensors, base = inputs(get_method("arcee_fusion"))
+    out = call("arcee_fusion", tensors, base)
+    from_base, from_other = out == base, out == tensors[0]
+    assert bool((from_base | from_other).all())
+    assert 0 < int(from_other.sum()) < out.numel() // 4  # only outliers of importance move
+    assert torch.equal(call("arcee_fusion", [base.clone()], base), base)
+
+
+def test_arcee_fusion_threshold_is_median_plus_one_and_a_half_iqr() -> None:
+    from evomerge.merge.methods.arcee_fusion import outlier_threshold
+
+    scores = torch.arange(101.0).flip(0)  # ranks 25, 50, 75 of 0..100
+    assert float(outlier_threshold(scores)) == 50 + 1.5 * (75 - 25)
+    assert float(outlier_threshold(torch.arange(10.0))) == 4 + 1.5 * (6 - 2)  # floor(q * 9): 2, 4, 6
+
+
+@pytest.mark.parametrize("name", ["arcee_fusion", "ramplus_tl"])
+def test_half_inputs_give_float32_results_as_in_mergekit(name: str) -> None:
+    method = get_method(name)
+    tensors, base = inputs(method)
+    assert base is not None
+    out = call(name, [t.bfloat16() for t in tensors], base.bfloat16())
+    assert out.dtype == torch.float32 == method.result_dtype(torch.bfloat16)
+    assert method.result_dtype(torch.float64) == torch.float64
+    assert get_method("ram").result_dtype(torch.bfloat16) == torch.bfloat16
+
+
+def _sparse_changes() -> tuple[torch.Tensor, list[torch.Tensor]]:
+    base = torch.zeros(6)
+    a = torch.tensor([1.0, 0.0, 0.0, 2.0, 4.0, 0.0])
+    b = torch.tensor([0.0, 3.0, 0.0, 4.0, 0.0, 0.0])
+    return base, [a, b]
+
+
+def test_ram_keeps_lone_changes_and_averages_shared_ones() -> None:
+    base, (a, b) = _sparse_changes()
+    out = call("ram", [a, b], base)
+    assert torch.equal(out, torch.tensor([1.0, 3.0, 0.0, 3.0, 4.0, 0.0]))
+    # a change of at most epsilon does not count: then b alone changed entry 3
+    assert torch.equal(call("ram", [a, b], base, epsilon=2.5), torch.tensor([0.0, 3.0, 0.0, 4.0, 4.0, 0.0]))
+
+
+def test_ramplus_tl_boosts_the_lone_changes_of_models_that_overlap() -> None:
+    base, (a, b) = _sparse_changes()
+    # a: 1 shared, 2 unique -> rho 0.5, clamped to alpha 0.2 -> lambda 1.02; b: 1 shared, 1 unique -> 1.02
+    out = call("ramplus_tl", [a, b], base, r=0.1, alpha=0.2)
+    expected = torch.tensor([1.0 * 1.02, 3.0 * 1.02, 0.0, 3.0, 4.0 * 1.02, 0.0])
+    torch.testing.assert_close(out, expected)
+    assert torch.equal(call("ramplus_tl", [a, b], base, r=0.0), call("ram", [a, b], base))
+    assert torch.equal(call("ramplus_tl", [a], base), a)  # no overlap: no boost

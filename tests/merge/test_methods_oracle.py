@@ -53,6 +53,13 @@ CASES: list[tuple[str, int, bool, dict[str, Any]]] = [
     ("sce", 3, True, {}),
     ("sce", 3, True, {"select_topk": 0.3}),
     ("passthrough", 1, False, {"scale": [0.5]}),
+    ("nearswap", 1, True, {"t": 0.05}),
+    ("nearswap", 1, True, {"t": 0.003}),
+    ("arcee_fusion", 1, True, {}),
+    ("ram", 3, True, {}),
+    ("ram", 2, True, {"epsilon": 0.02}),
+    ("ramplus_tl", 3, True, {}),
+    ("ramplus_tl", 3, True, {"r": 0.5, "alpha": 0.9, "epsilon": 0.01}),
 ]
 
 
@@ -203,3 +210,66 @@ def test_equal_to_mergekit_on_a_large_tied_bf16_tensor(name: str) -> None:
         params["gamma"] = [0.01, 0.05, 0.1]
     base = base32.bfloat16()
     assert torch.equal(call(name, tensors, base, **params), mergekit_result(name, tensors, base, params))
+
+
+def _sparse_family(
+    shape: tuple[int, ...], count: int, dtype: torch.dtype, seed: int = 3
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Fine-tunes that each change ~40% of the entries (as RL fine-tunes do), overlapping by chance."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    changes = [
+        0.1 * torch.randn(shape, generator=g) * (torch.rand(shape, generator=g) < 0.4) for _ in range(count)
+    ]
+    return base.to(dtype), [(base + change).to(dtype) for change in changes]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize(
+    ("name", "count", "params"),
+    [
+        ("ram", 3, {}),
+        ("ram", 4, {"epsilon": 0.05}),
+        ("ramplus_tl", 3, {}),
+        ("ramplus_tl", 4, {"r": 0.7, "alpha": 2.0, "epsilon": 0.01}),
+        ("ramplus_tl", 2, {"r": 0.3, "alpha": 0.5, "epsilon": 0.0}),
+        ("nearswap", 1, {"t": 0.01}),
+        ("arcee_fusion", 1, {}),
+    ],
+    ids=lambda v: v if isinstance(v, str) else None,
+)
+def test_equal_to_mergekit_on_sparse_changes(
+    name: str, count: int, params: dict[str, Any], dtype: torch.dtype
+) -> None:
+    """Entries changed by no model, one model or several: every branch of RAM's rule, in every dtype."""
+    base, tensors = _sparse_family((64, 48), count, dtype)
+    expected = mergekit_result(name, tensors, base, params)
+    out = call(name, tensors, base, **params)
+    assert out.dtype == expected.dtype
+    assert torch.equal(out, expected), f"max abs diff {(out.double() - expected.double()).abs().max().item()}"
+
+
+def test_nearswap_at_t_zero_in_float16_differs_from_mergekit_only_where_it_gives_nan() -> None:
+    base, tensors = _sparse_family((40, 30), 1, torch.float16)
+    expected = mergekit_result("nearswap", tensors, base, {"t": 0.0})
+    out = call("nearswap", tensors, base, t=0.0)
+    nan = expected.isnan()
+    assert bool(nan.any()) and torch.equal(out[~nan], expected[~nan]) and torch.equal(out, base)
+
+
+def test_arcee_fusion_beyond_mergekit_sample_size_uses_exact_quartiles() -> None:
+    """mergekit samples 10^6 entries (unseeded) past that size; we take every entry: a few boundary
+    entries differ, and ours is the rule applied exactly."""
+    from evomerge.merge.methods.arcee_fusion import importance
+
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(1030, 1000, generator=g)
+    other = base + 0.01 * torch.randn(1030, 1000, generator=g)
+    out = call("arcee_fusion", [other], base)
+    scores = importance(other, base).reshape(-1)
+    ranked = scores.sort().values
+    n = ranked.numel() - 1
+    threshold = ranked[n // 2] + 1.5 * (ranked[3 * n // 4] - ranked[n // 4])
+    assert torch.equal(out, torch.where((scores >= threshold).reshape(base.shape), other, base))
+    theirs = mergekit_result("arcee_fusion", [other], base, {})
+    assert float((out != theirs).float().mean()) < 0.01

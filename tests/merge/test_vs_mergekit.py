@@ -104,6 +104,17 @@ CONFIGS: dict[str, str] = {
     + "\nparameters: {max_iter: 5}\n",
     "model_stock": "merge_method: model_stock\nbase_model: {base}\n"
     + _models(_entry("{ft0}"), _entry("{ft1}"), _entry("{ft2}")),
+    "nearswap": "merge_method: nearswap\nbase_model: {base}\n"
+    + _models(_entry("{base}"), _entry("{ft0}"))
+    + "\nparameters:\n  t:\n    - filter: mlp\n      value: [0.001, 0.05]\n    - value: 0.02\n",
+    "arcee_fusion": "merge_method: arcee_fusion\nbase_model: {base}\n"
+    + _models(_entry("{base}"), _entry("{ft1}")),
+    "ram": "merge_method: ram\nbase_model: {base}\n"
+    + _models(_entry("{ft0}"), _entry("{ft1}"), _entry("{ft2}"))
+    + "\nparameters: {epsilon: 0.01}\n",
+    "ramplus_tl": "merge_method: ramplus_tl\nbase_model: {base}\n"
+    + _models(_entry("{ft0}"), _entry("{ft1}"), _entry("{ft2}"))
+    + "\nparameters: {r: 0.5, alpha: [0.1, 0.9], epsilon: 0.01}\n",
     "passthrough_frankenmerge": """merge_method: passthrough
 slices:
   - sources: [{{model: {ft0}, layer_range: [0, 3]}}]
@@ -126,7 +137,10 @@ slices:
 }
 
 # Every config on fp32 and sharded bf16; the two-model ones and linear also on the tied families.
-TIED_TOO = {"linear", "linear_with_base_listed", "breadcrumbs", "slerp", "nuslerp", "nuslerp_base"}
+TIED_TOO = {
+    "linear", "linear_with_base_listed", "breadcrumbs", "slerp", "nuslerp", "nuslerp_base", "nearswap",
+    "arcee_fusion",
+}  # fmt: skip
 CASES = [(name, key) for name in CONFIGS for key in ("fp32", "bf16_sharded")]
 CASES += [(name, key) for name in sorted(TIED_TOO) for key in ("fp32_tied", "bf16_tied")]
 CASES += [("mixed_tied_untied", "fp32")]

@@ -234,7 +234,7 @@ def _make_task(
         params=params,
         shape=infos[0].shape,
         compute_dtype=compute,
-        out_dtype=parse_dtype(config.out_dtype) or compute,
+        out_dtype=parse_dtype(config.out_dtype) or method.result_dtype(compute),
         floating=all(info.dtype.is_floating_point for info in infos),
     )
 

@@ -54,6 +54,9 @@ class ParamSpec:
     low_open: bool = False  # True: `low` itself is not allowed, e.g. density in (0, 1]
     high_open: bool = False
     description: str = ""
+    # The range evolution searches when the config gives no bounds (a method-specific scale, e.g.
+    # nearswap's distance `t`); None: the search space's default range for the name, else [low, high].
+    search_range: tuple[float, float] | None = None
 
     @property
     def required(self) -> bool:
@@ -103,6 +106,13 @@ class MergeMethod:
     aliases: tuple[str, ...] = field(default=())
     # Keyword options the kernel takes beyond mergekit's parameters (e.g. "tie_break"); never in configs.
     options: tuple[str, ...] = field(default=())
+    # The kernel returns float32 (or wider) for half-precision inputs, as mergekit's does (a float32 mask
+    # or coefficient promotes them); without `out_dtype` the output tensors keep that dtype, as mergekit's.
+    widens_to_float32: bool = False
+
+    def result_dtype(self, compute: torch.dtype) -> torch.dtype:
+        """The dtype of the kernel's result for inputs of dtype `compute`."""
+        return torch.promote_types(compute, torch.float32) if self.widens_to_float32 else compute
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:

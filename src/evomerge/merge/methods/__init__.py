@@ -1,10 +1,13 @@
 """Built-in merge methods. Each module registers its methods with `evomerge.merge.registry.register`."""
 
 from evomerge.merge.methods import (  # noqa: F401
+    arcee_fusion,
     karcher,
     linear,
     model_stock,
+    nearswap,
     passthrough,
+    ram,
     sce,
     slerp,
     task_arithmetic,
