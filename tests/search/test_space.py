@@ -265,3 +265,19 @@ def yaml_text(mapping: dict) -> str:
     import yaml
 
     return yaml.safe_dump(mapping)
+
+
+@pytest.mark.parametrize(
+    ("method", "evolved"),
+    [("nearswap", {"t": (0.0, 0.01)}), ("ram", {"epsilon": (0.0, 1e-3)}), ("ramplus_tl", {"r": (0.0, 1.0)})],
+)
+def test_methods_with_a_search_range_evolve_in_it_by_default(
+    family: dict[str, Path], method: str, evolved: dict[str, tuple[float, float]]
+) -> None:
+    models = [family["ft0"]] if method == "nearswap" else [family["ft0"], family["ft1"]]
+    space = ParameterSpace.from_models(family["base"], models, method, granularity="model")
+    for name, bounds in evolved.items():
+        assert space.parameters[name] == bounds
+    lower, upper = space.bounds
+    recipe = space.decode((np.asarray(lower) + np.asarray(upper)) / 2)
+    assert recipe.merge_method == method  # a valid MergeConfig, checked against the registry

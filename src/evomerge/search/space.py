@@ -436,7 +436,10 @@ def resolve_bounds(
 
 
 def _evolved_by_default(method: MergeMethod, spec: ParamSpec) -> bool:
-    """weight, t and select_topk; density too where the method sparsifies (not plain task arithmetic)."""
+    """weight, t and select_topk; density too where the method sparsifies (not plain task arithmetic); and
+    every parameter its method gives a search range."""
+    if spec.search_range is not None:
+        return True
     if spec.name == "density":
         return method.name != "task_arithmetic"
     return spec.name in ("weight", "t", "select_topk")
@@ -447,7 +450,7 @@ def _bounds_of(spec: ParamSpec, bounds: Sequence[float] | None) -> tuple[float, 
     if spec.kind != "float":
         raise ConfigError(f"{where}: only float parameters evolve; '{spec.name}' is {spec.kind}.")
     if bounds is None:
-        bounds = DEFAULT_RANGES.get(spec.name, (spec.low, spec.high))  # type: ignore[arg-type]
+        bounds = spec.search_range or DEFAULT_RANGES.get(spec.name, (spec.low, spec.high))  # type: ignore[arg-type]
         if bounds[0] is None or bounds[1] is None:
             raise ConfigError(f"{where}: give bounds [low, high]; '{spec.name}' has no default range.")
     if len(bounds) != 2:
