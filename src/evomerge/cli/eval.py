@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -17,6 +15,7 @@ from evomerge.cli._common import console, user_errors
 from evomerge.errors import ConfigError
 from evomerge.eval.result import EvalResult
 from evomerge.eval.tasks import METRICS, Task
+from evomerge.io.atomic import atomic_write_text
 
 
 @app.command("eval")
@@ -118,16 +117,5 @@ def _write_per_example(
             if said is not None:
                 record["prediction"] = said[index]
             lines.append(json.dumps(record, ensure_ascii=False))
-    _atomic_write(path, "".join(line + "\n" for line in lines))
-
-
-def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, "".join(line + "\n" for line in lines))

@@ -2,7 +2,7 @@
 
 A merged model is only usable with `from_pretrained` if its dir also holds the config (updated, e.g.
 with the new layer count after layer stacking) and the tokenizer of its tokenizer source. Every file is
-written under a temporary name and renamed, so a reader never sees half a file.
+written atomically (`evomerge.io.atomic`), so a reader never sees half a file.
 """
 
 from __future__ import annotations
@@ -11,15 +11,15 @@ import copy
 import json
 import os
 import re
-import secrets
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from evomerge.errors import SourceError
+from evomerge.io.atomic import atomic_path, atomic_write_text
 
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
@@ -98,8 +98,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def write_json(path: Path, payload: Mapping[str, Any]) -> Path:
-    """Write `payload` as transformers does (indent 2, sorted keys), through a temporary file."""
-    return _replace_with(path, lambda temporary: temporary.write_text(_dumps(payload), encoding="utf-8"))
+    """Write `payload` as transformers does (indent 2, sorted keys), atomically."""
+    return atomic_write_text(path, _dumps(payload))
 
 
 def _dumps(payload: Mapping[str, Any]) -> str:
@@ -107,23 +107,9 @@ def _dumps(payload: Mapping[str, Any]) -> str:
 
 
 def _copy(source: Path, dest: Path) -> Path:
-    if source.is_dir():
-        return _replace_with(dest, lambda temporary: shutil.copytree(source, temporary))
-    return _replace_with(dest, lambda temporary: shutil.copyfile(source, temporary))
-
-
-def _replace_with(path: Path, make: Callable[[Path], object]) -> Path:
-    """Create `path` by `make(temporary)` then an atomic rename; an existing `path` is replaced."""
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        make(temporary)
-        if path.is_dir() and temporary.is_dir():
-            shutil.rmtree(path)
-        os.replace(temporary, path)
-    except BaseException:
-        if temporary.is_dir():
-            shutil.rmtree(temporary, ignore_errors=True)
+    with atomic_path(dest) as temporary:
+        if source.is_dir():
+            shutil.copytree(source, temporary)
         else:
-            temporary.unlink(missing_ok=True)
-        raise
-    return path
+            shutil.copyfile(source, temporary)
+    return dest

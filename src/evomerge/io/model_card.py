@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from evomerge.io.hf_dir import _replace_with
+from evomerge.io.atomic import atomic_write_text
 
 README = "README.md"
 # Where each method was introduced, for the reader who wants the definition.
@@ -27,6 +27,9 @@ _METHOD_PAPERS = {
     "della": ("DELLA-Merging", "https://arxiv.org/abs/2406.11617"),
     "della_linear": ("DELLA-Merging", "https://arxiv.org/abs/2406.11617"),
     "sce": ("FuseChat (SCE)", "https://arxiv.org/abs/2408.07990"),
+    "ram": ("Reinforced Agent Merging (RAM)", "https://arxiv.org/abs/2601.13572"),
+    "ramplus_tl": ("Reinforced Agent Merging (RAM+)", "https://arxiv.org/abs/2601.13572"),
+    "nearswap": ("NearSwap (QuartetAnemoi)", "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001"),
 }
 
 
@@ -45,7 +48,7 @@ def write_model_card(
         title=title, sources=sources, method=method, recipe_yaml=recipe_yaml, scores=scores, extra=extra
     )
     path = Path(dest_dir) / README
-    return _replace_with(path, lambda temporary: temporary.write_text(text, encoding="utf-8"))
+    return atomic_write_text(path, text)
 
 
 def render_model_card(

@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, cast
 import torch
 
 from evomerge.errors import OutputExistsError
+from evomerge.io.atomic import atomic_path, atomic_write_text
 from evomerge.io.reader import SAFETENSORS_DTYPES, SAFETENSORS_INDEX, SAFETENSORS_SINGLE
 
 DTYPE_CODES: dict[torch.dtype, str] = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
@@ -93,12 +94,10 @@ class _Shard:
         self.handle.close()
 
     def _compact(self, header: bytes) -> None:
-        compact = self.path.with_name(self.path.name + ".compact")
-        with open(self.path, "rb") as source, open(compact, "wb") as dest:
+        with atomic_path(self.path) as compact, open(self.path, "rb") as source, open(compact, "wb") as dest:
             dest.write(struct.pack("<Q", len(header)) + header)
             source.seek(8 + self.header_room)
             shutil.copyfileobj(source, dest, 16 << 20)
-        os.replace(compact, self.path)
 
 
 def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -231,10 +230,7 @@ def _shard_names(count: int) -> list[str]:
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> Path:
-    temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    temporary.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
-    return path
+    return atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 # ---- atomic output dir --------------------------------------------------------------------------------

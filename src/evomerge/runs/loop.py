@@ -27,6 +27,7 @@ from evomerge.backends.registry import BackendRequest
 from evomerge.backends.registry import make_backend as build_backend
 from evomerge.errors import ConfigError, EvomergeError, OutputExistsError
 from evomerge.eval.result import EvalResult
+from evomerge.io.atomic import atomic_write_text
 from evomerge.runs.baselines import baseline_recipes, source_recipes, union_recipe
 from evomerge.runs.config import EvolveConfig, check_inputs
 from evomerge.runs.store import (
@@ -264,9 +265,7 @@ def _clear(run_dir: Path, *, is_run: bool) -> None:
 def _write_config(run_dir: Path, config: EvolveConfig) -> None:
     import yaml
 
-    temporary = run_dir / f".{CONFIG_NAME}.tmp"
-    temporary.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    temporary.replace(run_dir / CONFIG_NAME)
+    atomic_write_text(run_dir / CONFIG_NAME, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def load_run_config(run_dir: Path) -> EvolveConfig:

@@ -17,6 +17,7 @@ from typing import Any
 
 from evomerge.errors import EvomergeError
 from evomerge.eval.result import EvalResult
+from evomerge.io.atomic import atomic_write_text
 from evomerge.runs.baselines import baseline_recipes, source_recipes
 from evomerge.runs.config import EvolveConfig
 from evomerge.runs.loop import load_run_config, make_backend
@@ -119,8 +120,8 @@ def write_best_recipe(run_dir: Path, best: Evaluation) -> tuple[Path, Path]:
         f"#   evomerge merge {BEST_RECIPE} OUT_DIR --random-seed {best.seed}\n"
         f"# random_seed: {best.seed}\n"
     )
-    evomerge_path = _atomic_write(run_dir / BEST_RECIPE, header + best.recipe)
-    mergekit_path = _atomic_write(run_dir / BEST_MERGEKIT, best.recipe)
+    evomerge_path = atomic_write_text(run_dir / BEST_RECIPE, header + best.recipe)
+    mergekit_path = atomic_write_text(run_dir / BEST_MERGEKIT, best.recipe)
     return evomerge_path, mergekit_path
 
 
@@ -246,8 +247,8 @@ def shortfall_line(rows: list[ResultRow]) -> str | None:
 
 
 def write_results(run_dir: Path, rows: list[ResultRow]) -> Path:
-    _atomic_write(run_dir / RESULTS, json.dumps([asdict(row) for row in rows], indent=2))
-    return _atomic_write(run_dir / RESULTS_MD, results_markdown(rows))
+    atomic_write_text(run_dir / RESULTS, json.dumps([asdict(row) for row in rows], indent=2))
+    return atomic_write_text(run_dir / RESULTS_MD, results_markdown(rows))
 
 
 def read_results(run_dir: Path) -> list[ResultRow] | None:
@@ -314,10 +315,3 @@ def finalize(run_dir: Path, *, with_model: bool = True, with_table: bool = True)
 def _warm_seeds(run_dir: Path) -> dict[str, int]:
     with RunStore.in_dir(run_dir) as store:
         return dict(store.warm_start())
-
-
-def _atomic_write(path: Path, text: str) -> Path:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
-    return path

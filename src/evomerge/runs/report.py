@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from evomerge.io.atomic import atomic_write_text
 from evomerge.runs.loop import load_run_config
 from evomerge.runs.outputs import (
     ResultRow,
@@ -55,10 +56,7 @@ def write_report(run_dir: Path) -> Path:
         _section("Run", _summary(config.model_dump(mode="json"), outcomes, best, space)),
     ]
     page = _PAGE.format(title=html.escape(f"evomerge run {run_dir.name}"), body="\n".join(sections))
-    temporary = run_dir / f".{REPORT}.tmp"
-    temporary.write_text(page, encoding="utf-8")
-    temporary.replace(run_dir / REPORT)
-    return run_dir / REPORT
+    return atomic_write_text(run_dir / REPORT, page)
 
 
 def _warning(rows: list[ResultRow] | None) -> str:

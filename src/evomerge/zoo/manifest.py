@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from evomerge.errors import EvomergeError
+from evomerge.io.atomic import atomic_write_text
 
 MANIFEST_FILE = "zoo.json"
 
@@ -102,13 +102,8 @@ class ZooManifest:
 
     def save(self) -> Path:
         """Write zoo.json atomically (temp file, then rename)."""
-        path = self.root / MANIFEST_FILE
-        temporary = path.with_suffix(".json.tmp")
-        temporary.write_text(
-            json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        os.replace(temporary, path)
-        return path
+        text = json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+        return atomic_write_text(self.root / MANIFEST_FILE, text)
 
     def missing_files(self) -> list[Path]:
         """Files the manifest names that are not on disk (a partial or damaged zoo)."""
