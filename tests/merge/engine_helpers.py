@@ -6,11 +6,12 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from evomerge.zoo.random_models import FamilySpec, build_family
 
@@ -101,3 +102,67 @@ def run_mergekit_batch(jobs: list[tuple[Path, Path]]) -> None:
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, check=False)
     if done.returncode != 0:
         raise AssertionError(f"mergekit failed:\n{done.stderr[-3000:]}")
+
+
+# ---- models whose tokenizers differ (tokenizer_source: union) ------------------------------------------
+
+SPECIALS = ["<unk>", "<s>", "</s>"]
+
+
+@dataclass(frozen=True)
+class VocabSpec:
+    """One model's tokenizer: word-level `words` after the three specials, then `added` special tokens;
+    `rows`: its embedding rows and config vocab_size (more than its tokens: padded)."""
+
+    words: tuple[str, ...]
+    added: tuple[str, ...] = ()
+    rows: int | None = None
+
+
+def words(*ranges: tuple[str, int, int]) -> tuple[str, ...]:
+    """("w", 3, 90) -> w3 .. w89, joined over the ranges."""
+    return tuple(f"{prefix}{i}" for prefix, start, stop in ranges for i in range(start, stop))
+
+
+def save_word_tokenizer(model_dir: Path, spec: VocabSpec) -> int:
+    """A word-level fast tokenizer saved as transformers saves it; returns its number of tokens."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {token: index for index, token in enumerate([*SPECIALS, *spec.words])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+    for token in spec.added:
+        tokenizer.add_tokens([transformers.AddedToken(token, special=True)], special_tokens=True)
+    tokenizer.save_pretrained(model_dir)
+    return len(tokenizer.get_vocab())
+
+
+def vocab_family(root: Path, key: str, spec: FamilySpec, vocabs: dict[str, VocabSpec]) -> dict[str, Path]:
+    """A family (built once per session) whose models get the tokenizers `vocabs` names, their embedding
+    and output rows cut or extended (with random rows) to match, and their config's vocab_size set."""
+    if key in _FAMILIES:
+        return _FAMILIES[key]
+    paths = build_family(root / key, spec)
+    generator = torch.Generator().manual_seed(spec.seed + 100)
+    for name, vocab in vocabs.items():
+        rows = vocab.rows or save_word_tokenizer(paths[name], vocab)
+        if vocab.rows:
+            save_word_tokenizer(paths[name], vocab)
+        _resize_vocab_rows(paths[name], rows, generator)
+    _FAMILIES[key] = paths
+    return paths
+
+
+def _resize_vocab_rows(model_dir: Path, rows: int, generator: torch.Generator) -> None:
+    state = load_file(model_dir / "model.safetensors")
+    for name, tensor in state.items():
+        if name.endswith(("embed_tokens.weight", "lm_head.weight")):
+            extra = 0.02 * torch.randn(max(0, rows - tensor.shape[0]), tensor.shape[1], generator=generator)
+            state[name] = torch.cat([tensor[:rows], extra.to(tensor.dtype)]).contiguous()
+    save_file(state, model_dir / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "vocab_size": rows}, indent=2))

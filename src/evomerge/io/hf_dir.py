@@ -23,6 +23,8 @@ from evomerge.io.atomic import atomic_path, atomic_write_text
 
 CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"
 # Files a tokenizer may consist of, across fast, sentencepiece, BPE, WordPiece and tiktoken tokenizers.
 _TOKENIZER_FILES = re.compile(
     r"^(tokenizer.*\.(json|model)|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt"
@@ -113,3 +115,16 @@ def _copy(source: Path, dest: Path) -> Path:
         else:
             shutil.copyfile(source, temporary)
     return dest
+
+
+def write_chat_template(dest_dir: str | os.PathLike[str], template: str) -> list[Path]:
+    """Make `template` the tokenizer's chat template in `dest_dir`: chat_template.jinja (what transformers 5
+    reads first) and the `chat_template` entry of tokenizer_config.json (what older versions read). A
+    copied processor template (chat_template.json) would disagree, so it is removed."""
+    dest = Path(dest_dir)
+    written = [atomic_write_text(dest / CHAT_TEMPLATE, template)]
+    config = dest / TOKENIZER_CONFIG
+    if config.is_file():
+        written.append(write_json(config, {**read_json(config), "chat_template": template}))
+    (dest / "chat_template.json").unlink(missing_ok=True)
+    return written

@@ -2,7 +2,7 @@
 
 The shape follows what mergekit 0.1.5 reads (`models` or `slices`, `base_model`, `merge_method`,
 `parameters` at global / slice / model level, gradient lists, `filter` lists, `dtype`, `out_dtype`,
-`tokenizer_source`), so an existing config runs unchanged. Validation is stricter than mergekit's where
+`tokenizer_source` (`base`, `union` or a model), `chat_template`), so an existing config runs unchanged. Validation is stricter than mergekit's where
 mergekit would fail late or silently ignore a setting: every problem is reported before any tensor is
 read, with the field path (e.g. `models[1].parameters.density`).
 """
@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from evomerge.configfile import YamlConfig
 from evomerge.errors import ConfigError
+from evomerge.io.chat_templates import check_chat_template
 from evomerge.merge.registry import MergeMethod, ParamSpec, get_method
 
 Scalar: TypeAlias = bool | int | float | str
@@ -135,13 +136,14 @@ class MergeConfig(YamlConfig):
         parse_dtype(value)
         return value
 
-    @field_validator("tokenizer_source")
+    @field_validator("chat_template")
     @classmethod
-    def _tokenizer_source(cls, value: str | None) -> str | None:
-        if value == "union":
-            raise ValueError(
-                "tokenizer_source 'union' is not supported yet; use 'base' or the path of one model"
-            )
+    def _chat_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                check_chat_template(value)
+            except ConfigError as error:
+                raise ValueError(str(error).removeprefix("chat_template: ").rstrip(".")) from None
         return value
 
     @field_validator("tokenizer", "modules")
@@ -188,8 +190,9 @@ class MergeConfig(YamlConfig):
         return list(seen)
 
     def tokenizer_model(self) -> str:
-        """The model whose tokenizer and generation config are copied (mergekit's donor rule)."""
-        if self.tokenizer_source in (None, "base"):
+        """The model whose tokenizer and generation config are copied (mergekit's donor rule); for
+        `union`, the model whose tokenizer the union extends (the base, else the first model)."""
+        if self.tokenizer_source in (None, "base", "union"):
             return self.base_model or self.referenced_models()[0]
         return self.tokenizer_source
 

@@ -35,6 +35,7 @@ from evomerge.merge.plan import MergePlan, TensorTask, build_plan
 from evomerge.merge.registry import MergeMethod
 from evomerge.merge.sources import SourceSet, all_finite, check_finite  # noqa: F401 (re-exported)
 from evomerge.merge.sparsify import TieBreak
+from evomerge.merge.tokenizer import tokenizer_dir, write_tokenizer
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,11 @@ def compute_tensor(
     if not task.floating:
         return inputs[0]
     base = _input(fetch, *task.base, dtype, check_finite) if task.base is not None else None
+    if task.vocab is not None:  # tokenizer_source union: each source's token rows re-indexed to the union
+        named = [(model, tensor) for (model, _), tensor in zip(task.inputs, inputs, strict=True)]
+        inputs, base = task.vocab.align(
+            named, None if base is None or task.base is None else (task.base[0], base)
+        )
     generator = None
     if method.randomized:
         generator = torch.Generator().manual_seed(tensor_seed(seed or 0, task.name))
@@ -258,10 +264,10 @@ def _write_side_files(
     config_yaml: str | None,
 ) -> None:
     """Tokenizer + generation config from the tokenizer source, config.json, the recipe and a model card."""
-    from evomerge.io.hf_dir import copy_hf_files, write_json
+    from evomerge.io.hf_dir import write_json
     from evomerge.io.model_card import write_model_card
 
-    copy_hf_files(_tokenizer_dir(config, sources), out)
+    write_tokenizer(config, sources, plan.vocab, out)
     write_json(out / "config.json", plan.out_config)
     recipe = config_yaml if config_yaml is not None else config.to_yaml()
     (out / "mergekit_config.yml").write_text(recipe)
@@ -276,16 +282,11 @@ def _write_side_files(
 
 
 def _check_tokenizer_dir(config: MergeConfig, sources: SourceSet) -> None:
-    if not _tokenizer_dir(config, sources).is_dir():
+    if not tokenizer_dir(config, sources).is_dir():
         raise SourceError(
             f"tokenizer_source: {config.tokenizer_source!r} is neither 'base' nor an existing model dir; "
             "give 'base' or the path of a model dir."
         )
-
-
-def _tokenizer_dir(config: MergeConfig, sources: SourceSet) -> Path:
-    model = config.tokenizer_model()
-    return sources.path(model) if model in sources.models else Path(model)
 
 
 # ---- into a live model ---------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import keyword
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,6 +26,7 @@ from evomerge.io.hf_dir import dtype_updates
 from evomerge.merge.config import MergeConfig, Settings, non_base_models, parse_dtype
 from evomerge.merge.gradients import layer_position, resolve
 from evomerge.merge.registry import MergeMethod
+from evomerge.merge.vocab import VocabAlignment, VocabTask, build_union, is_vocab_tensor, with_vocab_size
 
 if TYPE_CHECKING:  # the planner reads headers only; SourceSet (which loads what a plan needs) imports it
     from evomerge.merge.sources import SourceSet
@@ -45,6 +46,7 @@ class TensorTask:
     compute_dtype: torch.dtype
     out_dtype: torch.dtype
     floating: bool = True  # False: integer/bool buffers, copied from the first input
+    vocab: VocabTask | None = None  # tokenizer_source union: token rows re-indexed before the kernel
 
     @property
     def refs(self) -> tuple[TensorRef, ...]:
@@ -59,6 +61,7 @@ class MergePlan:
     tasks: list[TensorTask]
     out_config: dict[str, Any]
     num_layers: int | None = None
+    vocab: VocabAlignment | None = None  # tokenizer_source union: the output tokenizer and row maps
 
 
 @dataclass(frozen=True)
@@ -79,17 +82,25 @@ class _Slice:
 def build_plan(config: MergeConfig, sources: SourceSet) -> MergePlan:
     """Resolve every output tensor of `config` against the opened `sources`."""
     slices = _normalise(config, sources)
+    vocab = _union(config, sources)
     tasks: list[TensorTask] = []
     pre, post = _outer_names(config, sources)
-    tasks += [_outer_task(name, slices[0], config, sources) for name in pre]
+    tasks += [_outer_task(name, slices[0], config, sources, vocab) for name in pre]
     source_layers: list[int] = []  # the first source's layer behind each output layer
     for slice_ in slices:
         for offset in range(slice_.num_layers):
             tasks += _layer_tasks(slice_, offset, len(source_layers), config, sources)
             source_layers.append(slice_.sources[0][1] + offset)
-    tasks += [_outer_task(name, slices[-1], config, sources) for name in post]
+    tasks += [_outer_task(name, slices[-1], config, sources, vocab) for name in post]
     stacked = source_layers if config.slices is not None else None
-    return MergePlan(config.method, tasks, _out_config(config, sources, stacked), len(source_layers))
+    out_config = _out_config(config, sources, stacked, vocab)
+    return MergePlan(config.method, tasks, out_config, len(source_layers), vocab)
+
+
+def _union(config: MergeConfig, sources: SourceSet) -> VocabAlignment | None:
+    if config.tokenizer_source != "union":
+        return None
+    return build_union(config.referenced_models(), config.tokenizer_model(), sources)
 
 
 # ---- slices ------------------------------------------------------------------------------------------
@@ -179,11 +190,38 @@ def _input_embedding(sources: SourceSet, model: str) -> str | None:
 _Input = tuple[str, str, Settings | None, str]  # (model, input tensor name, model settings, field path)
 
 
-def _outer_task(name: str, slice_: _Slice, config: MergeConfig, sources: SourceSet) -> TensorTask:
+def _outer_task(
+    name: str, slice_: _Slice, config: MergeConfig, sources: SourceSet, vocab: VocabAlignment | None
+) -> TensorTask:
     inputs = [
         (model, _input_name(sources, model, name), own, where) for model, _, own, where in slice_.sources
     ]
+    if vocab is not None and is_vocab_tensor(name):
+        return _vocab_task(name, inputs, slice_, config, sources, vocab)
     return _make_task(name, inputs, slice_, config, sources, t=0.0)
+
+
+def _vocab_task(
+    name: str,
+    inputs: Sequence[_Input],
+    slice_: _Slice,
+    config: MergeConfig,
+    sources: SourceSet,
+    vocab: VocabAlignment,
+) -> TensorTask:
+    """A token-indexed tensor of a union merge: sources may differ in rows, not in the other axes."""
+    shapes = [sources.info(model, tensor).shape for model, tensor, *_ in inputs]
+    _check_shapes(name, inputs, [shape[1:] for shape in shapes], sources)
+    for (model, tensor, *_), shape in zip(inputs, shapes, strict=True):
+        rows = int(vocab.rows[model].max()) + 1
+        if shape[0] < rows:
+            raise TensorMismatchError(
+                f"tensor {tensor} of {sources.path(model)} has {shape[0]} rows but its tokenizer has tokens up "
+                f"to id {rows - 1} below its config's vocab_size; fix vocab_size in its config.json."
+            )
+    task = _make_task(name, inputs, slice_, config, sources, t=0.0, check=False)
+    group = VocabTask(vocab, tuple(slice_.models), slice_.base if slice_.base in slice_.models else None)
+    return replace(task, shape=(vocab.size, *shapes[0][1:]), vocab=group)
 
 
 def _layer_tasks(
@@ -218,12 +256,19 @@ def _check_same_layer_names(slice_: _Slice, offset: int, names: list[str], sourc
 
 
 def _make_task(
-    name: str, inputs: Sequence[_Input], slice_: _Slice, config: MergeConfig, sources: SourceSet, t: float
+    name: str,
+    inputs: Sequence[_Input],
+    slice_: _Slice,
+    config: MergeConfig,
+    sources: SourceSet,
+    t: float,
+    check: bool = True,
 ) -> TensorTask:
     method = config.method
     by_model = {entry[0]: entry for entry in inputs}
     infos = [sources.info(model, tensor) for model, tensor, *_ in inputs]
-    _check_shapes(name, inputs, [info.shape for info in infos], sources)
+    if check:
+        _check_shapes(name, inputs, [info.shape for info in infos], sources)
     kernel_models = non_base_models(method, slice_.models, slice_.base)
     base = slice_.base if method.accepts_base and slice_.base is not None else None
     params = _per_model_params(method, [by_model[m] for m in kernel_models], slice_, config, t)
@@ -247,10 +292,12 @@ def _check_shapes(
     for (model, tensor, *_), shape in zip(inputs[1:], shapes[1:], strict=True):
         if shape != shapes[0]:
             first_model, first_tensor, *_ = inputs[0]
+            remedy = "merged models must share every shape"
+            if is_vocab_tensor(name):
+                remedy = "models with different vocabularies merge with `tokenizer_source: union`"
             raise TensorMismatchError(
                 f"tensor {name}: shape {list(shapes[0])} in {sources.path(first_model)} ({first_tensor}) but "
-                f"{list(shape)} in {sources.path(model)} ({tensor}); merged models must share every shape "
-                "(e.g. the same vocabulary size)."
+                f"{list(shape)} in {sources.path(model)} ({tensor}); {remedy}."
             )
 
 
@@ -291,10 +338,14 @@ def _global_params(
     }
 
 
-def _out_config(config: MergeConfig, sources: SourceSet, stacked_layers: list[int] | None) -> dict[str, Any]:
-    """The donor's config.json (base, else the first model) with layer count and dtype updated."""
+def _out_config(
+    config: MergeConfig, sources: SourceSet, stacked_layers: list[int] | None, vocab: VocabAlignment | None
+) -> dict[str, Any]:
+    """The donor's config.json (base, else the first model) with layer count, vocab size and dtype updated."""
     donor = config.base_model or config.referenced_models()[0]
     result = dict(sources.config(donor))
+    if vocab is not None:
+        result = with_vocab_size(result, vocab.size)
     if stacked_layers is not None:
         count = len(stacked_layers)
         result = architecture.with_num_layers(result, count, source_layers=stacked_layers)
