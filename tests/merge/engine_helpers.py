@@ -144,6 +144,7 @@ def save_word_tokenizer(model_dir: Path, spec: VocabSpec) -> int:
 def vocab_family(root: Path, key: str, spec: FamilySpec, vocabs: dict[str, VocabSpec]) -> dict[str, Path]:
     """A family (built once per session) whose models get the tokenizers `vocabs` names, their embedding
     and output rows cut or extended (with random rows) to match, and their config's vocab_size set."""
+    key = f"vocab-{key}"  # the cache is shared with `family`, whose keys these must not shadow
     if key in _FAMILIES:
         return _FAMILIES[key]
     paths = build_family(root / key, spec)
