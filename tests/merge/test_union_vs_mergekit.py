@@ -1,5 +1,6 @@
-"""`tokenizer_source: union` against mergekit 0.1.5: the same vocabulary, and the same embedding and output
-rows for every token (within one ulp of the output dtype), on tiny models whose tokenizers differ.
+"""`tokenizer_source: union` (and `base` or a model, whose vocabulary the others are re-indexed to) against
+mergekit 0.1.5: the same vocabulary, and the same embedding and output rows for every token (within one
+ulp of the output dtype), on tiny models whose tokenizers differ.
 
 mergekit numbers the tokens it adds in the order of a hash map, which changes from run to run; we number
 them in model order. So rows are compared token by token, not id by id. Without a base model, mergekit
@@ -82,6 +83,21 @@ models:
 tokenizer_source: union
 dtype: float32
 out_dtype: bfloat16
+""",
+    ("ties_tokenizer_base", "bf16_four"): """merge_method: ties
+base_model: {base}
+models:
+  - {{model: {ft0}, parameters: {{weight: 0.5, density: 0.7}}}}
+  - {{model: {ft1}, parameters: {{weight: 0.3, density: 0.7}}}}
+  - {{model: {ft2}, parameters: {{weight: 0.2, density: 0.7}}}}
+tokenizer_source: base
+""",
+    ("linear_tokenizer_of_a_model", "fp32"): """merge_method: linear
+models:
+  - {{model: {base}, parameters: {{weight: 0.5}}}}
+  - {{model: {ft0}, parameters: {{weight: 0.3}}}}
+  - {{model: {ft1}, parameters: {{weight: 0.2}}}}
+tokenizer_source: {ft1}
 """,
     ("slerp_tied", "bf16_tied"): """merge_method: slerp
 base_model: {base}

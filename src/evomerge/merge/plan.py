@@ -16,6 +16,7 @@ from __future__ import annotations
 import keyword
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -26,7 +27,14 @@ from evomerge.io.hf_dir import dtype_updates
 from evomerge.merge.config import MergeConfig, Settings, non_base_models, parse_dtype
 from evomerge.merge.gradients import layer_position, resolve
 from evomerge.merge.registry import MergeMethod
-from evomerge.merge.vocab import VocabAlignment, VocabTask, build_union, is_vocab_tensor, with_vocab_size
+from evomerge.merge.vocab import (
+    VocabAlignment,
+    VocabTask,
+    build_target,
+    build_union,
+    is_vocab_tensor,
+    with_vocab_size,
+)
 
 if TYPE_CHECKING:  # the planner reads headers only; SourceSet (which loads what a plan needs) imports it
     from evomerge.merge.sources import SourceSet
@@ -98,9 +106,16 @@ def build_plan(config: MergeConfig, sources: SourceSet) -> MergePlan:
 
 
 def _union(config: MergeConfig, sources: SourceSet) -> VocabAlignment | None:
-    if config.tokenizer_source != "union":
+    """The vocabulary the token-indexed tensors are re-indexed to (None: they are merged as they are)."""
+    source, models = config.tokenizer_source, config.referenced_models()
+    if source is None:
         return None
-    return build_union(config.referenced_models(), config.tokenizer_model(), sources)
+    donor = config.tokenizer_model()
+    if source == "union":
+        return build_union(models, donor, sources)
+    in_sources = donor in sources.models
+    target = sources.path(donor) if in_sources else Path(donor)
+    return build_target(models, target, donor if in_sources else None, sources)
 
 
 # ---- slices ------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ def tokenizer_dir(config: MergeConfig, sources: SourceSet) -> Path:
 def write_tokenizer(config: MergeConfig, sources: SourceSet, vocab: VocabAlignment | None, out: Path) -> None:
     """Tokenizer and generation config into `out` (config.json too, which the caller then overwrites)."""
     copy_hf_files(tokenizer_dir(config, sources), out)
-    if vocab is not None:
+    if vocab is not None and vocab.tokenizer is not None:
         _save_union(vocab, out)
     if config.chat_template:
         template = resolve_chat_template(config.chat_template, [sources.path(m) for m in sources.models])

@@ -49,7 +49,7 @@ class ModelVocab:
 class VocabAlignment:
     """The union vocabulary and, per model, the row of its tensors behind each union id (-1: absent)."""
 
-    tokenizer: Any  # the output tokenizer (transformers), saved with the merged model
+    tokenizer: Any  # union: the output tokenizer (transformers), saved with the merged model; else None
     size: int
     rows: dict[str, torch.Tensor]  # model -> (size,) int64
 
@@ -117,6 +117,46 @@ def _mean_rows(
 def is_vocab_tensor(name: str) -> bool:
     """Tensors indexed by token on axis 0: the input embedding and the output projection."""
     return name in ("lm_head.weight", "embed_out.weight") or architecture.input_embedding_name([name]) == name
+
+
+def build_target(
+    models: Sequence[str], target: Path, donor: str | None, sources: SourceSet
+) -> VocabAlignment | None:
+    """`tokenizer_source: base` or a model dir: every model's token rows re-indexed to that tokenizer's
+    vocabulary, as mergekit does, when they differ from it (other tokens, or padding rows); None when
+    every model already matches it row for row (or when it cannot be loaded: its files are then copied
+    as they are, and the shapes must agree). A model whose tokenizer cannot be loaded is taken to share
+    the target's vocabulary, as mergekit assumes."""
+    try:
+        tokenizer = _load_tokenizer(target)
+    except UnionTokenizerError:
+        return None
+    vocab = tokenizer.get_vocab()
+    if donor is not None:
+        _check_donor(tokenizer, read_vocab(target, _vocab_size(sources, donor)), target)
+    size = len(vocab)
+    shared = ModelVocab(tokens=dict(vocab), added={}, size=size)
+    rows = {model: _rows(vocab, _vocab_or(sources, model, shared), size) for model in models}
+    identity = torch.arange(size)
+    if all(
+        torch.equal(rows[model], identity) and _embedding_rows(sources, model) == size for model in models
+    ):
+        return None
+    return VocabAlignment(tokenizer=None, size=size, rows=rows)
+
+
+def _vocab_or(sources: SourceSet, model: str, fallback: ModelVocab) -> ModelVocab:
+    size = _vocab_size(sources, model)
+    try:
+        return read_vocab(sources.path(model), size)
+    except UnionTokenizerError:
+        limit = size if size is not None else fallback.size
+        return ModelVocab({t: i for t, i in fallback.tokens.items() if i < limit}, {}, limit)
+
+
+def _embedding_rows(sources: SourceSet, model: str) -> int | None:
+    name = architecture.input_embedding_name(sources.tensor_names(model))
+    return None if name is None else sources.info(model, name).shape[0]
 
 
 def build_union(models: Sequence[str], donor: str, sources: SourceSet) -> VocabAlignment:
