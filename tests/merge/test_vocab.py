@@ -151,3 +151,27 @@ def test_a_union_cannot_extend_a_tokenizer_beyond_its_rows(tmp_path: Path, famil
     text = _ties({**family, "base": base}, "tokenizer_source: union\n")
     with pytest.raises(EvomergeError, match=r"token\(s\) at ids >= the config's vocab_size \(96\)"):
         merge(write_config(tmp_path, text), tmp_path / "out")
+
+
+def test_merge_into_a_live_union_model_equals_the_merge_on_disk(
+    tmp_path: Path, family: dict[str, Path]
+) -> None:
+    """Evolution's in-memory merge re-indexes the token rows too."""
+    import transformers
+
+    from evomerge.merge.config import MergeConfig
+    from evomerge.merge.engine import merge_into
+    from evomerge.merge.sources import SourceSet
+
+    config = MergeConfig.from_yaml(_ties(family, "tokenizer_source: union\n"))
+    out = merge(config, tmp_path / "out")
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(out))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    with SourceSet.load(config) as sources:
+        merge_into(model, config, sources)
+    on_disk = load_state(out)
+    for name, tensor in model.state_dict().items():
+        if name in on_disk:
+            assert torch.equal(tensor, on_disk[name]), name

@@ -47,7 +47,8 @@ class ModelVocab:
 
 @dataclass(frozen=True)
 class VocabAlignment:
-    """The union vocabulary and, per model, the row of its tensors behind each union id (-1: absent)."""
+    """The output vocabulary (the union, or the target tokenizer's) and, per model, the row of its tensors
+    behind each output id (-1: absent)."""
 
     tokenizer: Any  # union: the output tokenizer (transformers), saved with the merged model; else None
     size: int
@@ -56,13 +57,14 @@ class VocabAlignment:
     def align(
         self, models: Sequence[str], tensors: Sequence[torch.Tensor], base: str | None
     ) -> list[torch.Tensor]:
-        """Each model's tensor (vocabulary on axis 0, all of one dtype) re-indexed to the union."""
-        present = torch.stack([self.rows[model] >= 0 for model in models])  # (M, V)
-        fill = _fill_rows(models, tensors, present, self.rows, base)
+        """Each model's tensor (vocabulary on axis 0, all of one dtype and device) re-indexed."""
+        rows = {model: self.rows[model].to(tensors[0].device) for model in models}
+        present = torch.stack([rows[model] >= 0 for model in models])  # (M, V)
+        fill = _fill_rows(models, tensors, present, rows, base)
         aligned = []
         for model, tensor, has in zip(models, tensors, present, strict=True):
             out = fill.clone()
-            out[has] = tensor[self.rows[model][has]]
+            out[has] = tensor[rows[model][has]]
             aligned.append(out)
         return aligned
 
