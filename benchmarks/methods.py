@@ -40,6 +40,10 @@ CASES: list[tuple[str, int, bool, dict[str, Any]]] = [
     ("model_stock", 3, True, {}),
     ("sce", 3, True, {"select_topk": 0.5}),
     ("passthrough", 1, False, {"scale": [1.0]}),
+    ("nearswap", 1, True, {"t": 0.002}),
+    ("arcee_fusion", 1, True, {}),
+    ("ram", 3, True, {"epsilon": 0.002}),
+    ("ramplus_tl", 3, True, {"epsilon": 0.002}),
 ]
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -37,10 +38,17 @@ def importance(x: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
 
 
 def outlier_threshold(scores: torch.Tensor) -> torch.Tensor:
-    """median + 1.5 IQR, each quartile the entry of rank floor(q (n - 1)) (0-based) in sorted order."""
+    """median + 1.5 IQR, each quartile the entry of rank floor(q (n - 1)) (0-based) in sorted order;
+    the arithmetic in the scores' dtype, as mergekit's."""
     flat = scores.reshape(-1)
     last = flat.numel() - 1
-    q1, median, q3 = (flat.kthvalue(rank + 1).values for rank in (last // 4, last // 2, 3 * last // 4))
+    ranks = [last // 4, last // 2, 3 * last // 4]
+    if flat.device.type == "cpu":  # one selection pass for the three ranks (exact: float32 holds bf16/fp16)
+        wide = flat.to(torch.float64 if flat.dtype == torch.float64 else torch.float32).numpy()
+        chosen = torch.from_numpy(np.partition(wide, ranks)[ranks]).to(flat.dtype)
+        q1, median, q3 = chosen.unbind(0)
+    else:
+        q1, median, q3 = (flat.kthvalue(rank + 1).values for rank in ranks)
     return median + _OUTLIER_IQR * (q3 - q1)
 
 
