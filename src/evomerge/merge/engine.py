@@ -79,7 +79,7 @@ def compute_tensor(
     if not task.floating:
         return inputs[0]
     base = _input(fetch, *task.base, dtype, check_finite) if task.base is not None else None
-    if task.vocab is not None:  # tokenizer_source union: each source's token rows re-indexed to the union
+    if task.vocab is not None:  # tokenizer_source: each source's token rows re-indexed to the output vocab
         named = [(model, tensor) for (model, _), tensor in zip(task.inputs, inputs, strict=True)]
         inputs, base = task.vocab.align(
             named, None if base is None or task.base is None else (task.base[0], base)

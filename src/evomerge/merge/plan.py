@@ -54,7 +54,7 @@ class TensorTask:
     compute_dtype: torch.dtype
     out_dtype: torch.dtype
     floating: bool = True  # False: integer/bool buffers, copied from the first input
-    vocab: VocabTask | None = None  # tokenizer_source union: token rows re-indexed before the kernel
+    vocab: VocabTask | None = None  # tokenizer_source: token rows re-indexed before the kernel
 
     @property
     def refs(self) -> tuple[TensorRef, ...]:
@@ -69,7 +69,7 @@ class MergePlan:
     tasks: list[TensorTask]
     out_config: dict[str, Any]
     num_layers: int | None = None
-    vocab: VocabAlignment | None = None  # tokenizer_source union: the output tokenizer and row maps
+    vocab: VocabAlignment | None = None  # tokenizer_source: the output vocabulary and row maps
 
 
 @dataclass(frozen=True)
@@ -224,7 +224,8 @@ def _vocab_task(
     sources: SourceSet,
     vocab: VocabAlignment,
 ) -> TensorTask:
-    """A token-indexed tensor of a union merge: sources may differ in rows, not in the other axes."""
+    """A token-indexed tensor re-indexed to the output vocabulary: sources may differ in rows, not in the
+    other axes."""
     shapes = [sources.info(model, tensor).shape for model, tensor, *_ in inputs]
     _check_shapes(name, inputs, [shape[1:] for shape in shapes], sources)
     for (model, tensor, *_), shape in zip(inputs, shapes, strict=True):

@@ -14,6 +14,9 @@ A token a model lacks gets, in that model's aligned tensor, a row built as merge
 - else the mean of the rows of the models that have it (summed in model order, then divided);
 - zeros if no model has it (it cannot happen for tokens taken from the models).
 Then the method merges the aligned tensors as usual.
+
+`tokenizer_source: base` or a model dir re-indexes the same way to that tokenizer's vocabulary (no tokens
+added), as mergekit does, and only where some model differs from it (`build_target`).
 """
 
 from __future__ import annotations
