@@ -175,3 +175,18 @@ def test_merge_into_a_live_union_model_equals_the_merge_on_disk(
     for name, tensor in model.state_dict().items():
         if name in on_disk:
             assert torch.equal(tensor, on_disk[name]), name
+
+
+def test_tokenizer_source_base_reindexes_to_the_bases_vocabulary(
+    tmp_path: Path, family: dict[str, Path]
+) -> None:
+    """ft0 lacks w90..w95 (it has x90..x95 there), ft1 has four words more: all go to the base's 96 rows."""
+    import transformers
+
+    out = merge(write_config(tmp_path, _ties(family, "tokenizer_source: base\n")), tmp_path / "out")
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 96
+    merged = load_state(out)
+    assert merged["model.embed_tokens.weight"].shape[0] == merged["lm_head.weight"].shape[0] == 96
+    assert transformers.AutoTokenizer.from_pretrained(str(out)).get_vocab() == {
+        token: index for index, token in enumerate(["<unk>", "<s>", "</s>", *W])
+    }

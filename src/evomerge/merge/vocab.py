@@ -138,7 +138,7 @@ def build_target(
         return None
     vocab = tokenizer.get_vocab()
     if donor is not None:
-        _check_donor(tokenizer, read_vocab(target, _vocab_size(sources, donor)), target)
+        _check_donor(tokenizer, read_vocab(target, _vocab_size(sources, donor)), target, union=False)
     size = len(vocab)
     shared = ModelVocab(tokens=dict(vocab), added={}, size=size)
     rows = {model: _rows(vocab, _vocab_or(sources, model, shared), size) for model in models}
@@ -229,13 +229,14 @@ def _load_tokenizer(model_dir: Path) -> Any:
         ) from None
 
 
-def _check_donor(tokenizer: Any, vocab: ModelVocab, model_dir: Path) -> None:
+def _check_donor(tokenizer: Any, vocab: ModelVocab, model_dir: Path, union: bool = True) -> None:
     beyond = len(tokenizer.get_vocab()) - len(vocab.tokens)
     if beyond:
+        use = "a union cannot extend" if union else "tokenizer_source cannot be"
         raise UnionTokenizerError(
             f"{model_dir}: its tokenizer has {beyond} token(s) at ids >= the config's vocab_size "
-            f"({vocab.size}), which its embedding has no rows for; a union cannot extend such a tokenizer. "
-            "Fix vocab_size in its config.json, or use tokenizer_source: base."
+            f"({vocab.size}), which its embedding has no rows for; {use} such a tokenizer. Fix vocab_size "
+            "in its config.json (or give tokenizer_source another model)."
         )
 
 
