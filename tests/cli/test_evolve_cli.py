@@ -142,12 +142,12 @@ def test_the_summary_line_warns_when_a_baseline_beats_the_run(
     tmp_path: Path, family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from evomerge.cli import evolve as evolve_cli
-    from evomerge.runs import outputs
+    from evomerge.runs import finalize, outputs
     from evomerge.runs.loop import RunSummary
 
     rows = [outputs.ResultRow("evolved", "evolved", 0.45), outputs.ResultRow("high", "source", 0.5)]
     outputs.write_results(tmp_path, rows)
-    monkeypatch.setattr(outputs, "finalize", lambda run_dir: {})
+    monkeypatch.setattr(finalize, "finalize", lambda run_dir: {})
     with RunStore.in_dir(tmp_path) as store:
         store.init_run({}, 0)
     summary = RunSummary(tmp_path, 3, 0, _evaluation(), "max_evaluations")

@@ -13,8 +13,9 @@ from safetensors.torch import load_file
 
 from evomerge.merge.api import merge
 from evomerge.runs.config import EvolveConfig
+from evomerge.runs.finalize import finalize
 from evomerge.runs.loop import evolve
-from evomerge.runs.outputs import BEST_MERGEKIT, BEST_RECIPE, finalize, read_results, run_elites
+from evomerge.runs.outputs import BEST_MERGEKIT, BEST_RECIPE, read_results, run_elites
 
 from .fake_problem import build_scoreable_family
 

@@ -282,8 +282,9 @@ def test_evolve_whole_digits_models_resume_and_export(digits_zoo, tmp_path: Path
 
 def test_a_whole_model_run_writes_every_output(digits_zoo, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     """The results table, the best model with its card, report.html and export work for bred models."""
+    from evomerge.runs.finalize import finalize
     from evomerge.runs.loop import evolve
-    from evomerge.runs.outputs import BEST_MERGEKIT, export_elite, finalize, read_results, run_elites
+    from evomerge.runs.outputs import BEST_MERGEKIT, export_elite, read_results, run_elites
 
     summary = evolve(digits_config(digits_zoo, tmp_path / "run", 19))
     written = finalize(summary.run_dir)

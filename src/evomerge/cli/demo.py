@@ -53,8 +53,8 @@ def run_demo(
 ) -> dict[str, Path]:
     from evomerge.cli.evolve import progress_display
     from evomerge.runs.config import EvolveConfig
+    from evomerge.runs.finalize import finalize
     from evomerge.runs.loop import evolve
-    from evomerge.runs.outputs import finalize
     from evomerge.zoo import build
 
     console.print(f"[bold]1/3[/] building (or reusing) the lm zoo ({size}) in {out / 'zoo'}")

@@ -71,7 +71,7 @@ def report(
     no_model: bool = typer.Option(False, "--no-model", help="Do not write the best model dir."),
 ) -> None:
     """(Re)write a run's outputs: best recipes, best model, test-split results table and report.html."""
-    from evomerge.runs.outputs import finalize
+    from evomerge.runs.finalize import finalize
 
     setup_process()
     with user_errors():
@@ -117,8 +117,9 @@ def export(
 
 
 def _finish(summary: object, *, outputs: bool) -> None:
+    from evomerge.runs.finalize import finalize
     from evomerge.runs.loop import RunSummary
-    from evomerge.runs.outputs import finalize, read_results, shortfall_line
+    from evomerge.runs.outputs import read_results, shortfall_line
 
     assert isinstance(summary, RunSummary)
     best = summary.best

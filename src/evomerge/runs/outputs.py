@@ -285,33 +285,3 @@ def results_markdown(rows: list[ResultRow]) -> str:
 def score_cell(value: float | None) -> str:
     """A score as a table cell (3 decimals; "-" where there is none or it is not finite)."""
     return "-" if value is None or not math.isfinite(value) else f"{value:.3f}"
-
-
-def finalize(run_dir: Path, *, with_model: bool = True, with_table: bool = True) -> dict[str, Path]:
-    """Write every output of a run: recipes, best model, results table, report.html."""
-    from evomerge.runs.report import write_report
-
-    run_dir = Path(run_dir)
-    config, best = load_run_config(run_dir), best_evaluation(run_dir)
-    written: dict[str, Path] = {}
-    if is_recipe(config.search_space().from_text(best.recipe)):  # a whole model has no recipe to write
-        written["recipe"], written["mergekit"] = write_best_recipe(run_dir, best)
-    rows: list[ResultRow] | None = None
-    if with_table:
-        rows = results_table(config, best, run_elites(run_dir), _warm_seeds(run_dir))
-    else:
-        rows = read_results(run_dir)
-    if with_table and rows is not None:
-        written["results"] = write_results(run_dir, rows)
-    if with_model:
-        scores = {row.name: row.score for row in rows or [] if row.kind == "evolved"}
-        written["model"] = write_best_model(
-            run_dir, best, {f"test {k}": v for k, v in scores.items()} or None
-        )
-    written["report"] = write_report(run_dir)
-    return written
-
-
-def _warm_seeds(run_dir: Path) -> dict[str, int]:
-    with RunStore.in_dir(run_dir) as store:
-        return dict(store.warm_start())
