@@ -13,16 +13,18 @@ starts from the sources and the default merges never ends below them on dev.
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from evomerge.backends.base import Backend
+from evomerge.backends.base import Backend, Pool
 from evomerge.backends.registry import BackendRequest
 from evomerge.backends.registry import make_backend as build_backend
 from evomerge.errors import ConfigError, EvomergeError, OutputExistsError
@@ -38,7 +40,7 @@ from evomerge.runs.store import (
     StoredElite,
     genome_text,
 )
-from evomerge.search.base import Elite, Optimizer, SearchSpace
+from evomerge.search.base import Elite, Optimizer, SearchSpace, SteadyState
 from evomerge.search.optimizers import load_state, save_state
 from evomerge.search.registry import make_optimizer
 
@@ -122,6 +124,10 @@ def _run(
         checkpoint = _open(store, config)
         elapsed = max(checkpoint.elapsed_s if checkpoint else 0.0, store.elapsed())
         clock = _Clock(config, elapsed, store.count_evaluations(), progress)
+        if config.backend.schedule == "steady-state":
+            generation = _steady_state(store, backend, space, config, clock, checkpoint)
+            reason = clock.stop_reason(store.count_evaluations()) or "max_evaluations"
+            return RunSummary(run_dir, store.count_evaluations(), generation, store.best(), reason)
         optimizer, generation = _restore_or_start(store, backend, space, config, clock, checkpoint)
         while (stop := clock.stop_reason(store.count_evaluations())) is None:
             genomes = optimizer.ask()  # (population, dim)
@@ -147,24 +153,50 @@ def _evaluate(
     """Results of one generation, from the store where committed, else evaluated and committed now."""
     results: list[EvalResult | None] = [_stored(store, generation, i, p) for i, p in enumerate(points)]
     pending = [i for i, result in enumerate(results) if result is None]
-    for chunk in _chunks(pending, max(1, backend.batch_size)):
+    # A pool takes the whole generation at once and hands back each result as it finishes.
+    for chunk in _chunks(pending, len(pending) if isinstance(backend, Pool) else max(1, backend.batch_size)):
         if clock.stop_reason(store.count_evaluations()) is not None:
             return None
         chunk = chunk[: clock.evaluations_left(store.count_evaluations())]
-        seeds = [candidate_seed(config.seed, generation, i) for i in chunk]
-        evaluated = backend.evaluate_batch([points[i].candidate for i in chunk], seeds)
-        for i, seed, result in zip(chunk, seeds, evaluated, strict=True):
-            point = points[i]
-            text = space.to_text(point.candidate)
-            store.add_evaluation(
-                Evaluation(generation, i, point.genome, text, seed, result, _wall(result), point.label)
-            )
+        seeds = {i: candidate_seed(config.seed, generation, i) for i in chunk}
+        for i, result in _evaluated(backend, {i: points[i].candidate for i in chunk}, seeds):
+            _commit(store, space, generation, i, points[i], seeds[i], result)
             results[i] = result
-        store.save_elapsed(clock.elapsed())
-        clock.report(generation, store)
+            store.save_elapsed(clock.elapsed())
+            clock.report(generation, store)
     if any(result is None for result in results):
         return None
     return [result for result in results if result is not None]
+
+
+def _evaluated(
+    backend: Backend, candidates: dict[int, Any], seeds: dict[int, int]
+) -> Iterator[tuple[int, EvalResult]]:
+    """(index, result) of each candidate: from a pool as each finishes, else after the whole batch."""
+    if isinstance(backend, Pool):
+        for i, candidate in candidates.items():
+            backend.submit(i, candidate, seeds[i])
+        for _ in candidates:
+            yield _next(backend)
+        return
+    indices = list(candidates)
+    batch = backend.evaluate_batch([candidates[i] for i in indices], [seeds[i] for i in indices])
+    yield from zip(indices, batch, strict=True)
+
+
+def _commit(
+    store: RunStore,
+    space: SearchSpace,
+    generation: int,
+    index: int,
+    point: Point,
+    seed: int,
+    result: EvalResult,
+) -> None:
+    text = space.to_text(point.candidate)
+    store.add_evaluation(
+        Evaluation(generation, index, point.genome, text, seed, result, _wall(result), point.label)
+    )
 
 
 def _stored(store: RunStore, generation: int, index: int, point: Point) -> EvalResult | None:
@@ -328,7 +360,9 @@ def _restore_or_start(
     return optimizer, 0
 
 
-def _save_checkpoint(store: RunStore, generation: int, optimizer: Optimizer, clock: _Clock) -> None:
+def _save_checkpoint(
+    store: RunStore, generation: int, optimizer: Optimizer | SteadyRun, clock: _Clock
+) -> None:
     """The optimiser before `generation`, its elites as keys of stored evaluations, and its stats."""
     elites = [_stored_elite(store, elite) for elite in optimizer.elites()]
     stats = getattr(optimizer, "stats", None)  # optional: archive coverage, front hypervolume, ...
@@ -343,7 +377,7 @@ def _stored_elite(store: RunStore, elite: Elite) -> StoredElite | None:
     return None if key is None else StoredElite(key[0], key[1], elite.niche, dict(elite.measures))
 
 
-def _checkpoint(generation: int, optimizer: Optimizer, elapsed: float) -> Checkpoint:
+def _checkpoint(generation: int, optimizer: Any, elapsed: float) -> Checkpoint:
     rng = getattr(optimizer, "rng", None)
     rng_state = dict(rng.bit_generator.state) if rng is not None else {}
     return Checkpoint(generation, save_state(optimizer), _jsonable(rng_state), elapsed)
@@ -387,6 +421,132 @@ def load_tasks(config: EvolveConfig, *, split: str = "dev") -> list[Any]:
             load_task(path, metric=task.metric, limit=limit, name=task.task_name, weight=task.weight)
         )
     return tasks
+
+
+# --- steady-state (a pool of workers, an optimiser told one result at a time) ---------------------------
+@dataclass
+class SteadyRun:
+    """What a steady-state checkpoint holds: the optimiser, how many genomes it has asked, and those asked
+    but not told yet (ask number -> genome), which a resumed run evaluates (or tells, if committed)."""
+
+    optimizer: Any  # SteadyState and Optimizer
+    asked: int = 0
+    out: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def key(self, number: int) -> tuple[int, int]:
+        """Ask number -> (generation, index) in the store: population_size asks make a generation."""
+        return divmod(number, int(self.optimizer.population_size))
+
+    @property
+    def rng(self) -> Any:
+        return getattr(self.optimizer, "rng", None)
+
+    def elites(self) -> list[Elite]:
+        return list(self.optimizer.elites())
+
+    def stats(self) -> dict[str, float] | None:
+        stats = getattr(self.optimizer, "stats", None)
+        return stats() if callable(stats) else None
+
+
+def _steady_state(
+    store: RunStore,
+    backend: Backend,
+    space: SearchSpace,
+    config: EvolveConfig,
+    clock: _Clock,
+    checkpoint: Checkpoint | None,
+) -> int:
+    """Keep every worker busy: a free worker gets the next genome at once, and each result is committed
+    then told before the next ask. The optimiser is checkpointed after every tell. What it is told
+    depends on which worker finishes first, so two runs (or a run and its resume) may differ."""
+    if not isinstance(backend, Pool):
+        raise ConfigError(
+            f"backend.schedule: 'steady-state' needs a pool of workers (backend: ray); {type(backend).__name__} "
+            "evaluates one batch at a time. Use schedule: synchronous."
+        )
+    run = _steady_run(store, backend, space, config, clock, checkpoint)
+    ready: deque[tuple[int, EvalResult]] = deque()  # committed before a kill, not told yet
+    running = 0
+    for number, genome in sorted(run.out.items()):  # out at the checkpoint: redo, or tell if committed
+        running += _start(store, backend, space, config, run, number, genome, ready)
+    while True:
+        while not ready and backend.idle_workers() and _may_ask(store, clock, running):
+            genome = np.asarray(run.optimizer.ask_one(), dtype=float)  # (D,)
+            number, run.asked = run.asked, run.asked + 1
+            run.out[number] = genome
+            running += _start(store, backend, space, config, run, number, genome, ready)
+        if not ready and running == 0:
+            return run.key(run.asked)[0]
+        if ready:
+            number, result = ready.popleft()
+        else:
+            number, result = _next(backend)
+            running -= 1
+            generation, index = run.key(number)
+            point = Point(run.out[number], space.decode(run.out[number]))
+            _commit(
+                store, space, generation, index, point, candidate_seed(config.seed, *run.key(number)), result
+            )
+        run.optimizer.tell_one(run.out.pop(number), result)
+        _save_checkpoint(store, run.key(run.asked)[0], run, clock)
+        clock.report(run.key(number)[0], store)
+
+
+def _steady_run(
+    store: RunStore,
+    backend: Backend,
+    space: SearchSpace,
+    config: EvolveConfig,
+    clock: _Clock,
+    checkpoint: Checkpoint | None,
+) -> SteadyRun:
+    """The checkpointed steady-state run, or a new one around the warm-started optimiser."""
+    if checkpoint is None:
+        optimizer, _ = _restore_or_start(store, backend, space, config, clock, None)
+        run = SteadyRun(optimizer)
+    else:
+        state = pickle.loads(checkpoint.optimizer)  # written by this program into its own run store
+        run = state if isinstance(state, SteadyRun) else SteadyRun(state)  # the warm start's checkpoint
+    if not isinstance(run.optimizer, SteadyState):
+        raise ConfigError(
+            f"backend.schedule: 'steady-state' needs an optimiser that takes results one "
+            f"at a time; {type(run.optimizer).__name__} does not."
+        )
+    return run
+
+
+def _start(
+    store: RunStore,
+    backend: Pool,
+    space: SearchSpace,
+    config: EvolveConfig,
+    run: SteadyRun,
+    number: int,
+    genome: np.ndarray,
+    ready: deque[tuple[int, EvalResult]],
+) -> int:
+    """Submit ask `number` to the pool (1), or queue its stored result when a run killed before telling
+    it had committed it (0): nothing is evaluated twice."""
+    generation, index = run.key(number)
+    point = Point(genome, space.decode(genome))
+    stored = _stored(store, generation, index, point)
+    if stored is not None:
+        ready.append((number, stored))
+        return 0
+    backend.submit(number, point.candidate, candidate_seed(config.seed, generation, index))
+    return 1
+
+
+def _next(backend: Pool) -> tuple[int, EvalResult]:
+    key, result = backend.next_result()
+    assert isinstance(key, int)  # the loop submits ints
+    return key, result
+
+
+def _may_ask(store: RunStore, clock: _Clock, running: int) -> bool:
+    done = store.count_evaluations()
+    return clock.stop_reason(done) is None and clock.evaluations_left(done) > running
 
 
 # --- budget and progress ------------------------------------------------------------------------------
