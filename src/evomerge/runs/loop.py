@@ -90,9 +90,13 @@ def evolve(
 ) -> RunSummary:
     """Start (or continue, if `config.out` holds this same run) an evolve run; see the module doc."""
     space = check_inputs(config)  # every input error surfaces here or in make_backend, before any evaluation
-    backend = backend or make_backend(config)
-    run_dir = prepare_run_dir(config, force=force)
-    return _run(run_dir, config, space, backend, progress)
+    built = backend or make_backend(config)
+    try:
+        run_dir = prepare_run_dir(config, force=force)
+        return _run(run_dir, config, space, built, progress)
+    finally:
+        if backend is None:  # a backend this call built (Ray workers, loaded sources) ends with it
+            built.close()
 
 
 def resume(
@@ -110,7 +114,12 @@ def resume(
             update={"budget": config.budget.model_copy(update={"max_evaluations": max_evaluations})}
         )
     space = check_inputs(config)
-    return _run(Path(run_dir), config, space, backend or make_backend(config), progress)
+    built = backend or make_backend(config)
+    try:
+        return _run(Path(run_dir), config, space, built, progress)
+    finally:
+        if backend is None:
+            built.close()
 
 
 def _run(
@@ -154,7 +163,8 @@ def _evaluate(
     results: list[EvalResult | None] = [_stored(store, generation, i, p) for i, p in enumerate(points)]
     pending = [i for i, result in enumerate(results) if result is None]
     # A pool takes the whole generation at once and hands back each result as it finishes.
-    for chunk in _chunks(pending, len(pending) if isinstance(backend, Pool) else max(1, backend.batch_size)):
+    handover = len(pending) if isinstance(backend, Pool) else backend.batch_size
+    for chunk in _chunks(pending, max(1, handover)):
         if clock.stop_reason(store.count_evaluations()) is not None:
             return None
         chunk = chunk[: clock.evaluations_left(store.count_evaluations())]
