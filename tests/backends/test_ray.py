@@ -144,6 +144,10 @@ def test_natural_niches_breeds_whole_models_on_ray(
     assert evaluations(on_ray.run_dir) == evaluations(local.run_dir)
 
 
+class DriverKilled(Exception):
+    pass
+
+
 # --- steady-state ---------------------------------------------------------------------------------------
 def test_steady_state_random_search_asks_what_the_synchronous_run_asks(
     tmp_path: Path, scoreable_family: dict[str, Path], pool: Any
@@ -160,21 +164,28 @@ def test_steady_state_random_search_asks_what_the_synchronous_run_asks(
     assert len(evaluations(summary.run_dir)) == 11 and best(summary) == best(synchronous)
 
 
-def test_steady_state_natural_niches_runs_and_resumes(
+def test_steady_state_natural_niches_killed_between_commit_and_tell_resumes(
     tmp_path: Path, scoreable_family: dict[str, Path], pool: Any
 ) -> None:
     steady = {**WORKER, "schedule": "steady-state"}
     config = make_config(
-        tmp_path, scoreable_family, {"name": "natural-niches"}, budget={"max_evaluations": 7}, backend=steady
+        tmp_path, scoreable_family, {"name": "natural-niches"}, budget={"max_evaluations": 13}, backend=steady
     )
-    first = evolve(config, backend=pool)
-    assert len(evaluations(first.run_dir)) == 7
-    with RunStore.in_dir(first.run_dir) as store:
-        assert store.last_checkpoint() is not None and store.elites()
-    again = resume(first.run_dir, backend=pool, max_evaluations=13)
+
+    def crash(progress: Progress) -> None:  # reported after the 7th result is committed and told
+        if progress.evaluations == 7:
+            raise DriverKilled
+
+    with pytest.raises(DriverKilled):
+        evolve(config, backend=pool, progress=crash)  # the pool drops the candidate still running
+    first = evaluations(config.out)
+    assert len(first) == 7
+    again = resume(config.out, backend=pool)
     rows = evaluations(again.run_dir)
     assert len(rows) == 13 and len({row[:2] for row in rows}) == 13  # nothing lost, nothing twice
-    assert all(row in rows for row in evaluations(first.run_dir))
+    assert all(row in rows for row in first)
+    with RunStore.in_dir(again.run_dir) as store:
+        assert store.elites()
 
 
 # --- faults ---------------------------------------------------------------------------------------------
@@ -195,6 +206,10 @@ def test_a_worker_killed_mid_candidate_has_it_run_again_elsewhere(caplog: pytest
         assert {key: result.score for key, result in results.items()} == {k: k / 10 for k in range(4)}
         assert len(backend.workers) == 1
         assert "goes on with 1 worker(s) of 2" in caplog.text
+        backend.submit("dropped", 0.5, seed=0)
+        backend.cancel()  # a run that stopped with an error: what it left running is never returned
+        backend.submit("next", 0.7, seed=0)
+        assert backend.next_result()[0] == "next"
     finally:
         backend.close()
 
@@ -222,10 +237,6 @@ def test_a_worker_killed_mid_run_loses_no_evaluation_and_records_none_twice(
     rows = evaluations(on_ray.run_dir)
     assert len(rows) == 14 and len({row[:2] for row in rows}) == 14
     assert rows == evaluations(local.run_dir)  # the candidate the kill interrupted was evaluated again
-
-
-class DriverKilled(Exception):
-    pass
 
 
 def test_a_driver_killed_mid_run_resumes_from_the_store(

@@ -64,6 +64,10 @@ class Pool(Protocol):
         """Workers alive with nothing queued for them: how many more candidates would start at once."""
         ...
 
+    def cancel(self) -> None:
+        """Forget every candidate submitted and not returned yet (a run stopped with an error)."""
+        ...
+
 
 class FunctionBackend:
     """Scores each recipe with a plain function `(recipe, seed) -> float | EvalResult`.

@@ -222,6 +222,13 @@ class RayBackend:
     def idle_workers(self) -> int:
         return max(0, len(self._idle) - len(self._queue))
 
+    def cancel(self) -> None:
+        # A running candidate cannot be stopped inside its actor; its result is dropped, and the worker
+        # takes its next candidate once it has finished this one (an actor runs its calls in order).
+        self._queue.clear()
+        self._idle.extend(worker for worker, *_ in self._running.values())
+        self._running.clear()
+
     def next_result(self) -> tuple[Hashable, EvalResult]:
         ray = self._ray
         while True:

@@ -18,6 +18,7 @@ import shutil
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,13 +91,9 @@ def evolve(
 ) -> RunSummary:
     """Start (or continue, if `config.out` holds this same run) an evolve run; see the module doc."""
     space = check_inputs(config)  # every input error surfaces here or in make_backend, before any evaluation
-    built = backend or make_backend(config)
-    try:
+    with _backend(config, backend) as built:
         run_dir = prepare_run_dir(config, force=force)
         return _run(run_dir, config, space, built, progress)
-    finally:
-        if backend is None:  # a backend this call built (Ray workers, loaded sources) ends with it
-            built.close()
 
 
 def resume(
@@ -114,12 +111,24 @@ def resume(
             update={"budget": config.budget.model_copy(update={"max_evaluations": max_evaluations})}
         )
     space = check_inputs(config)
-    built = backend or make_backend(config)
-    try:
+    with _backend(config, backend) as built:
         return _run(Path(run_dir), config, space, built, progress)
+
+
+@contextmanager
+def _backend(config: EvolveConfig, given: Backend | None) -> Iterator[Backend]:
+    """`given` (left open; a pool drops the work of a run that stopped with an error), else the backend
+    the config names, closed after the run (Ray workers, loaded sources)."""
+    backend = given or make_backend(config)
+    try:
+        yield backend
+    except BaseException:
+        if given is not None and isinstance(given, Pool):
+            given.cancel()
+        raise
     finally:
-        if backend is None:
-            built.close()
+        if given is None:
+            backend.close()
 
 
 def _run(
@@ -467,9 +476,11 @@ def _steady_state(
     clock: _Clock,
     checkpoint: Checkpoint | None,
 ) -> int:
-    """Keep every worker busy: a free worker gets the next genome at once, and each result is committed
-    then told before the next ask. The optimiser is checkpointed after every tell. What it is told
-    depends on which worker finishes first, so two runs (or a run and its resume) may differ."""
+    """Keep every worker busy: a free worker gets the next genome at once; each result is committed, then
+    told, then the free workers get new genomes. The checkpoint after each such step holds every genome
+    asked so far, so a resumed run never asks one again: those not committed are evaluated, one committed
+    but not told is told from the store. What the optimiser is told depends on which worker finishes
+    first, so two runs (or a run and its resume) may differ."""
     if not isinstance(backend, Pool):
         raise ConfigError(
             f"backend.schedule: 'steady-state' needs a pool of workers (backend: ray); {type(backend).__name__} "
@@ -478,7 +489,7 @@ def _steady_state(
     run = _steady_run(store, backend, space, config, clock, checkpoint)
     ready: deque[tuple[int, EvalResult]] = deque()  # committed before a kill, not told yet
     running = 0
-    for number, genome in sorted(run.out.items()):  # out at the checkpoint: redo, or tell if committed
+    for number, genome in sorted(run.out.items()):
         running += _start(store, backend, space, config, run, number, genome, ready)
     while True:
         while not ready and backend.idle_workers() and _may_ask(store, clock, running):
@@ -486,6 +497,7 @@ def _steady_state(
             number, run.asked = run.asked, run.asked + 1
             run.out[number] = genome
             running += _start(store, backend, space, config, run, number, genome, ready)
+        _save_checkpoint(store, run.key(run.asked)[0], run, clock)
         if not ready and running == 0:
             return run.key(run.asked)[0]
         if ready:
@@ -495,11 +507,10 @@ def _steady_state(
             running -= 1
             generation, index = run.key(number)
             point = Point(run.out[number], space.decode(run.out[number]))
-            _commit(
-                store, space, generation, index, point, candidate_seed(config.seed, *run.key(number)), result
-            )
+            seed = candidate_seed(config.seed, generation, index)
+            _commit(store, space, generation, index, point, seed, result)
+            store.save_elapsed(clock.elapsed())
         run.optimizer.tell_one(run.out.pop(number), result)
-        _save_checkpoint(store, run.key(run.asked)[0], run, clock)
         clock.report(run.key(number)[0], store)
 
 
