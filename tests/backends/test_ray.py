@@ -20,6 +20,7 @@ import pytest
 
 from evomerge.backends.base import FunctionBackend
 from evomerge.backends.ray import RayBackend, RaySettings
+from evomerge.errors import EvaluationError
 from evomerge.runs import loop
 from evomerge.runs.config import EvolveConfig
 from evomerge.runs.loop import Progress, evolve, resume
@@ -256,3 +257,36 @@ def test_a_driver_killed_mid_run_resumes_from_the_store(
     resumed = resume(tmp_path / "ray", backend=pool)
     assert evaluations(resumed.run_dir) == evaluations(local.run_dir)
     assert np.isfinite(resumed.best.score)  # type: ignore[union-attr]
+
+
+# --- start-up and per-node paths ------------------------------------------------------------------------
+def test_workers_that_never_fit_stop_the_run_before_any_evaluation() -> None:
+    settings = RaySettings(workers=1, num_gpus=1, start_timeout_s=1)  # this Ray instance has no GPU
+    with pytest.raises(
+        EvaluationError, match=r"did not start within start_timeout_s=1 s; each asks .*num_gpus=1"
+    ):
+        RayBackend(settings, functools.partial(FunctionBackend, slow_score))
+
+
+def test_workers_read_the_models_under_the_mapped_paths(
+    tmp_path: Path, scoreable_family: dict[str, Path]
+) -> None:
+    """The workers' node keeps the models elsewhere (here: a link) than the driver's paths say."""
+    driver_root = scoreable_family["base"].parent
+    (tmp_path / "node").mkdir()
+    (tmp_path / "node" / "models").symlink_to(driver_root)
+    moved = {
+        "name": "ray",
+        "workers": 1,
+        "num_cpus": 0.5,
+        "paths": {str(driver_root): str(tmp_path / "node/models")},
+    }
+    config = make_config(tmp_path, scoreable_family, {"name": "random"}, budget={"max_evaluations": 4})
+    on_ray = evolve(config.model_copy(update={"out": tmp_path / "ray", "backend": RaySettings(**moved)}))
+    local = evolve(config.model_copy(update={"out": tmp_path / "local"}))
+    assert evaluations(on_ray.run_dir) == evaluations(local.run_dir)
+    with RunStore.in_dir(on_ray.run_dir) as store:  # the store keeps the driver's paths
+        assert all(str(driver_root) in e.recipe for e in store.evaluations())
+    wrong = {**moved, "paths": {str(driver_root): str(tmp_path / "nowhere")}}
+    with pytest.raises(EvaluationError, match=r"could not load the sources.*nowhere"):
+        evolve(config.model_copy(update={"out": tmp_path / "wrong", "backend": RaySettings(**wrong)}))

@@ -193,7 +193,8 @@ class RayBackend:
             self.close()
             raise EvaluationError(
                 f"backend: a Ray worker could not load the sources; every node must read the model dirs "
-                f"(a shared filesystem, the same paths, or backend.paths; see docs/ray.md). Ray says: {error}"
+                f"(a shared filesystem, the same paths, or backend.paths; see docs/ray.md). The worker "
+                f"raised: {_last_line(error)}"
             ) from None
         self._idle.extend(self.workers)
 
@@ -260,12 +261,17 @@ class RayBackend:
     def _lose(self, worker: Any, error: Exception) -> None:
         self.workers.remove(worker)
         self._ray.kill(worker)  # no-op when dead; a worker Ray only calls unavailable is not trusted again
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else ""
         log.warning(
             "a Ray worker died mid-candidate (%s: %s); its candidate goes to another worker; the run goes "
             "on with %d worker(s) of %d",
             type(error).__name__,
-            cause,
+            _last_line(error),
             len(self.workers),
             self.settings.workers,
         )
+
+
+def _last_line(error: Exception) -> str:
+    """The last line of a Ray error: the remote exception itself, after Ray's traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
