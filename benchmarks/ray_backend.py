@@ -1,14 +1,16 @@
 """Evaluations per minute on Ray (1 and 2 workers, synchronous and steady-state) against the local backend.
 
 The same evolve run (random search, so steady-state applies, on the lm zoo's `multi` task) through each
-backend, the modes interleaved over `--repeats` rounds. From each run's store:
+backend, for each population size, the modes interleaved over `--repeats` rounds (each mode's workers are
+started once per round and serve every population). From each run's store:
 - evaluations per minute: evaluations / the run's wall time (workers already started; start-up apart);
 - overhead per candidate: (run wall x workers - the workers' own merge + evaluate time) / evaluations,
   i.e. what a candidate costs besides its own work (the driver's loop and store commits, and for Ray the
-  remote call); Ray's overhead is the 1-worker figure minus the local one;
+  remote call, plus any time a worker waits);
 - idle share: 1 - the workers' merge + evaluate time / (workers x run wall).
+Then Ray's own cost: the round trip of a candidate that does nothing, through a 1-worker pool.
 
-    nice .venv/bin/python benchmarks/ray_backend.py --zoo runs/demo/zoo --evaluations 32 --repeats 2
+    nice .venv/bin/python benchmarks/ray_backend.py --zoo runs/demo/zoo --evaluations 40 --populations 8 5 --repeats 2
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 
 from zoo_dirs import load_or_build  # sibling module: run this file as a script
 
-MODES = {
+MODES: dict[str, Any] = {
     "local": "local",
     "ray, 1 worker": {"name": "ray", "workers": 1},
     "ray, 2 workers": {"name": "ray", "workers": 2},
@@ -38,8 +40,8 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--zoo", type=Path, default=Path("runs/demo/zoo"), help="an lm zoo dir")
-    parser.add_argument("--evaluations", type=int, default=32, help="per run")
-    parser.add_argument("--population", type=int, default=8)
+    parser.add_argument("--evaluations", type=int, default=40, help="per run")
+    parser.add_argument("--populations", type=int, nargs="+", default=[8, 5])
     parser.add_argument("--limit", type=int, default=100, help="dev examples per candidate")
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
@@ -50,51 +52,59 @@ def main() -> None:
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False)
+    rows: dict[tuple[str, int], list[dict[str, float]]] = {}
     try:
-        rows: dict[str, list[dict[str, float]]] = {mode: [] for mode in MODES}
         for repeat in range(args.repeats):
-            for mode, backend in MODES.items():
-                rows[mode].append(_run(args, backend, seed=repeat))
-                print(mode, {k: round(v, 3) for k, v in rows[mode][-1].items()}, flush=True)
+            for mode, block in MODES.items():
+                for population, row in _runs(args, block, seed=repeat).items():
+                    rows.setdefault((mode, population), []).append(row)
+                    print(mode, population, {k: round(v, 3) for k, v in row.items()}, flush=True)
         trip_ms = _round_trip(200)
     finally:
         ray.shutdown()
-    _print(args, rows)
-    print(f"\nRay round trip of a candidate that does nothing (1 worker, 200 in a row): {trip_ms:.2f} ms")
+    _print(args, rows, trip_ms)
 
 
-def _run(args: argparse.Namespace, backend_block: Any, seed: int) -> dict[str, float]:
+def _config(args: argparse.Namespace, block: Any, population: int, seed: int) -> Any:
     from evomerge.cli.demo import demo_config
     from evomerge.runs.config import EvolveConfig
+
+    zoo = load_or_build(args.zoo, "small")
+    data = demo_config(zoo, Path(tempfile.mkdtemp()) / "run", args.evaluations, population, args.limit, seed)
+    data["optimizer"] = {"name": "random", "population_size": population, "start": "center"}
+    return EvolveConfig.from_dict({**data, "backend": block})
+
+
+def _runs(args: argparse.Namespace, block: Any, seed: int) -> dict[int, dict[str, float]]:
+    """One run per population size on one backend (started once)."""
     from evomerge.runs.loop import evolve, make_backend
     from evomerge.runs.store import RunStore
 
-    zoo = load_or_build(args.zoo, "small")
-    data = demo_config(
-        zoo, Path(tempfile.mkdtemp()) / "run", args.evaluations, args.population, args.limit, seed
-    )
-    data["optimizer"] = {"name": "random", "population_size": args.population, "start": "center"}
-    config = EvolveConfig.from_dict({**data, "backend": backend_block})
-    workers = int(getattr(config.backend, "workers", 1))
     start = time.perf_counter()
-    backend = make_backend(config)
-    started = time.perf_counter()
+    backend = make_backend(_config(args, block, args.populations[0], seed))
+    start_s = time.perf_counter() - start
+    rows = {}
     try:
-        summary = evolve(config, backend=backend)
+        for population in args.populations:
+            config = _config(args, block, population, seed)
+            workers = int(getattr(config.backend, "workers", 1))
+            started = time.perf_counter()
+            summary = evolve(config, backend=backend)
+            wall = time.perf_counter() - started
+            with RunStore.in_dir(summary.run_dir) as store:
+                busy = sum(evaluation.wall_s for evaluation in store.evaluations())
+                n = store.count_evaluations()
+            rows[population] = {
+                "start_s": start_s,
+                "wall_s": wall,
+                "per_minute": n / wall * 60,
+                "work_ms": busy / n * 1000,
+                "overhead_ms": (wall * workers - busy) / n * 1000,
+                "idle": 1 - busy / (workers * wall),
+            }
     finally:
-        wall = time.perf_counter() - started
         backend.close()
-    with RunStore.in_dir(summary.run_dir) as store:
-        busy = sum(evaluation.wall_s for evaluation in store.evaluations())
-        n = store.count_evaluations()
-    return {
-        "start_s": started - start,
-        "wall_s": wall,
-        "per_minute": n / wall * 60,
-        "work_ms": busy / n * 1000,
-        "overhead_ms": (wall * workers - busy) / n * 1000,
-        "idle": 1 - busy / (workers * wall),
-    }
+    return rows
 
 
 def _round_trip(count: int) -> float:
@@ -114,26 +124,28 @@ def _round_trip(count: int) -> float:
         pool.close()
 
 
-def _print(args: argparse.Namespace, rows: dict[str, list[dict[str, float]]]) -> None:
-    local = statistics.median(r["per_minute"] for r in rows["local"])
-    local_overhead = statistics.median(r["overhead_ms"] for r in rows["local"])
+def _print(
+    args: argparse.Namespace, rows: dict[tuple[str, int], list[dict[str, float]]], trip_ms: float
+) -> None:
     print(
-        f"\n{args.evaluations} evaluations per run, population {args.population}, {args.limit} dev examples, "
-        f"median of {args.repeats}\n"
+        f"\n{args.evaluations} evaluations per run, random search, {args.limit} dev examples, "
+        f"median of {args.repeats} rounds\n"
     )
     print(
-        "| backend | evaluations/min | vs local | worker start-up s | work ms/candidate | overhead ms/candidate "
-        "| Ray overhead ms | workers idle |"
+        "| population | backend | evaluations/min | vs local | worker start-up s | work ms/candidate "
+        "| overhead ms/candidate | workers idle |"
     )
     print("|---|---|---|---|---|---|---|---|")
-    for mode, runs in rows.items():
-        med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
-        # The remote call's own cost: with one worker nothing else differs from the local run.
-        ray_overhead = f"{med['overhead_ms'] - local_overhead:.1f}" if mode == "ray, 1 worker" else ""
-        print(
-            f"| {mode} | {med['per_minute']:.1f} | {med['per_minute'] / local:.2f}x | {med['start_s']:.1f} | "
-            f"{med['work_ms']:.0f} | {med['overhead_ms']:.1f} | {ray_overhead} | {med['idle']:.1%} |"
-        )
+    for population in args.populations:
+        local = statistics.median(r["per_minute"] for r in rows[("local", population)])
+        for mode in MODES:
+            runs = rows[(mode, population)]
+            med = {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+            print(
+                f"| {population} | {mode} | {med['per_minute']:.1f} | {med['per_minute'] / local:.2f}x | "
+                f"{med['start_s']:.1f} | {med['work_ms']:.0f} | {med['overhead_ms']:.1f} | {med['idle']:.1%} |"
+            )
+    print(f"\nRay round trip of a candidate that does nothing (1 worker, 200 in a row): {trip_ms:.2f} ms")
 
 
 if __name__ == "__main__":

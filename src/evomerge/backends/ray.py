@@ -211,6 +211,7 @@ class RayBackend:
             self._ray.kill(worker)
         self.workers, self._running = [], {}
         self._idle.clear()
+        self._queue.clear()
         if self._owns_ray:
             self._ray.shutdown()
             self._owns_ray = False
