@@ -42,8 +42,8 @@ class RaySettings(BackendSettings):
     """`ray`: a pool of Ray actors (see docs/ray.md)."""
 
     name: Literal["ray"] = "ray"
-    # None: start Ray on this machine (or join the cluster RAY_ADDRESS names); "auto": the cluster this
-    # machine is a node of; "ray://HOST:10001": a remote cluster through Ray Client.
+    # None: Ray's own choice (RAY_ADDRESS, else a cluster `ray start` started here, else a new local
+    # instance); "auto": the cluster this machine is a node of; "ray://HOST:10001": Ray Client.
     address: str | None = None
     workers: int = Field(default=1, ge=1)
     num_cpus: float = Field(default=1.0, ge=0)  # per worker; also its torch threads (at least 1)
