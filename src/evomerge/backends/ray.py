@@ -131,7 +131,9 @@ def local_backend(request: Any, paths: dict[str, str], use_gpu: bool) -> Backend
     """A worker's LocalBackend for `request` (a BackendRequest), reading the models under `paths`."""
     from evomerge.backends.local import LocalBackend
 
-    device = torch.device("cuda") if use_gpu else request.device  # Ray sets CUDA_VISIBLE_DEVICES
+    # Ray shows an actor the GPUs it reserved for it (CUDA_VISIBLE_DEVICES) and none otherwise, so the
+    # worker's device follows num_gpus, not the driver's evaluation.device.
+    device = torch.device("cuda" if use_gpu else "cpu")
     return LocalBackend.create(
         Path(map_path(str(request.base_model), paths)),
         map_recipe(request.sample_recipe, paths),
