@@ -7,6 +7,12 @@ resumed run re-uses it instead of evaluating again; (3) each candidate's mask se
 (run seed, generation, index). The warm start (generation -1) is committed the same way and is never
 checkpointed: an interrupted one is finished from the store on resume.
 
+A pool of workers (the Ray backend) takes a whole generation and each result is committed as it finishes;
+the optimiser is still told the generation in order, so the results are the in-process ones. With
+`schedule: steady-state` the optimiser is told each result as it arrives instead and asked for the next
+genome at once (`_steady_state`): no committed evaluation is lost or repeated on resume, but what the
+optimiser is told depends on timing.
+
 The run's best is the best dev score among *everything* it evaluated, warm start included, so a run that
 starts from the sources and the default merges never ends below them on dev.
 """
