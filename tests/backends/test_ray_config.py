@@ -13,7 +13,13 @@ import pytest
 import yaml
 
 from evomerge.backends.ray import RaySettings, map_path, map_recipe
-from evomerge.backends.registry import BackendSettings, LocalSettings, make_backend, register_backend
+from evomerge.backends.registry import (
+    BackendSettings,
+    LocalSettings,
+    make_backend,
+    parse_backend_settings,
+    register_backend,
+)
 from evomerge.errors import ConfigError
 from evomerge.merge.config import MergeConfig
 from evomerge.runs.config import EvolveConfig
@@ -150,3 +156,12 @@ def test_a_recipe_reads_its_models_under_the_workers_paths(family: dict[str, Pat
     assert mapped.models[0].parameters == recipe.models[0].parameters
     assert map_recipe(recipe, {}) is recipe
     assert map_recipe(0.5, {root: "/elsewhere"}) == 0.5  # not a recipe (a whole model, a number): as is
+
+
+def test_the_example_configs_backend_blocks_validate() -> None:
+    examples = sorted((Path(__file__).parents[2] / "examples").glob("*.yaml"))
+    blocks = [yaml.safe_load(path.read_text()).get("backend", "local") for path in examples]
+    parsed = [parse_backend_settings(block) for block in blocks]
+    assert any(
+        isinstance(settings, RaySettings) and settings.schedule == "steady-state" for settings in parsed
+    )
