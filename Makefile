@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= test,oracle,lm-eval,search,serve,ray
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install demo test test-slow lint format bench clean
+.PHONY: install demo test test-slow test-ray lint format bench clean
 
 install: $(VENV)/.installed
 
@@ -25,6 +25,10 @@ test: install
 
 test-slow: install
 	$(PY) -m pytest -q -n 2 -m "slow and not gpu and not ray"
+
+# The Ray backend's tests start one local Ray instance (2 CPUs) per test module: no xdist workers.
+test-ray: install
+	$(PY) -m pytest -q -m "ray and not gpu"
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks

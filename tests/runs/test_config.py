@@ -45,7 +45,7 @@ def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         ({"optimizer": {"name": "cma-es", "restarts": "sometimes"}}, r"optimizer.restarts: .*'ipop'"),
         ({"optimizer": {"start": "anywhere"}}, r"optimizer.start: .*'best-known'"),
         ({"optimizer": "cma-es"}, r"optimizer: expected a mapping"),
-        ({"backend": "slurm"}, r"backend: unknown 'slurm'; known: local"),
+        ({"backend": "slurm"}, r"backend: unknown backend 'slurm'; known: local, ray"),
         # issue 8's bad inputs, each refused when the config is read
         (
             {"optimizer": {"name": "map-elites", "measures": ["toy", "nope"]}},

@@ -3,17 +3,39 @@
 A backend turns merge recipes (one per candidate, each with the seed its random masks draw from) into
 EvalResults, in order. It never raises for a bad candidate: an exception or NaN becomes
 `EvalResult.failed`, so one broken merge never stops a run. `batch_size` tells the loop how many
-candidates to hand over at once (1 in-process, the number of workers for a parallel backend); the loop
-commits each batch to the run store before asking for the next.
+candidates to hand over at once (1 in-process); the loop commits each batch to the run store before
+asking for the next.
+
+A `Pool` (the Ray backend) is a backend of several workers that also takes candidates one at a time:
+`submit` queues one, `next_result` returns whichever finishes first. The loop then hands over a whole
+generation, commits each result as it arrives (a killed driver loses no finished evaluation), and with
+`schedule: steady-state` gives a worker its next candidate as soon as it is free.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from typing import Any, Protocol, runtime_checkable
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, Literal, Protocol, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict
 
 from evomerge.eval.result import EvalResult
+
+Schedule = Literal["synchronous", "steady-state"]
+
+
+class BackendSettings(BaseModel):
+    """What every backend's settings block (`backend:` in a run config) holds; each backend subclasses it
+    with its own fields (backends.registry names them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    # `synchronous`: the optimiser is told each whole generation (the same results as in-process);
+    # `steady-state`: a free worker gets the next candidate at once (a Pool, and an optimiser that takes
+    # results one at a time, only; see docs/ray.md).
+    schedule: Schedule = "synchronous"
 
 
 @runtime_checkable
@@ -23,6 +45,28 @@ class Backend(Protocol):
     def evaluate_batch(self, recipes: Sequence[Any], seeds: Sequence[int]) -> list[EvalResult]: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class Pool(Protocol):
+    """A backend of workers that take candidates one at a time (see the module doc)."""
+
+    def submit(self, key: Hashable, candidate: Any, seed: int) -> None:
+        """Queue one candidate; it starts as soon as a worker is free."""
+        ...
+
+    def next_result(self) -> tuple[Hashable, EvalResult]:
+        """(key, result) of the next candidate to finish, each submitted key exactly once (a candidate
+        whose worker died is run again on another worker)."""
+        ...
+
+    def idle_workers(self) -> int:
+        """Workers alive with nothing queued for them: how many more candidates would start at once."""
+        ...
+
+    def cancel(self) -> None:
+        """Forget every candidate submitted and not returned yet (a run stopped with an error)."""
+        ...
 
 
 class FunctionBackend:

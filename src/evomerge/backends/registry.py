@@ -1,8 +1,13 @@
-"""Backend names -> factories. The run config's `backend` picks one; the loop only sees the Backend protocol.
+"""Backend names -> (settings block, factory). The run config's `backend` picks one; the loop only sees the
+Backend protocol.
 
-A factory gets a `BackendRequest` (what every backend needs to score candidates: the live model's
-architecture, the sources, the tasks, the evaluation settings) and returns a Backend. The Ray backend of a
-later issue registers itself here under its own name; `register_backend` adds one from outside the package.
+A config names a backend either by name (`backend: local`) or by a block whose `name` chooses it
+(`backend: {name: ray, workers: 2}`); `parse_backend_settings` validates the block against that backend's
+settings class (a pydantic model, like an optimiser's settings block) before any model loads. A factory
+gets the settings and a `BackendRequest` (what every backend needs to score candidates: the live model's
+architecture, the sources, the tasks, the evaluation settings) and returns a Backend. The Ray backend's
+settings are registered here without importing Ray: `backends.ray` imports it only when a backend is
+built. `register_backend` adds one from outside the package.
 """
 
 from __future__ import annotations
@@ -10,11 +15,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from pydantic import ValidationError, create_model
 
-from evomerge.backends.base import Backend
+from evomerge.backends.base import Backend, BackendSettings
+from evomerge.backends.ray import RaySettings  # settings only: Ray itself is imported when one is built
 from evomerge.errors import ConfigError
 
 
@@ -31,10 +38,23 @@ class BackendRequest:
     measures: tuple[str, ...] = ()  # behaviour measures to add to every result ("sparsity")
 
 
-BackendFactory = Callable[[BackendRequest], Backend]
+class LocalSettings(BackendSettings):
+    """`local`: this process, one candidate at a time (no settings of its own)."""
+
+    name: Literal["local"] = "local"
+    schedule: Literal["synchronous"] = "synchronous"
 
 
-def _local(request: BackendRequest) -> Backend:
+BackendFactory = Callable[[Any, BackendRequest], Backend]  # (settings, request) -> Backend
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    settings: type[BackendSettings]
+    factory: BackendFactory
+
+
+def _local(settings: LocalSettings, request: BackendRequest) -> Backend:
     from evomerge.backends.local import LocalBackend
 
     return LocalBackend.create(
@@ -48,26 +68,79 @@ def _local(request: BackendRequest) -> Backend:
     )
 
 
-_BACKENDS: dict[str, BackendFactory] = {"local": _local}
+def _ray(settings: RaySettings, request: BackendRequest) -> Backend:
+    from evomerge.backends.ray import RayBackend  # imports ray: only when a Ray backend is built
+
+    return RayBackend.create(settings, request)
 
 
-def register_backend(name: str, factory: BackendFactory) -> None:
-    """Make `name` choosable as `backend` in a run config."""
+_BACKENDS: dict[str, BackendEntry] = {
+    "local": BackendEntry(LocalSettings, _local),
+    "ray": BackendEntry(RaySettings, _ray),
+}
+
+
+def register_backend(
+    name: str, factory: BackendFactory, settings: type[BackendSettings] | None = None
+) -> None:
+    """Make `name` choosable as `backend` in a run config, with `settings` as its block (default: a block
+    with only `name`)."""
     if name in _BACKENDS:
         raise ValueError(f"backend {name!r} is registered twice")
-    _BACKENDS[name] = factory
+    if settings is None:
+        named: Any = Literal[name]
+        settings = create_model(f"{name}Settings", __base__=BackendSettings, name=(named, name))
+    _BACKENDS[name] = BackendEntry(settings, factory)
 
 
 def backend_names() -> list[str]:
     return sorted(_BACKENDS)
 
 
-def make_backend(name: str, request: BackendRequest) -> Backend:
-    """The backend registered under `name`, built for `request`."""
+def _entry(name: str) -> BackendEntry:
     try:
-        factory = _BACKENDS[name]
+        return _BACKENDS[name]
     except KeyError:
         raise ConfigError(
             f"backend: unknown backend {name!r}; known: {', '.join(backend_names())}."
         ) from None
-    return factory(request)
+
+
+def parse_backend_settings(data: Any) -> BackendSettings:
+    """The settings block of the backend `data` names (a name, or a mapping with `name`), validated; one
+    located ConfigError otherwise."""
+    if isinstance(data, BackendSettings):
+        return data
+    if isinstance(data, str):
+        data = {"name": data}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"backend: expected a backend name ({', '.join(backend_names())}) or a mapping with a 'name', "
+            f"got {type(data).__name__}."
+        )
+    name = str(data.get("name", "local"))
+    entry = _entry(name)
+    try:
+        return entry.settings.model_validate({**data, "name": name})
+    except ValidationError as error:
+        raise ConfigError(_settings_message(error, name)) from None
+
+
+def _settings_message(error: ValidationError, name: str) -> str:
+    clauses = []
+    for item in error.errors():
+        where = ".".join(["backend", *(str(part) for part in item["loc"])])
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            field_name = str(item["loc"][-1])
+            owners = [n for n, entry in _BACKENDS.items() if field_name in entry.settings.model_fields]
+            belongs = f"; it is a setting of {', '.join(sorted(owners))}" if owners else ""
+            message = f"'{name}' has no setting '{field_name}'{belongs} (see docs/ray.md)"
+        clauses.append(f"{where}: {message}")
+    return "; ".join(dict.fromkeys(clauses))
+
+
+def make_backend(settings: BackendSettings | str, request: BackendRequest) -> Backend:
+    """The backend `settings` (or a bare name) chooses, built for `request`."""
+    parsed = parse_backend_settings(settings)
+    return _entry(parsed.name).factory(parsed, request)

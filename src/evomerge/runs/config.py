@@ -14,13 +14,14 @@ from typing import Any, ClassVar, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
 
-from evomerge.backends.registry import backend_names
+from evomerge.backends.base import BackendSettings
+from evomerge.backends.registry import LocalSettings, parse_backend_settings
 from evomerge.configfile import YamlConfig
 from evomerge.errors import ConfigError, TensorMismatchError
 from evomerge.merge.registry import get_method
 from evomerge.search.base import OptimizerSettings, SearchSpace
 from evomerge.search.optimizers import CMAESSettings
-from evomerge.search.registry import parse_settings
+from evomerge.search.registry import parse_settings, steady_state_optimizers
 from evomerge.search.space import GeneGroup, Granularity, ParameterSpace
 from evomerge.search.weights import WeightsSpace
 
@@ -131,7 +132,8 @@ class EvolveConfig(YamlConfig):
     fitness: list[FitnessTask] = Field(min_length=1)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     seed: int = 0
-    backend: str = "local"  # a name of backends.registry
+    # A backend name (`local`) or its settings block (`{name: ray, workers: 2}`); see docs/ray.md.
+    backend: SerializeAsAny[BackendSettings] = Field(default_factory=LocalSettings)
     out: Path = Path("runs/evolve")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
@@ -150,12 +152,10 @@ class EvolveConfig(YamlConfig):
     def _optimizer_block(cls, value: Any) -> OptimizerSettings:
         return parse_settings(value)
 
-    @field_validator("backend")
+    @field_validator("backend", mode="before")
     @classmethod
-    def _known_backend(cls, value: str) -> str:
-        if value not in backend_names():
-            raise ValueError(f"unknown {value!r}; known: {', '.join(backend_names())}")
-        return value
+    def _backend_block(cls, value: Any) -> BackendSettings:
+        return parse_backend_settings(value)
 
     @field_validator("base_model", "models")
     @classmethod
@@ -213,10 +213,26 @@ class EvolveConfig(YamlConfig):
         self.optimizer.check_tasks(names)  # objectives and measures must name fitness tasks
         return self
 
+    @model_validator(mode="after")
+    def _steady_state_optimizer(self) -> EvolveConfig:
+        if self.backend.schedule == "steady-state" and not self.optimizer.steady_state:
+            able = ", ".join(steady_state_optimizers())
+            raise ValueError(
+                f"backend.schedule: 'steady-state' tells the optimiser one result at a time, which "
+                f"'{self.optimizer.name}' cannot take (it is told whole generations); use schedule: "
+                f"synchronous, or one of {able}"
+            )
+        return self
+
     # --- reading ------------------------------------------------------------------------------------
     def identity(self) -> dict[str, Any]:
-        """What makes two runs the same run (everything but where it is written and the budget)."""
-        return self.model_dump(mode="json", exclude={"out", "budget"})
+        """What makes two runs the same run: everything but where it is written, the budget and where it
+        is evaluated (a run started locally may resume on Ray); the schedule counts, since steady-state
+        changes what the optimiser is told."""
+        identity = self.model_dump(mode="json", exclude={"out", "budget", "backend"})
+        if self.backend.schedule != "synchronous":
+            identity["schedule"] = self.backend.schedule
+        return identity
 
     # --- views --------------------------------------------------------------------------------------
     def optimizer_seed(self) -> int:

@@ -7,22 +7,31 @@ resumed run re-uses it instead of evaluating again; (3) each candidate's mask se
 (run seed, generation, index). The warm start (generation -1) is committed the same way and is never
 checkpointed: an interrupted one is finished from the store on resume.
 
+A pool of workers (the Ray backend) takes a whole generation and each result is committed as it finishes;
+the optimiser is still told the generation in order, so the results are the in-process ones. With
+`schedule: steady-state` the optimiser is told each result as it arrives instead and asked for the next
+genome at once (`_steady_state`): no committed evaluation is lost or repeated on resume, but what the
+optimiser is told depends on timing.
+
 The run's best is the best dev score among *everything* it evaluated, warm start included, so a run that
 starts from the sources and the default merges never ends below them on dev.
 """
 
 from __future__ import annotations
 
+import pickle
 import shutil
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from evomerge.backends.base import Backend
+from evomerge.backends.base import Backend, Pool
 from evomerge.backends.registry import BackendRequest
 from evomerge.backends.registry import make_backend as build_backend
 from evomerge.errors import ConfigError, EvomergeError, OutputExistsError
@@ -39,7 +48,7 @@ from evomerge.runs.store import (
     StoredElite,
     genome_text,
 )
-from evomerge.search.base import Elite, Optimizer, SearchSpace
+from evomerge.search.base import Elite, Optimizer, SearchSpace, SteadyState
 from evomerge.search.optimizers import load_state, save_state
 from evomerge.search.registry import make_optimizer
 
@@ -89,9 +98,9 @@ def evolve(
 ) -> RunSummary:
     """Start (or continue, if `config.out` holds this same run) an evolve run; see the module doc."""
     space = check_inputs(config)  # every input error surfaces here or in make_backend, before any evaluation
-    backend = backend or make_backend(config)
-    run_dir = prepare_run_dir(config, force=force)
-    return _run(run_dir, config, space, backend, progress)
+    with _backend(config, backend) as built:
+        run_dir = prepare_run_dir(config, force=force)
+        return _run(run_dir, config, space, built, progress)
 
 
 def resume(
@@ -109,7 +118,24 @@ def resume(
             update={"budget": config.budget.model_copy(update={"max_evaluations": max_evaluations})}
         )
     space = check_inputs(config)
-    return _run(Path(run_dir), config, space, backend or make_backend(config), progress)
+    with _backend(config, backend) as built:
+        return _run(Path(run_dir), config, space, built, progress)
+
+
+@contextmanager
+def _backend(config: EvolveConfig, given: Backend | None) -> Iterator[Backend]:
+    """`given` (left open; a pool drops the work of a run that stopped with an error), else the backend
+    the config names, closed after the run (Ray workers, loaded sources)."""
+    backend = given or make_backend(config)
+    try:
+        yield backend
+    except BaseException:
+        if given is not None and isinstance(given, Pool):
+            given.cancel()
+        raise
+    finally:
+        if given is None:
+            backend.close()
 
 
 def _run(
@@ -123,6 +149,10 @@ def _run(
         checkpoint = _open(store, config)
         elapsed = max(checkpoint.elapsed_s if checkpoint else 0.0, store.elapsed())
         clock = _Clock(config, elapsed, store.count_evaluations(), progress)
+        if config.backend.schedule == "steady-state":
+            generation = _steady_state(store, backend, space, config, clock, checkpoint)
+            reason = clock.stop_reason(store.count_evaluations()) or "max_evaluations"
+            return RunSummary(run_dir, store.count_evaluations(), generation, store.best(), reason)
         optimizer, generation = _restore_or_start(store, backend, space, config, clock, checkpoint)
         while (stop := clock.stop_reason(store.count_evaluations())) is None:
             genomes = optimizer.ask()  # (population, dim)
@@ -148,24 +178,51 @@ def _evaluate(
     """Results of one generation, from the store where committed, else evaluated and committed now."""
     results: list[EvalResult | None] = [_stored(store, generation, i, p) for i, p in enumerate(points)]
     pending = [i for i, result in enumerate(results) if result is None]
-    for chunk in _chunks(pending, max(1, backend.batch_size)):
+    # A pool takes the whole generation at once and hands back each result as it finishes.
+    handover = len(pending) if isinstance(backend, Pool) else backend.batch_size
+    for chunk in _chunks(pending, max(1, handover)):
         if clock.stop_reason(store.count_evaluations()) is not None:
             return None
         chunk = chunk[: clock.evaluations_left(store.count_evaluations())]
-        seeds = [candidate_seed(config.seed, generation, i) for i in chunk]
-        evaluated = backend.evaluate_batch([points[i].candidate for i in chunk], seeds)
-        for i, seed, result in zip(chunk, seeds, evaluated, strict=True):
-            point = points[i]
-            text = space.to_text(point.candidate)
-            store.add_evaluation(
-                Evaluation(generation, i, point.genome, text, seed, result, _wall(result), point.label)
-            )
+        seeds = {i: candidate_seed(config.seed, generation, i) for i in chunk}
+        for i, result in _evaluated(backend, {i: points[i].candidate for i in chunk}, seeds):
+            _commit(store, space, generation, i, points[i], seeds[i], result)
             results[i] = result
-        store.save_elapsed(clock.elapsed())
-        clock.report(generation, store)
+            store.save_elapsed(clock.elapsed())
+            clock.report(generation, store)
     if any(result is None for result in results):
         return None
     return [result for result in results if result is not None]
+
+
+def _evaluated(
+    backend: Backend, candidates: dict[int, Any], seeds: dict[int, int]
+) -> Iterator[tuple[int, EvalResult]]:
+    """(index, result) of each candidate: from a pool as each finishes, else after the whole batch."""
+    if isinstance(backend, Pool):
+        for i, candidate in candidates.items():
+            backend.submit(i, candidate, seeds[i])
+        for _ in candidates:
+            yield _next(backend)
+        return
+    indices = list(candidates)
+    batch = backend.evaluate_batch([candidates[i] for i in indices], [seeds[i] for i in indices])
+    yield from zip(indices, batch, strict=True)
+
+
+def _commit(
+    store: RunStore,
+    space: SearchSpace,
+    generation: int,
+    index: int,
+    point: Point,
+    seed: int,
+    result: EvalResult,
+) -> None:
+    text = space.to_text(point.candidate)
+    store.add_evaluation(
+        Evaluation(generation, index, point.genome, text, seed, result, _wall(result), point.label)
+    )
 
 
 def _stored(store: RunStore, generation: int, index: int, point: Point) -> EvalResult | None:
@@ -327,7 +384,9 @@ def _restore_or_start(
     return optimizer, 0
 
 
-def _save_checkpoint(store: RunStore, generation: int, optimizer: Optimizer, clock: _Clock) -> None:
+def _save_checkpoint(
+    store: RunStore, generation: int, optimizer: Optimizer | SteadyRun, clock: _Clock
+) -> None:
     """The optimiser before `generation`, its elites as keys of stored evaluations, and its stats."""
     elites = [_stored_elite(store, elite) for elite in optimizer.elites()]
     stats = getattr(optimizer, "stats", None)  # optional: archive coverage, front hypervolume, ...
@@ -342,7 +401,7 @@ def _stored_elite(store: RunStore, elite: Elite) -> StoredElite | None:
     return None if key is None else StoredElite(key[0], key[1], elite.niche, dict(elite.measures))
 
 
-def _checkpoint(generation: int, optimizer: Optimizer, elapsed: float) -> Checkpoint:
+def _checkpoint(generation: int, optimizer: Any, elapsed: float) -> Checkpoint:
     rng = getattr(optimizer, "rng", None)
     rng_state = dict(rng.bit_generator.state) if rng is not None else {}
     return Checkpoint(generation, save_state(optimizer), _jsonable(rng_state), elapsed)
@@ -386,6 +445,134 @@ def load_tasks(config: EvolveConfig, *, split: str = "dev") -> list[Any]:
             load_task(path, metric=task.metric, limit=limit, name=task.task_name, weight=task.weight)
         )
     return tasks
+
+
+# --- steady-state (a pool of workers, an optimiser told one result at a time) ---------------------------
+@dataclass
+class SteadyRun:
+    """What a steady-state checkpoint holds: the optimiser, how many genomes it has asked, and those asked
+    but not told yet (ask number -> genome), which a resumed run evaluates (or tells, if committed)."""
+
+    optimizer: Any  # SteadyState and Optimizer
+    asked: int = 0
+    out: dict[int, np.ndarray] = field(default_factory=dict)
+
+    def key(self, number: int) -> tuple[int, int]:
+        """Ask number -> (generation, index) in the store: population_size asks make a generation."""
+        return divmod(number, int(self.optimizer.population_size))
+
+    @property
+    def rng(self) -> Any:
+        return getattr(self.optimizer, "rng", None)
+
+    def elites(self) -> list[Elite]:
+        return list(self.optimizer.elites())
+
+    def stats(self) -> dict[str, float] | None:
+        stats = getattr(self.optimizer, "stats", None)
+        return stats() if callable(stats) else None
+
+
+def _steady_state(
+    store: RunStore,
+    backend: Backend,
+    space: SearchSpace,
+    config: EvolveConfig,
+    clock: _Clock,
+    checkpoint: Checkpoint | None,
+) -> int:
+    """Keep every worker busy: a free worker gets the next genome at once; each result is committed, then
+    told, then the free workers get new genomes. The checkpoint after each such step holds every genome
+    asked so far, so a resumed run never asks one again: those not committed are evaluated, one committed
+    but not told is told from the store. What the optimiser is told depends on which worker finishes
+    first, so two runs (or a run and its resume) may differ."""
+    if not isinstance(backend, Pool):
+        raise ConfigError(
+            f"backend.schedule: 'steady-state' needs a pool of workers (backend: ray); {type(backend).__name__} "
+            "evaluates one batch at a time. Use schedule: synchronous."
+        )
+    run = _steady_run(store, backend, space, config, clock, checkpoint)
+    ready: deque[tuple[int, EvalResult]] = deque()  # committed before a kill, not told yet
+    running = 0
+    for number, genome in sorted(run.out.items()):
+        running += _start(store, backend, space, config, run, number, genome, ready)
+    while True:
+        while not ready and backend.idle_workers() and _may_ask(store, clock, running):
+            genome = np.asarray(run.optimizer.ask_one(), dtype=float)  # (D,)
+            number, run.asked = run.asked, run.asked + 1
+            run.out[number] = genome
+            running += _start(store, backend, space, config, run, number, genome, ready)
+        _save_checkpoint(store, run.key(run.asked)[0], run, clock)
+        if not ready and running == 0:
+            return run.key(run.asked)[0]
+        if ready:
+            number, result = ready.popleft()
+        else:
+            number, result = _next(backend)
+            running -= 1
+            generation, index = run.key(number)
+            point = Point(run.out[number], space.decode(run.out[number]))
+            seed = candidate_seed(config.seed, generation, index)
+            _commit(store, space, generation, index, point, seed, result)
+            store.save_elapsed(clock.elapsed())
+        run.optimizer.tell_one(run.out.pop(number), result)
+        clock.report(run.key(number)[0], store)
+
+
+def _steady_run(
+    store: RunStore,
+    backend: Backend,
+    space: SearchSpace,
+    config: EvolveConfig,
+    clock: _Clock,
+    checkpoint: Checkpoint | None,
+) -> SteadyRun:
+    """The checkpointed steady-state run, or a new one around the warm-started optimiser."""
+    if checkpoint is None:
+        optimizer, _ = _restore_or_start(store, backend, space, config, clock, None)
+        run = SteadyRun(optimizer)
+    else:
+        state = pickle.loads(checkpoint.optimizer)  # written by this program into its own run store
+        run = state if isinstance(state, SteadyRun) else SteadyRun(state)  # the warm start's checkpoint
+    if not isinstance(run.optimizer, SteadyState):
+        raise ConfigError(
+            f"backend.schedule: 'steady-state' needs an optimiser that takes results one "
+            f"at a time; {type(run.optimizer).__name__} does not."
+        )
+    return run
+
+
+def _start(
+    store: RunStore,
+    backend: Pool,
+    space: SearchSpace,
+    config: EvolveConfig,
+    run: SteadyRun,
+    number: int,
+    genome: np.ndarray,
+    ready: deque[tuple[int, EvalResult]],
+) -> int:
+    """Submit ask `number` to the pool (1), or queue its stored result when a run killed before telling
+    it had committed it (0): nothing is evaluated twice."""
+    generation, index = run.key(number)
+    point = Point(genome, space.decode(genome))
+    stored = _stored(store, generation, index, point)
+    if stored is not None:
+        ready.append((number, stored))
+        return 0
+    backend.submit(number, point.candidate, candidate_seed(config.seed, generation, index))
+    return 1
+
+
+def _next(backend: Pool) -> tuple[int, EvalResult]:
+    key, result = backend.next_result()
+    assert isinstance(key, int)  # the loop submits ints
+    return key, result
+
+
+def _may_ask(store: RunStore, clock: _Clock, running: int) -> bool:
+    done = store.count_evaluations()
+    return clock.stop_reason(done) is None and clock.evaluations_left(done) > running
 
 
 # --- budget and progress ------------------------------------------------------------------------------

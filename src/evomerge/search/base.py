@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -122,6 +122,21 @@ class Optimizer(Protocol):
     def elites(self) -> list[Elite]: ...
 
 
+@runtime_checkable
+class SteadyState(Protocol):
+    """An optimiser that may also be asked and told one genome at a time, in any order, while other asked
+    genomes are still being evaluated (the Ray backend's `schedule: steady-state`). Its settings class
+    says so with `steady_state = True`, so a config is checked before any model loads."""
+
+    def ask_one(self) -> np.ndarray:
+        """One genome (dim,), bred from what has been told so far."""
+        ...
+
+    def tell_one(self, genome: np.ndarray, result: EvalResult) -> None:
+        """The result of one genome `ask_one` returned."""
+        ...
+
+
 # The warm start's in-space genomes with their results, in evaluation order (optimisers seed from them).
 Seeds = Sequence[tuple[np.ndarray, EvalResult]]
 StartMode = Literal["best-known", "center", "best-source"]
@@ -139,6 +154,7 @@ class OptimizerSettings(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid")
+    steady_state: ClassVar[bool] = False  # whether the optimiser is SteadyState (takes results one at a time)
 
     name: str
     population_size: int = Field(default=8, ge=2)

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -54,6 +54,7 @@ class NaturalNichesSettings(OptimizerSettings):
     """`natural-niches`: an archive of whole models bred by split-point SLERP (see NaturalNiches)."""
 
     name: Literal["natural-niches"] = "natural-niches"
+    steady_state: ClassVar[bool] = True  # M2N2 itself is steady-state: one child, then the archive changes
     population_size: int = Field(default=8, ge=1)  # children per ask (M2N2 itself breeds one at a time)
     # M2N2 keeps 20 over 50,000 children; on the digits zoo at 1,000 evaluations 10 did as well on dev
     # (a 3-seed sweep: 0.916 against 0.895) and halves the archive that every checkpoint pickles.
@@ -218,6 +219,14 @@ class NaturalNiches(BoxOptimizer):
         self._asked = 0
         for genome, result in zip(genomes, results, strict=True):
             self._offer(genome, result)
+
+    def ask_one(self) -> np.ndarray:
+        """One child of the archive as it stands (a random model while it is empty). (D,)"""
+        return self._child() if self.members else self._random_model()
+
+    def tell_one(self, genome: np.ndarray, result: EvalResult) -> None:
+        """Offer one child to the archive (steady-state: children still out do not count)."""
+        self._offer(np.asarray(genome, dtype=float), result)
 
     def _offer(self, genome: np.ndarray, result: EvalResult) -> None:
         if not result.ok:

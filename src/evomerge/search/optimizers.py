@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import pickle
 from collections.abc import Sequence
-from typing import Literal
+from typing import ClassVar, Literal
 
 import numpy as np
 from pydantic import Field
@@ -34,6 +34,7 @@ class RandomSettings(OptimizerSettings):
     """`random`: uniform samples in the box, the baseline every other optimiser must beat."""
 
     name: Literal["random"] = "random"
+    steady_state: ClassVar[bool] = True
 
 
 class CMAESSettings(OptimizerSettings):
@@ -78,6 +79,13 @@ class RandomSearch(SingleObjective):
     def tell(self, genomes: np.ndarray, results: Sequence[EvalResult]) -> None:
         genomes = self._check_told(genomes, results, self.population_size)
         self._track(genomes, results)
+
+    def ask_one(self) -> np.ndarray:
+        # The same draws, in the same order, as a generation's ask: steady-state asks the same genomes.
+        return self.rng.uniform(self.lower, self.upper)  # (D,)
+
+    def tell_one(self, genome: np.ndarray, result: EvalResult) -> None:
+        self._track(np.asarray(genome, dtype=float)[None, :], [result])
 
 
 class CMAESOptimizer(SingleObjective):

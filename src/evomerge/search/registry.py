@@ -66,6 +66,11 @@ def optimizer_names() -> list[str]:
     return sorted(_OPTIMIZERS)
 
 
+def steady_state_optimizers() -> list[str]:
+    """Optimisers that take results one at a time (`schedule: steady-state`)."""
+    return sorted(name for name, entry in _OPTIMIZERS.items() if entry.settings.steady_state)
+
+
 def optimizer_entry(name: str) -> OptimizerEntry:
     try:
         return _OPTIMIZERS[name]
