@@ -1,0 +1,145 @@
+"""Data-flow-space merging on the lm zoo (issue 11): paths against parameter-space merges at one budget.
+
+Variants, each run for `--evaluations` evaluations in all (warm start included), 3 seeds, on each target
+(`multi`: the three skills mixed; `compose`: add then reverse, which no single specialist does):
+- `ps`: per-layer task-arithmetic weights of the three specialists (the demo's search), CMA-ES;
+- `dfs`: a layer path over the three specialists (owner `add`, r = 2, at most 12 layers, mixed encoding,
+  scales evolved in [0.5, 1.5]), CMA-ES;
+- `ps+dfs`: `ps` for half the budget, its best merge joins the pool (and owns the path), `dfs` for the rest;
+- ablations of `dfs`: `dfs-w1` (scales fixed to 1) and `dfs-joint` (the joint M x M encoding of W).
+Each run's best on dev (among everything it evaluated) is scored once on the target's test split.
+
+    nice /work/main/.venv/bin/python benchmarks/dataflow.py --zoo /work/main/runs/demo/zoo \
+        --evaluations 120 --limit 60 --seeds 0 1 2 --workers 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+VARIANTS = ("ps", "dfs", "ps+dfs", "dfs-w1", "dfs-joint")
+TARGETS = ("multi", "compose")
+SKILLS = ("add", "reverse", "translate")
+
+
+def config_for(zoo: Path, out: Path, target: str, variant: str, seed: int, args: Any) -> dict[str, Any]:
+    models = [str(zoo / "models" / skill) for skill in SKILLS]
+    tasks = zoo / "tasks" / target
+    config: dict[str, Any] = {
+        "base_model": str(zoo / "models" / "base"),
+        "models": models,
+        "optimizer": {"name": "cma-es", "population_size": 8, "sigma0": 0.25},
+        "budget": {"max_evaluations": args.evaluations},
+        "fitness": [
+            {"name": target, "dev": str(tasks / "dev.jsonl"), "test": str(tasks / "test.jsonl"), "limit": args.limit}
+        ],
+        "seed": seed,
+        "out": str(out / f"{target}-{variant}-{seed}"),
+    }
+    flow = {"repeats": 2, "max_path_length": 12}
+    if variant in ("ps", "ps+dfs"):
+        config["merge_method"] = "task_arithmetic"
+        config["search"] = {"space": "parameter", "granularity": "layer", "parameters": {"weight": [0.0, 1.5]}}
+    if variant == "ps+dfs":
+        config["search"] |= {"space": "ps+dfs", "dataflow": flow | {"ps_share": 0.5}}
+    if variant.startswith("dfs"):
+        flow |= {"scales": "fixed"} if variant == "dfs-w1" else {}
+        flow |= {"encoding": "joint"} if variant == "dfs-joint" else {}
+        config["search"] = {"space": "dataflow", "dataflow": flow}
+    return config
+
+
+def run_one(job: tuple[str, str, int, str, str, Any]) -> dict[str, Any]:
+    target, variant, seed, zoo, out, args = job
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    torch.set_num_threads(1)
+    transformers_logging.disable_progress_bar()
+    from evomerge.runs.config import EvolveConfig
+    from evomerge.runs.loop import evolve, make_backend
+
+    config = EvolveConfig.from_dict(config_for(Path(zoo), Path(out), target, variant, seed, args))
+    start = time.perf_counter()
+    summary = evolve(config, force=True)
+    search_s = time.perf_counter() - start
+    best = summary.best
+    assert best is not None
+    space = config.search_space()
+    candidate = space.from_text(best.recipe)
+    backend = make_backend(config, split="test")
+    try:
+        test = backend.evaluate_batch([candidate], [best.seed])[0]
+    finally:
+        backend.close()
+    describe = getattr(candidate, "describe", None)
+    return {
+        "target": target,
+        "variant": variant,
+        "seed": seed,
+        "dev": best.score,
+        "test": test.score,
+        "best": best.label or ("path " + describe() if callable(describe) else "evolved recipe"),
+        "evaluations": summary.evaluations,
+        "search_s": search_s,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--zoo", type=Path, default=Path("/work/main/runs/demo/zoo"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_dataflow"))
+    parser.add_argument("--evaluations", type=int, default=120)
+    parser.add_argument("--limit", type=int, default=60, help="dev examples per candidate")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--targets", nargs="+", default=list(TARGETS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = args.out / "runs.jsonl"
+    done = {(r["target"], r["variant"], r["seed"]) for r in _read(log)}
+    jobs = [
+        (t, v, s, str(args.zoo.resolve()), str(args.out.resolve()), args)
+        for s in args.seeds
+        for t in args.targets
+        for v in args.variants
+        if (t, v, s) not in done
+    ]
+    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+        for row in pool.imap_unordered(run_one, jobs):
+            with log.open("a") as handle:
+                handle.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+    print(table(_read(log)))
+
+
+def _read(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """Mean ± sd of the test score per target and variant, with each seed's value."""
+    lines = ["| target | variant | test mean ± sd | per seed (test) | dev mean | search s (mean) |", "|---|---|---|---|---|---|"]
+    for target in TARGETS:
+        for variant in VARIANTS:
+            picked = sorted((r for r in rows if r["target"] == target and r["variant"] == variant), key=lambda r: r["seed"])
+            if not picked:
+                continue
+            tests = [r["test"] for r in picked]
+            sd = statistics.stdev(tests) if len(tests) > 1 else 0.0
+            seeds = ", ".join(f"{r['test']:.3f}" for r in picked)
+            dev = statistics.mean(r["dev"] for r in picked)
+            secs = statistics.mean(r["search_s"] for r in picked)
+            lines.append(f"| {target} | {variant} | {statistics.mean(tests):.3f} ± {sd:.3f} | {seeds} | {dev:.3f} | {secs:.0f} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
