@@ -5,7 +5,8 @@ Variants, each run for `--evaluations` evaluations in all (warm start included),
 - `ps`: per-layer task-arithmetic weights of the three specialists (the demo's search), CMA-ES;
 - `dfs`: a layer path over the three specialists (owner `add`, r = 2, at most 12 layers, mixed encoding,
   scales evolved in [0.5, 1.5]), CMA-ES;
-- `ps+dfs`: `ps` for half the budget, its best merge joins the pool (and owns the path), `dfs` for the rest;
+- `ps+dfs`: `ps` for half the budget, its best merge joins the pool (and owns the path), `dfs` for the rest
+  (`ps+dfs-75`: three quarters for `ps`);
 - ablations of `dfs`: `dfs-w1` (scales fixed to 1) and `dfs-joint` (the joint M x M encoding of W).
 Each run's best on dev (among everything it evaluated) is scored once on the target's test split.
 
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("ps", "dfs", "ps+dfs", "dfs-w1", "dfs-joint")
+VARIANTS = ("ps", "dfs", "ps+dfs", "dfs-w1", "dfs-joint", "ps+dfs-75")
 TARGETS = ("multi", "compose")
 SKILLS = ("add", "reverse", "translate")
 
@@ -37,17 +38,29 @@ def config_for(zoo: Path, out: Path, target: str, variant: str, seed: int, args:
         "optimizer": {"name": "cma-es", "population_size": 8, "sigma0": 0.25},
         "budget": {"max_evaluations": args.evaluations},
         "fitness": [
-            {"name": target, "dev": str(tasks / "dev.jsonl"), "test": str(tasks / "test.jsonl"), "limit": args.limit}
+            {
+                "name": target,
+                "dev": str(tasks / "dev.jsonl"),
+                "test": str(tasks / "test.jsonl"),
+                "limit": args.limit,
+            }
         ],
         "seed": seed,
         "out": str(out / f"{target}-{variant}-{seed}"),
     }
     flow = {"repeats": 2, "max_path_length": 12}
-    if variant in ("ps", "ps+dfs"):
+    if variant == "ps":
         config["merge_method"] = "task_arithmetic"
-        config["search"] = {"space": "parameter", "granularity": "layer", "parameters": {"weight": [0.0, 1.5]}}
-    if variant == "ps+dfs":
-        config["search"] |= {"space": "ps+dfs", "dataflow": flow | {"ps_share": 0.5}}
+        config["search"] = {
+            "space": "parameter",
+            "granularity": "layer",
+            "parameters": {"weight": [0.0, 1.5]},
+        }
+    if variant.startswith("ps+dfs"):
+        share = 0.75 if variant == "ps+dfs-75" else 0.5
+        config["merge_method"] = "task_arithmetic"
+        config["search"] = {"space": "ps+dfs", "granularity": "layer", "parameters": {"weight": [0.0, 1.5]}}
+        config["search"]["dataflow"] = flow | {"ps_share": share}
     if variant.startswith("dfs"):
         flow |= {"scales": "fixed"} if variant == "dfs-w1" else {}
         flow |= {"encoding": "joint"} if variant == "dfs-joint" else {}
@@ -79,6 +92,12 @@ def run_one(job: tuple[str, str, int, str, str, Any]) -> dict[str, Any]:
     finally:
         backend.close()
     describe = getattr(candidate, "describe", None)
+    evaluations = summary.evaluations
+    if config.search.space == "ps+dfs":  # the parameter-space phase's own run counts too
+        from evomerge.runs.store import RunStore
+
+        with RunStore.in_dir(config.ps_phase().out) as store:
+            evaluations += store.count_evaluations()
     return {
         "target": target,
         "variant": variant,
@@ -86,20 +105,22 @@ def run_one(job: tuple[str, str, int, str, str, Any]) -> dict[str, Any]:
         "dev": best.score,
         "test": test.score,
         "best": best.label or ("path " + describe() if callable(describe) else "evolved recipe"),
-        "evaluations": summary.evaluations,
+        "evaluations": evaluations,
         "search_s": search_s,
     }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--zoo", type=Path, default=Path("/work/main/runs/demo/zoo"))
     parser.add_argument("--out", type=Path, default=Path("runs/bench_dataflow"))
     parser.add_argument("--evaluations", type=int, default=120)
     parser.add_argument("--limit", type=int, default=60, help="dev examples per candidate")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS[:5]))
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -126,10 +147,16 @@ def _read(path: Path) -> list[dict[str, Any]]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """Mean ± sd of the test score per target and variant, with each seed's value."""
-    lines = ["| target | variant | test mean ± sd | per seed (test) | dev mean | search s (mean) |", "|---|---|---|---|---|---|"]
+    lines = [
+        "| target | variant | test mean ± sd | per seed (test) | dev mean | search s (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
     for target in TARGETS:
         for variant in VARIANTS:
-            picked = sorted((r for r in rows if r["target"] == target and r["variant"] == variant), key=lambda r: r["seed"])
+            picked = sorted(
+                (r for r in rows if r["target"] == target and r["variant"] == variant),
+                key=lambda r: r["seed"],
+            )
             if not picked:
                 continue
             tests = [r["test"] for r in picked]
@@ -137,7 +164,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             seeds = ", ".join(f"{r['test']:.3f}" for r in picked)
             dev = statistics.mean(r["dev"] for r in picked)
             secs = statistics.mean(r["search_s"] for r in picked)
-            lines.append(f"| {target} | {variant} | {statistics.mean(tests):.3f} ± {sd:.3f} | {seeds} | {dev:.3f} | {secs:.0f} |")
+            lines.append(
+                f"| {target} | {variant} | {statistics.mean(tests):.3f} ± {sd:.3f} | {seeds} | {dev:.3f} | {secs:.0f} |"
+            )
     return "\n".join(lines)
 
 

@@ -10,7 +10,6 @@ import torch
 from evomerge.dataflow.path import LayerPath, Step
 from evomerge.dataflow.pool import PoolModel
 from evomerge.zoo.random_models import FamilySpec
-
 from runs.fake_problem import build_scoreable_family
 
 

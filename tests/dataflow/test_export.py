@@ -53,6 +53,7 @@ def test_a_scaled_path_exports_with_its_model_class(
     assert (_logits(exported) - _logits(path_model(live, path))).abs().max() < 1e-5
 
 
+@pytest.mark.slow  # a fresh interpreter importing transformers: ~10 s
 def test_plain_transformers_loads_the_scaled_export_with_trust_remote_code(
     pool: list[PoolModel], live: list[torch.nn.Module], tmp_path: Path
 ) -> None:
@@ -73,7 +74,9 @@ def test_plain_transformers_loads_the_scaled_export_with_trust_remote_code(
     assert float(done.stdout.strip().splitlines()[-1]) < 1e-5
 
 
-def test_the_mergekit_recipe_of_a_unit_path_rebuilds_the_same_weights(pool: list[PoolModel], tmp_path: Path) -> None:
+def test_the_mergekit_recipe_of_a_unit_path_rebuilds_the_same_weights(
+    pool: list[PoolModel], tmp_path: Path
+) -> None:
     from evomerge.merge.api import merge
 
     out = export_path(a_path(pool, *UNIT), tmp_path / "unit")
@@ -91,3 +94,26 @@ def test_export_refuses_a_broken_path_before_writing(pool: list[PoolModel], tmp_
     with pytest.raises(PathError, match="ends with a layer"):
         export_path(a_path(pool, (0, 0, 1.0), (1, 1, 1.0)), tmp_path / "end")
     assert not (tmp_path / "long").exists() and not (tmp_path / "end").exists()
+
+
+def test_evomerge_eval_scores_a_scaled_export(
+    pool: list[PoolModel], family: dict[str, Path], tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from evomerge.cli import app, register_commands
+
+    register_commands()
+    out = export_path(a_path(pool, *SCALED), tmp_path / "scaled")
+    args = ["eval", str(out), "--task", str(family["dev"]), "--metric", "perplexity"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "perplexity" in result.output
+
+
+def test_the_report_draws_each_position_in_its_models_colour(pool: list[PoolModel]) -> None:
+    from evomerge.dataflow.draw import PALETTE, path_svg
+
+    drawing = path_svg(a_path(pool, *SCALED), ["ft0", "ft1", "base"])
+    assert drawing.count("<rect") == len(SCALED) + 2  # embeddings, the layers, the head
+    assert drawing.count(f'fill="{PALETTE[1]}"') == 1 and "x0.80" in drawing and "x1.30" in drawing

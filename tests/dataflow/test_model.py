@@ -14,7 +14,9 @@ from .conftest import SCALED, a_path
 IDS = torch.tensor([[1, 5, 9, 14, 3, 22, 7], [1, 8, 8, 30, 2, 11, 40]])  # (B, T)
 
 
-def test_the_identity_path_reproduces_the_owners_logits(pool: list[PoolModel], live: list[torch.nn.Module]) -> None:
+def test_the_identity_path_reproduces_the_owners_logits(
+    pool: list[PoolModel], live: list[torch.nn.Module]
+) -> None:
     identity = a_path(pool, *((0, layer, 1.0) for layer in range(4)))
     with torch.inference_mode():
         expected = live[0](IDS).logits
@@ -40,7 +42,9 @@ def test_scales_change_the_output(pool: list[PoolModel], live: list[torch.nn.Mod
     assert not torch.allclose(a, b)
 
 
-def test_cached_generation_equals_recomputing_each_prefix(pool: list[PoolModel], live: list[torch.nn.Module]) -> None:
+def test_cached_generation_equals_recomputing_each_prefix(
+    pool: list[PoolModel], live: list[torch.nn.Module]
+) -> None:
     model = path_model(live, a_path(pool, *SCALED))  # ft0.1 runs twice: two cache slots
     prompts = [[1, 5, 9], [1, 8, 8, 30, 2], [1, 40]]
     cached = greedy_generate(model, prompts, stop_ids=[], pad_id=0, max_new_tokens=6, batch_size=3)

@@ -48,7 +48,9 @@ def test_decoding_keeps_slots_in_order_and_trims_to_the_owners_layers(pool: list
     assert path.check() is path
 
 
-def test_a_genome_keeping_no_owner_layer_decodes_to_an_empty_path_that_is_refused(pool: list[PoolModel]) -> None:
+def test_a_genome_keeping_no_owner_layer_decodes_to_an_empty_path_that_is_refused(
+    pool: list[PoolModel],
+) -> None:
     space = DataflowSpace(pool, repeats=1, scales="fixed")
     path = space.decode(genome(space, [4, 5, 9]))
     assert len(path) == 0
@@ -65,7 +67,9 @@ def test_max_path_length_keeps_the_strongest_indicators(pool: list[PoolModel]) -
     assert len(path) <= 3
 
 
-def test_mixed_scales_belong_to_the_kept_slot_and_the_first_layer_is_never_scaled(pool: list[PoolModel]) -> None:
+def test_mixed_scales_belong_to_the_kept_slot_and_the_first_layer_is_never_scaled(
+    pool: list[PoolModel],
+) -> None:
     space = DataflowSpace(pool, repeats=2, encoding="mixed", scale_range=(0.5, 1.5))
     x = genome(space, [0, 5, 15])  # ft0.0 > ft1.1 > ft0.3 (second repeat)
     x[24 + 0] = 0.0  # slot 0's scale gene: ignored, the first layer takes the embeddings as they are
@@ -111,7 +115,11 @@ def test_the_owner_alone_is_the_identity_path_and_other_sources_are_outside(pool
     recipes = space.warm_start_recipes()
     owner = space.genome_of(recipes[f"source {pool[0].name}"])
     assert owner is not None
-    assert space.decode(owner) == space.identity() == LayerPath(space.models, 0, tuple(Step(0, i) for i in range(4)))
+    assert (
+        space.decode(owner)
+        == space.identity()
+        == LayerPath(space.models, 0, tuple(Step(0, i) for i in range(4)))
+    )
     assert space.genome_of(recipes[f"source {pool[1].name}"]) is None
 
 

@@ -27,7 +27,9 @@ class PathBackend:
 
     batch_size = 1
 
-    def __init__(self, space: Any, models: Sequence[torch.nn.Module], evaluator: Any, fallback: Callable[[], Backend]) -> None:
+    def __init__(
+        self, space: Any, models: Sequence[torch.nn.Module], evaluator: Any, fallback: Callable[[], Backend]
+    ) -> None:
         self.space = space
         self.models = list(models)  # pool order
         self.evaluator = evaluator
@@ -68,9 +70,13 @@ class PathBackend:
         try:
             model = build()
         except Exception as error:  # a path that breaks a rule is a failed candidate, not a crash
-            return EvalResult.failed(f"{type(error).__name__}: {error}", cost={"wall_s": time.perf_counter() - start})
+            return EvalResult.failed(
+                f"{type(error).__name__}: {error}", cost={"wall_s": time.perf_counter() - start}
+            )
         result = self.evaluator.evaluate(model)
-        return checked(result, cost={"eval_s": time.perf_counter() - start, "wall_s": time.perf_counter() - start})
+        return checked(
+            result, cost={"eval_s": time.perf_counter() - start, "wall_s": time.perf_counter() - start}
+        )
 
     def _pool_model_alone(self, recipe: Any) -> int | None:
         from evomerge.search.space import source_alone

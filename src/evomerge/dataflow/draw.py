@@ -17,7 +17,9 @@ def path_svg(path: LayerPath, names: Sequence[str]) -> str:
     boxes = [_box(0, "#cccccc", "embed", f"embeddings of {names[path.owner]}")]
     for i, step in enumerate(path.steps, start=1):
         scale = "" if step.scale == 1.0 else f"x{step.scale:.2f}"
-        title = f"position {i - 1}: layer {step.layer} of {names[step.model]}, input scaled by {step.scale:.4g}"
+        title = (
+            f"position {i - 1}: layer {step.layer} of {names[step.model]}, input scaled by {step.scale:.4g}"
+        )
         boxes.append(_box(i, PALETTE[step.model % len(PALETTE)], f"L{step.layer}", title, scale))
     boxes.append(_box(len(path.steps) + 1, "#cccccc", "head", f"norm and head of {names[path.owner]}"))
     width = (len(path.steps) + 2) * (BOX + GAP)

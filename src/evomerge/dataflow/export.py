@@ -25,7 +25,14 @@ MODELING_FILE = "modeling_evomerge_dataflow.py"
 MERGEKIT_FILE = "mergekit_config.yml"
 
 
-def export_path(path: LayerPath, out_dir: Path, *, dtype: str = "float32", force: bool = False, max_length: int | None = None) -> Path:
+def export_path(
+    path: LayerPath,
+    out_dir: Path,
+    *,
+    dtype: str = "float32",
+    force: bool = False,
+    max_length: int | None = None,
+) -> Path:
     """Write `path` as a model dir (see the module doc); the dir appears whole or not at all."""
     from evomerge.io.hf_dir import copy_hf_files, read_json
     from evomerge.io.writer import ShardedWriter, atomic_output_dir

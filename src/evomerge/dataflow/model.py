@@ -28,7 +28,9 @@ class SlotCache:
         self.cache = cache
         self.slot = slot
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any) -> Any:
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> Any:
         return self.cache.update(key_states, value_states, self.slot, *args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:  # anything else a layer reads (seq length, ...) is the cache's
@@ -55,7 +57,7 @@ class PathLayer(torch.nn.Module):
 
 def path_model(models: Sequence[torch.nn.Module], path: LayerPath) -> torch.nn.Module:
     """The causal LM that runs `path` over `models` (live, in pool order); see the module doc."""
-    owner = models[path.owner]
+    owner: Any = models[path.owner]
     config = copy.deepcopy(owner.config)
     config.num_hidden_layers = 0
     with torch.device("meta"):
@@ -66,7 +68,8 @@ def path_model(models: Sequence[torch.nn.Module], path: LayerPath) -> torch.nn.M
     shell.lm_head = owner.lm_head
     layers = [_decoder_layers(models[s.model])[s.layer] for s in path.steps]
     shell.model.layers = torch.nn.ModuleList(
-        PathLayer(layer, step.scale, slot) for slot, (layer, step) in enumerate(zip(layers, path.steps, strict=True))
+        PathLayer(layer, step.scale, slot)
+        for slot, (layer, step) in enumerate(zip(layers, path.steps, strict=True))
     )
     shell.config.num_hidden_layers = len(path)  # the cache sizes itself (one slot per position) from this
     shell.generation_config = copy.deepcopy(owner.generation_config)

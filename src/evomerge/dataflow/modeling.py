@@ -24,7 +24,12 @@ class DataflowLlamaConfig(LlamaConfig):
 
     model_type = MODEL_TYPE
 
-    def __init__(self, dataflow_scales: list[float] | None = None, dataflow_path: list[Any] | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        dataflow_scales: list[float] | None = None,
+        dataflow_path: list[Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
         self.dataflow_scales = list(dataflow_scales or [])
         self.dataflow_path = list(dataflow_path or [])
         super().__init__(**kwargs)
@@ -54,7 +59,9 @@ class _Scale:
     def __init__(self, scale: float) -> None:
         self.scale = scale
 
-    def __call__(self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    def __call__(
+        self, module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
         if args:
             return (args[0] * self.scale, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": kwargs["hidden_states"] * self.scale}

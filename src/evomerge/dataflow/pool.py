@@ -31,9 +31,12 @@ class PoolModel:
     head_dim: int
     vocab_size: int
     model_type: str
+    vocab_digest: str | None = None  # a hash of tokenizer.json's vocabulary, where the dir has one
 
     @classmethod
-    def read(cls, path: str | Path, *, config_from: str | Path | None = None, name: str | None = None) -> PoolModel:
+    def read(
+        cls, path: str | Path, *, config_from: str | Path | None = None, name: str | None = None
+    ) -> PoolModel:
         """Describe the model dir `path` from its config.json (or from `config_from`'s, for a model that
         will exist later with that architecture: the parameter-space phase's best merge)."""
         from evomerge.io.hf_dir import read_json
@@ -41,9 +44,31 @@ class PoolModel:
         source = Path(config_from or path)
         config_path = source / "config.json"
         if not config_path.is_file():
-            raise SourceError(f"search.dataflow: {source} has no config.json; a pool model must be a model dir.")
+            raise SourceError(
+                f"search.dataflow: {source} has no config.json; a pool model must be a model dir."
+            )
         config = read_json(config_path)
-        return cls(str(path), name or Path(path).name, *_dimensions(config, config_path))
+        dimensions = _dimensions(config, config_path)
+        return cls(str(path), name or Path(path).name, *dimensions, vocab_digest=_vocab_digest(source))
+
+
+def _vocab_digest(model_dir: Path) -> str | None:
+    """A hash of the token -> id table in `model_dir/tokenizer.json` (None without one)."""
+    import hashlib
+    import json
+
+    path = model_dir / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        tokenizer = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise SourceError(f"{path}: cannot read it as JSON ({error}).") from error
+    table = {
+        "vocab": (tokenizer.get("model") or {}).get("vocab"),
+        "added": [(t.get("id"), t.get("content")) for t in tokenizer.get("added_tokens") or []],
+    }
+    return hashlib.sha256(json.dumps(table, sort_keys=True).encode()).hexdigest()
 
 
 def _dimensions(config: dict[str, Any], where: Path) -> tuple[int, int, int, int, str]:
@@ -54,7 +79,9 @@ def _dimensions(config: dict[str, Any], where: Path) -> tuple[int, int, int, int
             f"the Llama family ({', '.join(SUPPORTED_MODEL_TYPES)}); use parameter-space merging for it."
         )
     try:
-        hidden, layers, heads = (int(config[k]) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads"))
+        hidden, layers, heads = (
+            int(config[k]) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads")
+        )
         vocab = int(config["vocab_size"])
     except (KeyError, TypeError, ValueError) as error:
         raise SourceError(f"{where}: lacks {error} (hidden_size, num_hidden_layers, vocab_size).") from None
@@ -75,6 +102,13 @@ def check_pool(pool: Sequence[PoolModel], owner: int) -> None:
                     f"{anchor.path} {getattr(anchor, field)}; data-flow merging passes one hidden state "
                     "between layers, so every model needs one width: leave this model out of the pool."
                 )
+        differs = model.vocab_digest is not None and anchor.vocab_digest is not None
+        if differs and model.vocab_digest != anchor.vocab_digest:
+            raise ConfigError(
+                f"search.dataflow.models: {model.path}/tokenizer.json maps tokens to other ids than the owner "
+                f"{anchor.path}'s tokenizer; the path reads the owner's token ids everywhere: leave it out "
+                "of the pool, or choose another owner."
+            )
         if model.vocab_size != anchor.vocab_size:
             raise ConfigError(
                 f"search.dataflow.models: {model.path} has a vocabulary of {model.vocab_size} tokens, the "

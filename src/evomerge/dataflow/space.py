@@ -57,9 +57,13 @@ class DataflowSpace:
         dtype: str = "float32",
     ) -> None:
         if repeats < 1:
-            raise ConfigError(f"search.dataflow.repeats: {repeats}; each layer needs at least one slot (r >= 1).")
+            raise ConfigError(
+                f"search.dataflow.repeats: {repeats}; each layer needs at least one slot (r >= 1)."
+            )
         if not 0 <= owner < len(pool):
-            raise ConfigError(f"search.dataflow: owner index {owner} is outside the pool of {len(pool)} models.")
+            raise ConfigError(
+                f"search.dataflow: owner index {owner} is outside the pool of {len(pool)} models."
+            )
         check_pool(pool, owner)
         self.pool, self.owner, self.repeats = tuple(pool), owner, repeats
         self.scales, self.encoding, self.max_path_length = scales, encoding, max_path_length
@@ -251,7 +255,9 @@ class DataflowSpace:
         candidate = self.from_text(text)
         if not isinstance(candidate, LayerPath):
             return merge(candidate, out_dir, force=force, random_seed=seed)
-        return export_path(candidate, Path(out_dir), dtype=self.dtype, force=force, max_length=self.max_path_length)
+        return export_path(
+            candidate, Path(out_dir), dtype=self.dtype, force=force, max_length=self.max_path_length
+        )
 
     def check(self, path: LayerPath) -> LayerPath:
         """`path` after its rules and this space's maximum length; PathError otherwise."""

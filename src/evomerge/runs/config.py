@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validat
 
 from evomerge.backends.registry import backend_names
 from evomerge.configfile import YamlConfig
-from evomerge.errors import ConfigError, TensorMismatchError
-from evomerge.merge.registry import get_method
 from evomerge.dataflow.pool import PoolModel
 from evomerge.dataflow.space import DataflowSpace
+from evomerge.errors import ConfigError, TensorMismatchError
+from evomerge.merge.registry import get_method
 from evomerge.search.base import OptimizerSettings, SearchSpace
 from evomerge.search.optimizers import CMAESSettings
 from evomerge.search.registry import parse_settings
@@ -248,7 +248,9 @@ class EvolveConfig(YamlConfig):
         flow, space = self.search.dataflow, self.search.space
         if space not in DATAFLOW_SPACES:
             if flow != DataflowSettings():
-                raise ValueError(f"search.dataflow: set, but search.space is {space!r}; remove it or use dataflow")
+                raise ValueError(
+                    f"search.dataflow: set, but search.space is {space!r}; remove it or use dataflow"
+                )
             return self
         if space == "dataflow" and self.merge_method is not None:
             raise ValueError(
@@ -256,15 +258,26 @@ class EvolveConfig(YamlConfig):
                 f"({self.merge_method!r}), or use search.space: ps+dfs to search both"
             )
         if space == "ps+dfs" and self.merge_method is None:
-            raise ValueError("merge_method: search.space 'ps+dfs' searches the parameter space first; name the method")
+            raise ValueError(
+                "merge_method: search.space 'ps+dfs' searches the parameter space first; name the method"
+            )
         if self.backend != "local":
-            raise ValueError(f"backend: {self.backend!r}; layer paths are evaluated in-process only (backend: local)")
+            raise ValueError(
+                f"backend: {self.backend!r}; layer paths are evaluated in-process only (backend: local)"
+            )
+        if self.optimizer.start == "best-source":
+            raise ValueError(
+                "optimizer.start: 'best-source' seeds a space of weights; a path space starts from "
+                "best-known or center"
+            )
         for model in flow.models or []:
             if not model.is_dir():
                 raise ValueError(f"search.dataflow.models: model dir {model} does not exist")
         pool = flow.models if flow.models is not None else self.models
         if flow.owner is not None and flow.owner.resolve() not in [m.resolve() for m in pool]:
-            raise ValueError(f"search.dataflow.owner: {flow.owner} is not in the pool ({', '.join(map(str, pool))})")
+            raise ValueError(
+                f"search.dataflow.owner: {flow.owner} is not in the pool ({', '.join(map(str, pool))})"
+            )
         return self
 
     @model_validator(mode="after")
@@ -310,7 +323,6 @@ class EvolveConfig(YamlConfig):
             fixed=self.search.fixed,
             dtype=self.dtype,
         )
-
 
     def dataflow_space(self) -> DataflowSpace:
         """The path space over the pool (config.json files only). Under ps+dfs the pool starts with the

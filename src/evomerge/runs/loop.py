@@ -135,7 +135,9 @@ def _ps_then_dfs(
         with RunStore.in_dir(phase.out) as store:
             best = store.best()
         if best is None:
-            raise RunStateError(f"{phase.out}: the parameter-space phase has no successful candidate to merge.")
+            raise RunStateError(
+                f"{phase.out}: the parameter-space phase has no successful candidate to merge."
+            )
         phase.search_space().export(best.recipe, best_dir, seed=best.seed, force=True)
     dfs = config.dfs_phase()
     return _run(run_dir, dfs, space, backend or make_backend(dfs), progress)
@@ -407,7 +409,9 @@ def make_backend(config: EvolveConfig, *, split: str = "dev") -> Backend:
     if config.search.space in DATAFLOW_SPACES:  # layer paths over the pool; other recipes go to `backend`
         from evomerge.dataflow.backend import PathBackend
 
-        return PathBackend.create(config.search_space(), request, lambda: build_backend(config.backend, request))
+        return PathBackend.create(
+            config.search_space(), request, lambda: build_backend(config.backend, request)
+        )
     return build_backend(config.backend, request)
 
 
