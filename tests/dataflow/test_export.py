@@ -117,3 +117,20 @@ def test_the_report_draws_each_position_in_its_models_colour(pool: list[PoolMode
     drawing = path_svg(a_path(pool, *SCALED), ["ft0", "ft1", "base"])
     assert drawing.count("<rect") == len(SCALED) + 2  # embeddings, the layers, the head
     assert drawing.count(f'fill="{PALETTE[1]}"') == 1 and "x0.80" in drawing and "x1.30" in drawing
+
+
+@pytest.mark.parametrize("family_name", ["mistral", "qwen2"])
+def test_other_llama_family_models_run_and_export_paths(family_name: str, tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.dataflow.path import LayerPath, Step
+    from evomerge.zoo.random_models import FamilySpec, build_family
+
+    paths = build_family(tmp_path / "f", FamilySpec(family=family_name, delta_scale=0.2))  # type: ignore[arg-type]
+    live = [AutoModelForCausalLM.from_pretrained(paths[n]).eval() for n in ("ft0", "ft1")]
+    models = (str(paths["ft0"]), str(paths["ft1"]))
+    identity = LayerPath(models, 0, tuple(Step(0, layer) for layer in range(4)))
+    assert torch.equal(_logits(path_model(live, identity)), _logits(live[0]))
+    path = LayerPath(models, 0, (Step(0, 0), Step(1, 1), Step(1, 1), Step(0, 2), Step(0, 3)))
+    exported = AutoModelForCausalLM.from_pretrained(export_path(path, tmp_path / "out")).eval()
+    assert (_logits(exported) - _logits(path_model(live, path))).abs().max() < 1e-5

@@ -55,9 +55,12 @@ def export_path(
 
 def config_updates(path: LayerPath, config: dict[str, Any], dtype: str) -> dict[str, Any]:
     """What changes in the owner's config.json: the depth and dtype; for scaled paths the model class."""
-    from evomerge.io.hf_dir import dtype_updates
+    from evomerge.io.hf_dir import dtype_updates, read_json
 
     updates: dict[str, Any] = {"num_hidden_layers": len(path), **dtype_updates(config, dtype)}
+    if "layer_types" in config:  # per-layer attention kinds (sliding windows) follow the path
+        kinds = [read_json(Path(model) / "config.json").get("layer_types") for model in path.models]
+        updates["layer_types"] = [kinds[s.model][s.layer] for s in path.steps]  # type: ignore[index]
     if path.unit_scales:
         return updates
     if config.get("model_type") != "llama":

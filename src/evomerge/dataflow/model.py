@@ -72,6 +72,9 @@ def path_model(models: Sequence[torch.nn.Module], path: LayerPath) -> torch.nn.M
         for slot, (layer, step) in enumerate(zip(layers, path.steps, strict=True))
     )
     shell.config.num_hidden_layers = len(path)  # the cache sizes itself (one slot per position) from this
+    kinds = [getattr(models[s.model].config, "layer_types", None) for s in path.steps]
+    if all(kind is not None for kind in kinds):  # per-layer attention kinds (sliding windows) follow the path
+        shell.config.layer_types = [kind[s.layer] for kind, s in zip(kinds, path.steps, strict=True)]  # type: ignore[index]
     shell.generation_config = copy.deepcopy(owner.generation_config)
     return shell.eval()
 

@@ -16,7 +16,8 @@ from typing import Any
 from evomerge.errors import ConfigError, SourceError
 
 # Decoder-only families whose model holds `model.layers` of decoder layers called as Llama's are (hidden
-# state first, the cache as a keyword): what the path model and the export rely on. Only llama is tested.
+# state first, the cache as a keyword): what the path model and the export rely on. Tests run llama,
+# mistral and qwen2; a scaled export (a Llama subclass) needs a llama owner.
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 
