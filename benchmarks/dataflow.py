@@ -5,13 +5,15 @@ Variants, each run for `--evaluations` evaluations in all (warm start included),
 - `ps`: per-layer task-arithmetic weights of the three specialists (the demo's search), CMA-ES;
 - `dfs`: a layer path over the three specialists (owner `add`, r = 2, at most 12 layers, mixed encoding,
   scales evolved in [0.5, 1.5]), CMA-ES;
-- `ps+dfs`: `ps` for half the budget, its best merge joins the pool (and owns the path), `dfs` for the rest
-  (`ps+dfs-75`: three quarters for `ps`);
+- `ps+dfs`: `ps` for three quarters of the budget (the default `ps_share`), its best merge joins the
+  pool (and owns the path), `dfs` for the rest (`ps+dfs-50`: half each);
 - ablations of `dfs`: `dfs-w1` (scales fixed to 1) and `dfs-joint` (the joint M x M encoding of W).
-Each run's best on dev (among everything it evaluated) is scored once on the target's test split.
+Every variant runs CMA-ES (population 8, sigma0 0.25, IPOP restarts from the best so far: a restart
+from a random point of the path space lands on paths that break the model). Each run's best on dev
+(among everything it evaluated, warm start included) is scored once on the target's test split.
 
     nice /work/main/.venv/bin/python benchmarks/dataflow.py --zoo /work/main/runs/demo/zoo \
-        --evaluations 120 --limit 60 --seeds 0 1 2 --workers 2
+        --out /tmp/df/benchF --evaluations 96 --limit 60 --seeds 0 1 2 --workers 2
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("ps", "dfs", "ps+dfs", "dfs-w1", "dfs-joint", "ps+dfs-75")
+VARIANTS = ("ps", "dfs", "ps+dfs", "dfs-w1", "dfs-joint", "ps+dfs-50")
 TARGETS = ("multi", "compose")
 SKILLS = ("add", "reverse", "translate")
 
@@ -35,7 +37,12 @@ def config_for(zoo: Path, out: Path, target: str, variant: str, seed: int, args:
     config: dict[str, Any] = {
         "base_model": str(zoo / "models" / "base"),
         "models": models,
-        "optimizer": {"name": "cma-es", "population_size": 8, "sigma0": 0.25},
+        "optimizer": {
+            "name": "cma-es",
+            "population_size": 8,
+            "sigma0": 0.25,
+            "restart_from": args.restart_from,
+        },
         "budget": {"max_evaluations": args.evaluations},
         "fitness": [
             {
@@ -57,7 +64,7 @@ def config_for(zoo: Path, out: Path, target: str, variant: str, seed: int, args:
             "parameters": {"weight": [0.0, 1.5]},
         }
     if variant.startswith("ps+dfs"):
-        share = 0.75 if variant == "ps+dfs-75" else 0.5
+        share = 0.5 if variant == "ps+dfs-50" else 0.75
         config["merge_method"] = "task_arithmetic"
         config["search"] = {"space": "ps+dfs", "granularity": "layer", "parameters": {"weight": [0.0, 1.5]}}
         config["search"]["dataflow"] = flow | {"ps_share": share}
@@ -120,8 +127,9 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=60, help="dev examples per candidate")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--targets", nargs="+", default=list(TARGETS))
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS[:5]))
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--restart-from", default="best", choices=["random", "best"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"

@@ -38,7 +38,11 @@ from evomerge.search.base import as_genome
 
 Encoding = Literal["mixed", "joint"]
 ScaleMode = Literal["evolved", "fixed"]
-ON, OFF = 0.75, 0.25  # the indicator genes `encode` writes: a margin of 0.25 either side of the threshold
+# The indicator genes `encode` writes, 0.4 either side of the threshold: a search started there (CMA-ES,
+# sigma0 0.25) flips about 5% of the indicators per sample (one or two layers on a zoo path), a local
+# search around a working path; at 0.25 a sample flipped about 16% (four of 24 slots) and nearly every
+# candidate broke the model it started from.
+ON, OFF = 0.9, 0.1
 
 
 class DataflowSpace:

@@ -54,7 +54,7 @@ class DataflowSettings(_Strict):
     encoding: Literal["mixed", "joint"] = "mixed"
     max_path_length: int | None = Field(default=None, ge=1)
     scale_range: tuple[float, float] = (0.5, 1.5)
-    ps_share: float = Field(default=0.5, gt=0, lt=1)
+    ps_share: float = Field(default=0.75, gt=0, lt=1)
 
     @field_validator("repeats")
     @classmethod
