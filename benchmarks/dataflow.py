@@ -130,7 +130,12 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--restart-from", default="best", choices=["random", "best"])
+    parser.add_argument("--tables-only", action="store_true", help="print the tables of finished runs")
     args = parser.parse_args()
+    if args.tables_only:
+        rows = _read(args.out / "runs.jsonl")
+        print(table(rows) + "\n\n" + search_table(args.out, rows))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
     log = args.out / "runs.jsonl"
     done = {(r["target"], r["variant"], r["seed"]) for r in _read(log)}
@@ -147,10 +152,51 @@ def main() -> None:
                 handle.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
     print(table(_read(log)))
+    print(search_table(args.out, _read(log)))
+
+
+def path_search(run_dir: Path) -> tuple[float, float] | None:
+    """(dev score of the owner alone, best dev score of any path the search evaluated) of a path run:
+    what the path search itself found, whatever the warm start's out-of-space sources scored."""
+    from evomerge.runs.loop import load_run_config
+    from evomerge.runs.store import RunStore
+
+    config = load_run_config(run_dir)
+    if config.search.space not in ("dataflow", "ps+dfs"):
+        return None
+    space: Any = config.search_space()
+    owner = f"source {space.pool[space.owner].name}"
+    with RunStore.in_dir(run_dir) as store:
+        rows = [e for e in store.evaluations() if e.genome.size == space.dim and e.result.ok]
+    start = next(e.result.score for e in rows if e.label == owner)
+    return start, max(e.result.score for e in rows)
 
 
 def _read(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def search_table(out: Path, rows: list[dict[str, Any]]) -> str:
+    """Per path variant: the owner alone and the best path found, on dev (mean over seeds, and per seed)."""
+    lines = [
+        "| target | variant | owner alone (dev) | best path found (dev) | per seed: owner -> best path |",
+        "|---|---|---|---|---|",
+    ]
+    for target in TARGETS:
+        for variant in VARIANTS[1:]:
+            found = [
+                path_search(out / f"{target}-{variant}-{r['seed']}")
+                for r in sorted(rows, key=lambda r: r["seed"])
+                if r["target"] == target and r["variant"] == variant
+            ]
+            pairs = [pair for pair in found if pair is not None]
+            if not pairs:
+                continue
+            start = statistics.mean(p[0] for p in pairs)
+            best = statistics.mean(p[1] for p in pairs)
+            seeds = ", ".join(f"{a:.3f} -> {b:.3f}" for a, b in pairs)
+            lines.append(f"| {target} | {variant} | {start:.3f} | {best:.3f} | {seeds} |")
+    return "\n".join(lines)
 
 
 def table(rows: list[dict[str, Any]]) -> str:
