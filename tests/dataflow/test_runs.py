@@ -171,3 +171,44 @@ def test_a_tokenizer_with_other_ids_is_refused_even_at_the_same_size(
     (other / "tokenizer.json").write_text(json.dumps(tokenizer))
     with pytest.raises(ConfigError, match=r"tokenizer.json maps tokens to other ids than the owner"):
         check_inputs(config(family, tmp_path / "run", models=[str(family["ft0"]), str(other)]))
+
+
+class Crash(BaseException):
+    """Escapes every `except Exception`, like a kill would: the run stops where it is."""
+
+
+def scores(run_dir: Path) -> list[tuple[int, int, list[float], float | None]]:
+    with RunStore.in_dir(run_dir) as store:
+        return [(e.generation, e.index, e.genome.tolist(), e.result.score) for e in store.evaluations()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["parameter phase", "path phase"])
+def test_a_ps_dfs_run_killed_in_either_phase_resumes_like_an_uninterrupted_one(
+    family: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    from evomerge.backends.local import LocalBackend
+    from evomerge.dataflow.backend import PathBackend
+
+    def both(out: Path) -> EvolveConfig:
+        search = {"space": "ps+dfs", "granularity": "model", "dataflow": {"repeats": 2, "ps_share": 0.5}}
+        return config(family, out, merge_method="linear", search=search, budget={"max_evaluations": 20})
+
+    target = LocalBackend if where == "parameter phase" else PathBackend
+    original, calls = target.evaluate, {"n": 0}
+
+    def crashing(self: Any, candidate: Any, seed: int) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise Crash
+        return original(self, candidate, seed)
+
+    monkeypatch.setattr(target, "evaluate", crashing)
+    with pytest.raises(Crash):
+        evolve(both(tmp_path / "killed"))
+    monkeypatch.setattr(target, "evaluate", original)
+    resume(tmp_path / "killed")
+    evolve(both(tmp_path / "straight"))
+    for run in ("ps", "."):
+        assert scores(tmp_path / "killed" / run) == scores(tmp_path / "straight" / run)
+    assert len(scores(tmp_path / "killed" / "ps")) == 10 and len(scores(tmp_path / "killed")) == 10
