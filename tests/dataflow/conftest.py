@@ -13,18 +13,18 @@ from evomerge.zoo.random_models import FamilySpec
 from runs.fake_problem import build_scoreable_family
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """base, ft0, ft1 (hidden 32, 4 layers, fp32) with the zoo tokenizer, and dev/test task files."""
     return build_scoreable_family(tmp_path_factory.mktemp("dataflow"), FamilySpec(delta_scale=0.2))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def pool(family: dict[str, Path]) -> list[PoolModel]:
     return [PoolModel.read(family[name]) for name in ("ft0", "ft1", "base")]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="package")
 def live(family: dict[str, Path]) -> list[torch.nn.Module]:
     from evomerge.eval.loading import load_model
 
