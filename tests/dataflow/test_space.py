@@ -132,3 +132,15 @@ def test_bad_pools_are_refused_naming_both_sides(pool: list[PoolModel]) -> None:
         DataflowSpace([pool[0], other_vocab])
     with pytest.raises(ConfigError, match="r >= 1"):
         DataflowSpace(pool, repeats=0)
+
+
+def test_the_report_draws_the_best_path_instead_of_a_heatmap(pool: list[PoolModel]) -> None:
+    from types import SimpleNamespace
+
+    from evomerge.runs.report import _recipe_view
+
+    space = DataflowSpace(pool, repeats=2)
+    genome = space.encode(a_path(pool, *SCALED))
+    best = SimpleNamespace(genome=genome, recipe=space.to_text(space.decode(genome)), name="g0c0")
+    view = _recipe_view(space, best)  # type: ignore[arg-type]
+    assert view.count("<rect") == len(SCALED) + 2 and "ft1.1 (x0.8)" in view
