@@ -131,7 +131,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--restart-from", default="best", choices=["random", "best"])
     parser.add_argument("--tables-only", action="store_true", help="print the tables of finished runs")
+    parser.add_argument("--overhead", action="store_true", help="time the path model against its owner")
     args = parser.parse_args()
+    if args.overhead:
+        print(overhead(args.zoo, args.limit))
+        return
     if args.tables_only:
         rows = _read(args.out / "runs.jsonl")
         print(table(rows) + "\n\n" + search_table(args.out, rows))
@@ -153,6 +157,35 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     print(table(_read(log)))
     print(search_table(args.out, _read(log)))
+
+
+def overhead(zoo: Path, limit: int, repeats: int = 5) -> str:
+    """Seconds to score `add` on `multi` dev directly and as its identity path (a path model built for each
+    evaluation), interleaved; the scores must agree."""
+    import torch
+
+    from evomerge.dataflow.model import path_model
+    from evomerge.dataflow.path import LayerPath, Step
+    from evomerge.eval.evaluator import Evaluator
+    from evomerge.eval.loading import load_model
+    from evomerge.eval.tasks import load_task
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(zoo / "models" / "add", dtype=torch.float32)
+    task = load_task(zoo / "tasks" / "multi" / "dev.jsonl", metric="exact_match", limit=limit, name="multi")
+    evaluator = Evaluator([task], tokenizer=tokenizer)
+    identity = LayerPath((str(zoo / "models" / "add"),), 0, tuple(Step(0, layer) for layer in range(4)))
+    times: dict[str, list[float]] = {"owner": [], "path": []}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        direct = evaluator.evaluate(model).score
+        times["owner"].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        through = evaluator.evaluate(path_model([model], identity)).score
+        times["path"].append(time.perf_counter() - start)
+        assert direct == through
+    owner, path = statistics.median(times["owner"]), statistics.median(times["path"])
+    return f"owner {owner:.3f} s, identity path {path:.3f} s (median of {repeats}): ratio {path / owner:.3f}"
 
 
 def path_search(run_dir: Path) -> tuple[float, float] | None:
