@@ -188,7 +188,10 @@ def test_the_weights_space_needs_no_merge_method(tmp_path: Path, family: dict[st
             {"merge_method": None, "search": {"space": "weights", "granularity": "model"}},
             r"search: granularity .* 'weights' takes none of them",
         ),
-        ({"search": {"space": "recipes"}}, r"search.space: .*'parameter' or 'weights'"),
+        (
+            {"search": {"space": "recipes"}},
+            r"search.space: .*'parameter', 'weights', 'dataflow' or 'ps\+dfs'",
+        ),
     ],
 )
 def test_the_merge_method_fits_the_space(

@@ -13,6 +13,7 @@ from evomerge.errors import SourceError
 # Any one of these makes a dir loadable by AutoTokenizer (fast JSON, sentencepiece, BPE, WordPiece).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
 MLP_MODEL_TYPE = "evomerge_mlp"
+DATAFLOW_MODEL_TYPE = "evomerge_dataflow"  # evomerge.dataflow.modeling.MODEL_TYPE
 
 
 class ModelLoadError(SourceError):
@@ -27,6 +28,10 @@ def load_model(
     config = read_config(path)
     if config.get("model_type") == MLP_MODEL_TYPE:
         return _load_classifier(path, device, dtype), None
+    if config.get("model_type") == DATAFLOW_MODEL_TYPE:  # an exported layer path with scales: our own class,
+        from evomerge.dataflow.modeling import register  # so no remote code from the dir is run
+
+        register()
     return _load_causal_lm(path, device, dtype), load_tokenizer(path)
 
 

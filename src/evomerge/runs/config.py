@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validat
 from evomerge.backends.base import BackendSettings
 from evomerge.backends.registry import LocalSettings, parse_backend_settings
 from evomerge.configfile import YamlConfig
+from evomerge.dataflow.pool import PoolModel
+from evomerge.dataflow.space import DataflowSpace
 from evomerge.errors import ConfigError, TensorMismatchError
 from evomerge.merge.registry import get_method
 from evomerge.search.base import OptimizerSettings, SearchSpace
@@ -27,10 +29,47 @@ from evomerge.search.weights import WeightsSpace
 
 # Methods that select layers instead of mixing parameters cannot be searched in parameter space.
 NOT_PARAMETER_SPACE = frozenset({"passthrough"})
+DATAFLOW_SPACES = ("dataflow", "ps+dfs")  # spaces whose candidates are layer paths (search.dataflow)
+PS_DIR, PS_BEST = "ps", "ps-best"  # ps+dfs: the parameter-space phase's run dir and its best merge, in out
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class DataflowSettings(_Strict):
+    """`search.dataflow`: the data-flow space (dataflow/space.py; docs/dataflow.md).
+
+    `models`: the pool whose layers a path may take (default: `models`); `owner`: the model whose
+    embeddings, head and tokenizer frame every path (default: the first of the pool; under ps+dfs the
+    parameter-space phase's best merge, which joins the pool); `repeats`: r, the times each layer may
+    appear; `scales`: W evolved or fixed to 1; `encoding`: mixed (scales only for kept layers) or joint
+    (the whole M x M matrix); `ps_share`: under ps+dfs, the share of the budget the parameter-space phase
+    spends (evaluations and wall time alike), the path search getting the rest.
+    """
+
+    models: list[Path] | None = None
+    owner: Path | None = None
+    repeats: int = 2
+    scales: Literal["evolved", "fixed"] = "evolved"
+    encoding: Literal["mixed", "joint"] = "mixed"
+    max_path_length: int | None = Field(default=None, ge=1)
+    scale_range: tuple[float, float] = (0.5, 1.5)
+    ps_share: float = Field(default=0.75, gt=0, lt=1)
+
+    @field_validator("repeats")
+    @classmethod
+    def _at_least_once(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"r = {value}: every layer needs at least one slot; use repeats >= 1")
+        return value
+
+    @field_validator("scale_range")
+    @classmethod
+    def _ordered(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] < value[1]:
+            raise ValueError(f"expected [low, high] with 0 <= low < high, got {list(value)}")
+        return value
 
 
 class SearchConfig(_Strict):
@@ -38,15 +77,18 @@ class SearchConfig(_Strict):
 
     `space: parameter` evolves a merge method's parameters (the other fields shape that genome);
     `space: weights` evolves every float parameter of the sources' architecture itself (whole models, for
-    natural niches), needs no merge_method and takes none of the other fields.
+    natural niches), needs no merge_method and takes none of the other fields. `space: dataflow` evolves
+    a layer path through the pool's models (the `dataflow` block); `space: ps+dfs` first searches the
+    parameter space (merge_method and the fields above), then a path with its best merge in the pool.
     """
 
-    space: Literal["parameter", "weights"] = "parameter"  # the data-flow and black-box spaces come next
+    space: Literal["parameter", "weights", "dataflow", "ps+dfs"] = "parameter"
     granularity: Granularity = "layer"
     group_size: int = Field(default=1, ge=1)
     separate: list[GeneGroup] = Field(default_factory=list)
     parameters: dict[str, tuple[float, float] | None] | None = None  # None: the method's usual ones
     fixed: dict[str, Any] = Field(default_factory=dict)
+    dataflow: DataflowSettings = Field(default_factory=DataflowSettings)
 
 
 class BudgetConfig(_Strict):
@@ -174,6 +216,9 @@ class EvolveConfig(YamlConfig):
         for task in self.fitness:
             task.dev = task.dev.resolve()
             task.test = task.test.resolve() if task.test is not None else None
+        flow = self.search.dataflow
+        flow.models = [model.resolve() for model in flow.models] if flow.models is not None else None
+        flow.owner = flow.owner.resolve() if flow.owner is not None else None
         return self
 
     @model_validator(mode="after")
@@ -196,6 +241,43 @@ class EvolveConfig(YamlConfig):
                     f"search: {', '.join(unused)} shape(s) a parameter-space genome; search.space 'weights' "
                     "takes none of them: remove them"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _dataflow_fits(self) -> EvolveConfig:
+        flow, space = self.search.dataflow, self.search.space
+        if space not in DATAFLOW_SPACES:
+            if flow != DataflowSettings():
+                raise ValueError(
+                    f"search.dataflow: set, but search.space is {space!r}; remove it or use dataflow"
+                )
+            return self
+        if space == "dataflow" and self.merge_method is not None:
+            raise ValueError(
+                f"merge_method: search.space 'dataflow' merges no parameters; remove merge_method "
+                f"({self.merge_method!r}), or use search.space: ps+dfs to search both"
+            )
+        if space == "ps+dfs" and self.merge_method is None:
+            raise ValueError(
+                "merge_method: search.space 'ps+dfs' searches the parameter space first; name the method"
+            )
+        if self.backend.name != "local":
+            raise ValueError(
+                f"backend: {self.backend.name!r}; layer paths are evaluated in-process only (backend: local)"
+            )
+        if self.optimizer.start == "best-source":
+            raise ValueError(
+                "optimizer.start: 'best-source' seeds a space of weights; a path space starts from "
+                "best-known or center"
+            )
+        for model in flow.models or []:
+            if not model.is_dir():
+                raise ValueError(f"search.dataflow.models: model dir {model} does not exist")
+        pool = flow.models if flow.models is not None else self.models
+        if flow.owner is not None and flow.owner.resolve() not in [m.resolve() for m in pool]:
+            raise ValueError(
+                f"search.dataflow.owner: {flow.owner} is not in the pool ({', '.join(map(str, pool))})"
+            )
         return self
 
     @model_validator(mode="after")
@@ -239,7 +321,10 @@ class EvolveConfig(YamlConfig):
         return self.seed if self.optimizer.seed is None else self.optimizer.seed
 
     def search_space(self) -> SearchSpace:
-        """The space `search.space` names, built from the models' metadata (no weights are read here)."""
+        """The space `search.space` names, built from the models' metadata (no weights are read here).
+        For ps+dfs it is the path space (the parameter-space phase has its own config: `ps_phase`)."""
+        if self.search.space in DATAFLOW_SPACES:
+            return self.dataflow_space()
         if self.search.space == "weights":
             return WeightsSpace.from_models(self.base_model, self.models, dtype=self.dtype)
         assert self.merge_method is not None  # _method_fits_the_space
@@ -255,13 +340,58 @@ class EvolveConfig(YamlConfig):
             dtype=self.dtype,
         )
 
+    def dataflow_space(self) -> DataflowSpace:
+        """The path space over the pool (config.json files only). Under ps+dfs the pool starts with the
+        parameter-space phase's best merge (`out/ps-best`, the base's architecture), its default owner."""
+        flow = self.search.dataflow
+        pool = [PoolModel.read(model) for model in (flow.models if flow.models is not None else self.models)]
+        if self.search.space == "ps+dfs":
+            pool.insert(0, PoolModel.read(self.out / PS_BEST, config_from=self.base_model, name=PS_BEST))
+        paths = [Path(model.path).resolve() for model in pool]
+        owner = paths.index(flow.owner.resolve()) if flow.owner is not None else 0
+        return DataflowSpace(
+            pool,
+            owner=owner,
+            repeats=flow.repeats,
+            scales=flow.scales,
+            encoding=flow.encoding,
+            max_path_length=flow.max_path_length,
+            scale_range=flow.scale_range,
+            dtype=self.dtype,
+        )
+
+    def ps_phase(self) -> EvolveConfig:
+        """ps+dfs: the parameter-space phase as a run of its own (in `out/ps`, with its share of the budget)."""
+        share = self.search.dataflow.ps_share
+        search = self.search.model_copy(update={"space": "parameter", "dataflow": DataflowSettings()})
+        budget = _scaled_budget(self.budget, share)
+        return self.model_copy(update={"search": search, "budget": budget, "out": self.out / PS_DIR})
+
+    def dfs_phase(self) -> EvolveConfig:
+        """ps+dfs: this config with the path search's share of the budget (1 - ps_share)."""
+        share = 1 - self.search.dataflow.ps_share
+        return self.model_copy(update={"budget": _scaled_budget(self.budget, share)})
+
+
+def _scaled_budget(budget: BudgetConfig, share: float) -> BudgetConfig:
+    evaluations = budget.max_evaluations
+    seconds = budget.max_wall_seconds
+    return BudgetConfig(
+        max_evaluations=None if evaluations is None else max(1, round(evaluations * share)),
+        max_wall_seconds=None if seconds is None else seconds * share,
+    )
+
 
 def check_inputs(config: EvolveConfig) -> SearchSpace:
-    """Everything that can be checked before evaluating: the search space and the sources' shapes."""
+    """Everything that can be checked before evaluating: the search space and the sources' shapes.
+    A data-flow pool needs one width, not one architecture (its models may differ in depth)."""
     space = config.search_space()
     config.optimizer.check_space(space)
     config.evaluation.torch_device()
-    check_same_shapes(config.base_model, config.models)
+    if config.search.space == "ps+dfs":
+        config.optimizer.check_space(config.ps_phase().search_space())
+    if config.search.space != "dataflow":
+        check_same_shapes(config.base_model, config.models)
     return space
 
 

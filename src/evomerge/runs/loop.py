@@ -38,7 +38,7 @@ from evomerge.errors import ConfigError, EvomergeError, OutputExistsError
 from evomerge.eval.result import EvalResult
 from evomerge.io.atomic import atomic_write_text
 from evomerge.runs.baselines import baseline_recipes, source_recipes, union_recipe
-from evomerge.runs.config import EvolveConfig, check_inputs
+from evomerge.runs.config import DATAFLOW_SPACES, PS_BEST, EvolveConfig, check_inputs
 from evomerge.runs.store import (
     FORMAT,
     WARM_START_GENERATION,
@@ -98,6 +98,9 @@ def evolve(
 ) -> RunSummary:
     """Start (or continue, if `config.out` holds this same run) an evolve run; see the module doc."""
     space = check_inputs(config)  # every input error surfaces here or in make_backend, before any evaluation
+    if config.search.space == "ps+dfs":
+        run_dir = prepare_run_dir(config, force=force)
+        return _ps_then_dfs(run_dir, config, space, backend, progress, force=force)
     with _backend(config, backend) as built:
         run_dir = prepare_run_dir(config, force=force)
         return _run(run_dir, config, space, built, progress)
@@ -118,6 +121,8 @@ def resume(
             update={"budget": config.budget.model_copy(update={"max_evaluations": max_evaluations})}
         )
     space = check_inputs(config)
+    if config.search.space == "ps+dfs":
+        return _ps_then_dfs(Path(run_dir), config, space, backend, progress, force=False)
     with _backend(config, backend) as built:
         return _run(Path(run_dir), config, space, built, progress)
 
@@ -136,6 +141,34 @@ def _backend(config: EvolveConfig, given: Backend | None) -> Iterator[Backend]:
     finally:
         if given is None:
             backend.close()
+
+
+def _ps_then_dfs(
+    run_dir: Path,
+    config: EvolveConfig,
+    space: SearchSpace,
+    backend: Backend | None,
+    progress: ProgressCallback | None,
+    *,
+    force: bool,
+) -> RunSummary:
+    """ps+dfs: the parameter-space search (its own run in `out/ps`, its budget share), its best merged
+    into `out/ps-best`, then the path search over the pool with that merge in it (this run dir's store).
+    Resumable at any point: a finished merge marks the first phase done."""
+    best_dir = run_dir / PS_BEST
+    if not best_dir.is_dir():
+        phase = config.ps_phase()
+        evolve(phase, force=force, progress=progress)
+        with RunStore.in_dir(phase.out) as store:
+            best = store.best()
+        if best is None:
+            raise RunStateError(
+                f"{phase.out}: the parameter-space phase has no successful candidate to merge."
+            )
+        phase.search_space().export(best.recipe, best_dir, seed=best.seed, force=True)
+    dfs = config.dfs_phase()
+    with _backend(dfs, backend) as built:
+        return _run(run_dir, dfs, space, built, progress)
 
 
 def _run(
@@ -256,6 +289,9 @@ def warm_start_points(config: EvolveConfig, space: SearchSpace) -> list[Point]:
             Point(g, space.decode(g), f"source {n} (in the space)")
             for n, g in zip(names, genomes, strict=True)
         ]
+    own = getattr(space, "warm_start_recipes", None)  # a space that names its own (data-flow: the pool)
+    if callable(own):
+        return [_known_point(space, label, recipe) for label, recipe in own().items()]
     known = {f"source {name}": recipe for name, recipe in source_recipes(config, with_base=False).items()}
     known |= {f"default {name}": recipe for name, recipe in baseline_recipes(config).items()}
     points = [_known_point(space, label, recipe) for label, recipe in known.items()]
@@ -429,6 +465,12 @@ def make_backend(config: EvolveConfig, *, split: str = "dev") -> Backend:
         device=settings.torch_device(),
         measures=config.optimizer.measures_needed(),
     )
+    if config.search.space in DATAFLOW_SPACES:  # layer paths over the pool; other recipes go to `backend`
+        from evomerge.dataflow.backend import PathBackend
+
+        return PathBackend.create(
+            config.search_space(), request, lambda: build_backend(config.backend, request)
+        )
     return build_backend(config.backend, request)
 
 

@@ -148,8 +148,9 @@ def _write_card(
     candidate = space.from_text(evaluation.recipe)
     if is_recipe(candidate):
         sources, method, recipe = candidate.referenced_models(), candidate.merge_method, evaluation.recipe
-    else:  # a whole model (the weights space): bred, not merged by a recipe
+    else:  # a whole model (the weights space) or a layer path: bred or searched, not merged by a recipe
         sources, method, recipe = [str(m) for m in config.models], config.optimizer.name, None
+    path = f" Layer path: {candidate.describe()}." if hasattr(candidate, "steps") else ""
     dev = {f"dev {task}": score.score for task, score in evaluation.result.tasks.items()}
     write_model_card(
         out,
@@ -158,7 +159,7 @@ def _write_card(
         method=method,
         recipe_yaml=recipe,
         scores={**dev, **(scores or {})} or None,
-        extra=f"Found by `evomerge evolve` as {_described(evaluation)}; masks drawn with random seed {evaluation.seed}.",
+        extra=f"Found by `evomerge evolve` as {_described(evaluation)}; masks drawn with random seed {evaluation.seed}.{path}",
     )
 
 

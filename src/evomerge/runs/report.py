@@ -73,6 +73,9 @@ def _recipe_view(space: SearchSpace, best: Evaluation | None) -> str:
         return "<p>none yet</p>"
     if best.genome.size != space.dim:  # a warm-start candidate outside the space (another method)
         return f"<p>The best is {html.escape(best.name)}, outside the search space: see its recipe below.</p>"
+    draw = getattr(space, "draw_html", None)  # a space that draws its candidate (data-flow: the path)
+    if callable(draw):
+        return str(draw(space.from_text(best.recipe)))
     rows = space.per_layer(best.genome)
     return _img(heatmap_figure(rows)) if rows else "<p>The search space has no per-layer genes.</p>"
 
