@@ -13,7 +13,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -144,7 +144,9 @@ def _install_errors(app: Any) -> None:
     async def http(_: Request, error: Exception) -> Response:
         assert isinstance(error, HTTPException)
         code = "not_found" if error.status_code == 404 else None
-        return JSONResponse(APIError(error.status_code, str(error.detail), code=code).body(), error.status_code)
+        return JSONResponse(
+            APIError(error.status_code, str(error.detail), code=code).body(), error.status_code
+        )
 
     async def internal(_: Request, error: Exception) -> Response:
         failure = APIError(500, f"internal error: {type(error).__name__}: {error}", type="server_error")
@@ -158,10 +160,12 @@ def _install_errors(app: Any) -> None:
 
 def _validation_error(errors: Sequence[Any]) -> APIError:
     """The first pydantic error as a 400: malformed JSON, or the parameter and what is wrong with it."""
-    first = dict(errors[0]) if errors else {"msg": "invalid request", "loc": ()}
+    first: dict[str, Any] = dict(errors[0]) if errors else {"msg": "invalid request", "loc": ()}
     if first.get("type") == "json_invalid":
         detail = (first.get("ctx") or {}).get("error", "")
-        return APIError(400, f"malformed JSON in the request body: {detail}".rstrip(": "), code="invalid_json")
+        return APIError(
+            400, f"malformed JSON in the request body: {detail}".rstrip(": "), code="invalid_json"
+        )
     location = [str(part) for part in first.get("loc", ()) if part != "body"]
     param = ".".join(location) or None
     message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
@@ -183,7 +187,9 @@ def _install_auth(app: Any, api_key: str) -> None:
             given = header[7:].strip() if header.lower().startswith("bearer ") else ""
             if not given or not hmac.compare_digest(given.encode(), expected):
                 what = "Incorrect API key provided" if given else "No API key provided"
-                error = APIError(401, f"{what}; send it as 'Authorization: Bearer KEY'", code="invalid_api_key")
+                error = APIError(
+                    401, f"{what}; send it as 'Authorization: Bearer KEY'", code="invalid_api_key"
+                )
                 return JSONResponse(error.body(), status_code=401)
         response: Response = await call_next(request)
         return response
@@ -225,7 +231,9 @@ class _Api:
         budget = body.max_tokens if body.max_tokens is not None else 16
         for prompt in prompts:
             self._check_length(prompt, budget, param="prompt")
-        jobs = self._jobs(body, prompts, budget, body.logprobs, echo=bool(body.echo and body.logprobs is not None))
+        jobs = self._jobs(
+            body, prompts, budget, body.logprobs, echo=bool(body.echo and body.logprobs is not None)
+        )
         if body.stream:
             return self._stream(body, jobs, prompts, chat=False)
         results = await self._run(jobs)
@@ -310,8 +318,12 @@ class _Api:
             text = self.served.tokenizer.apply_chat_template(
                 messages, chat_template=template, add_generation_prompt=True, tokenize=False
             )
-        except Exception as error:  # a template that raises (e.g. on a role it refuses) is the request's fault
-            raise APIError(400, f"the chat template failed on these messages: {error}", param="messages") from error
+        except (
+            Exception
+        ) as error:  # a template that raises (e.g. on a role it refuses) is the request's fault
+            raise APIError(
+                400, f"the chat template failed on these messages: {error}", param="messages"
+            ) from error
         ids = list(self.served.tokenizer(str(text), add_special_tokens=False)["input_ids"])
         return _Prompt(str(text), ids, self._decoded_offsets(ids, 0))
 
@@ -342,7 +354,12 @@ class _Api:
     # -- answers ------------------------------------------------------------------------------------
 
     def _answer(
-        self, kind: str, prefix: str, choices: list[dict[str, Any]], prompts: list[_Prompt], results: list[Generated]
+        self,
+        kind: str,
+        prefix: str,
+        choices: list[dict[str, Any]],
+        prompts: list[_Prompt],
+        results: list[Generated],
     ) -> dict[str, Any]:
         return {
             "id": f"{prefix}-{secrets.token_hex(12)}",
@@ -354,7 +371,12 @@ class _Api:
         }
 
     def _completion_choice(
-        self, body: CompletionRequest, index: int, jobs: list[Job], prompts: list[_Prompt], results: list[Generated]
+        self,
+        body: CompletionRequest,
+        index: int,
+        jobs: list[Job],
+        prompts: list[_Prompt],
+        results: list[Generated],
     ) -> dict[str, Any]:
         result, prompt = results[index], prompts[index // body.choices_per_prompt]
         text, logprobs = result.text, None
@@ -408,13 +430,22 @@ class _Api:
 
         return StreamingResponse(self._events(body, jobs, prompts, chat=chat), media_type="text/event-stream")
 
-    async def _events(self, body: Any, jobs: list[Job], prompts: list[_Prompt], *, chat: bool) -> AsyncIterator[str]:
+    async def _events(
+        self, body: Any, jobs: list[Job], prompts: list[_Prompt], *, chat: bool
+    ) -> AsyncIterator[str]:
         """Server-sent events: one chunk per new token, a last chunk per choice with its finish_reason."""
         import asyncio
 
         loop, events = asyncio.get_running_loop(), asyncio.Queue[tuple[int, TokenLogprob] | None]()
+
+        def listener(index: int) -> Callable[[TokenLogprob], None]:
+            def on_token(info: TokenLogprob) -> None:  # in the worker thread: hand over to the event loop
+                loop.call_soon_threadsafe(events.put_nowait, (index, info))
+
+            return on_token
+
         for index, job in enumerate(jobs):
-            job.on_token = lambda info, index=index: loop.call_soon_threadsafe(events.put_nowait, (index, info))
+            job.on_token = listener(index)
         task = asyncio.ensure_future(self._run(jobs))
         task.add_done_callback(lambda _: events.put_nowait(None))  # after every token already queued
         chunk = _ChunkMaker(self, body, chat=chat)
@@ -476,9 +507,15 @@ class _ChunkMaker:
         self, index: int, text: str, *, token: TokenLogprob | None = None, finish: str | None = None,
         role: bool = False,
     ) -> str:  # fmt: skip
-        choice: dict[str, Any] = {"index": index, "finish_reason": finish, "logprobs": self._logprobs(index, token)}
+        choice: dict[str, Any] = {
+            "index": index,
+            "finish_reason": finish,
+            "logprobs": self._logprobs(index, token),
+        }
         if self.chat:
-            choice["delta"] = {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+            choice["delta"] = (
+                {"role": "assistant", "content": text} if role else ({"content": text} if text else {})
+            )
         else:
             choice["text"] = text
         return self._line({"choices": [choice]})
@@ -497,7 +534,13 @@ class _ChunkMaker:
 
     def _line(self, payload: dict[str, Any]) -> str:
         kind = "chat.completion.chunk" if self.chat else "text_completion"
-        body = {"id": self.id, "object": kind, "created": self.created, "model": self.api.served.name, **payload}
+        body = {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.api.served.name,
+            **payload,
+        }
         return f"data: {json.dumps(body, ensure_ascii=False)}\n\n"
 
 

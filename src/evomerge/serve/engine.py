@@ -79,7 +79,9 @@ class Engine:
         self.context_length = context_length
         self.pad_id = pad_token_id(tokenizer)
         eos = tokenizer.eos_token_id
-        self.eos_ids = frozenset(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None)
+        self.eos_ids = frozenset(
+            int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None
+        )
 
     def run(self, jobs: Sequence[Job]) -> list[Generated]:
         """Generate every job in one batch; results in input order."""

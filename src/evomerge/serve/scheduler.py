@@ -11,6 +11,7 @@ alone and the worker lives on.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import queue
 import threading
 import time
@@ -116,7 +117,5 @@ def _resolve(pending: _Pending, *, result: Any = None, error: BaseException | No
         else:
             pending.future.set_result(result)
 
-    try:
+    with contextlib.suppress(RuntimeError):  # a closed event loop (the server shut down): nobody waits
         pending.loop.call_soon_threadsafe(settle)
-    except RuntimeError:  # the event loop has closed (the server shut down): nobody is waiting
-        pass
