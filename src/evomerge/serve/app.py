@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from evomerge.errors import ConfigError
 from evomerge.extras import import_extra
-from evomerge.serve.engine import Engine, Generated, Job, TokenLogprob, held_back
+from evomerge.serve.engine import Engine, Generated, Job, TokenLogprob, find_stop, held_back
 from evomerge.serve.protocol import ChatRequest, CompletionRequest
 from evomerge.serve.scheduler import BatchScheduler
 
@@ -481,7 +481,8 @@ class _TextStream:
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
         text = self.engine.decode(self.ids)
-        visible = text[: len(text) - held_back(text, self.stops)]
+        cut = find_stop(text, self.stops)
+        visible = text[:cut] if cut >= 0 else text[: len(text) - held_back(text, self.stops)]
         return self._release(visible)
 
     def finish(self, final_text: str) -> str:
