@@ -360,8 +360,11 @@ class _Api:
         choices: list[dict[str, Any]],
         prompts: list[_Prompt],
         results: list[Generated],
-    ) -> dict[str, Any]:
-        return {
+    ) -> Response:
+        """The answer as a JSONResponse: plain JSON types already, so FastAPI's encoder is skipped."""
+        from fastapi.responses import JSONResponse
+
+        body = {
             "id": f"{prefix}-{secrets.token_hex(12)}",
             "object": kind,
             "created": int(time.time()),
@@ -369,6 +372,7 @@ class _Api:
             "choices": choices,
             "usage": _usage(prompts, results),
         }
+        return JSONResponse(body)
 
     def _completion_choice(
         self,

@@ -79,6 +79,7 @@ class Engine:
         self.context_length = context_length
         self.pad_id = pad_token_id(tokenizer)
         eos = tokenizer.eos_token_id
+        self._token_text: dict[int, str] = {}  # decoded text of single tokens
         self.eos_ids = frozenset(
             int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]) if e is not None
         )
@@ -134,9 +135,25 @@ class Engine:
         if job.on_token is not None:
             job.on_token(info)
         row.stopped = token in self.eos_ids or (
-            bool(job.stop) and find_stop(self.decode([t.token_id for t in row.tokens]), job.stop) >= 0
+            self._may_end_a_stop(token, job.stop)
+            and find_stop(self.decode([t.token_id for t in row.tokens]), job.stop) >= 0
         )
         return token
+
+    def _may_end_a_stop(self, token: int, stops: Sequence[str]) -> bool:
+        """False when the token's text holds no stop string's last character (then no stop just ended).
+
+        A token decoded alone may lose a leading space it has in context (SentencePiece), so stops that
+        end in a space are always checked.
+        """
+        if not stops:
+            return False
+        if any(stop.endswith(" ") for stop in stops):
+            return True
+        if token not in self._token_text:
+            self._token_text[token] = self.decode([token])
+        text = self._token_text[token]
+        return "\ufffd" in text or not text or any(stop[-1] in text for stop in stops if stop)
 
     def _finish(self, row: _Row, prompt_logprobs: list[TokenLogprob | None] | None) -> Generated:
         text = self.decode([t.token_id for t in row.tokens])

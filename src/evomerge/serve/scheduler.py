@@ -1,9 +1,9 @@
 """The batching scheduler: requests that arrive together go through the model together.
 
 Request handlers (on the asyncio event loop) put their jobs on a thread-safe queue and await a future. One
-worker thread owns the engine (and so the model): it takes the first waiting request, gathers whatever
-else arrives within `max_wait_s` up to `max_batch_size` jobs, runs them as one batch and resolves every
-request's future on its event loop. `max_batch_size=1` serves one request at a time (the baseline of
+worker thread owns the engine (and so the model): it takes the first waiting request and everything queued
+behind it, waits up to `max_wait_s` for more while the batch is smaller than the last one (up to
+`max_batch_size` jobs), runs them as one batch and resolves every request's future on its event loop. `max_batch_size=1` serves one request at a time (the baseline of
 benchmarks/serve.py). A batch that fails is run again one request at a time, so one bad request fails
 alone and the worker lives on.
 """
@@ -41,6 +41,7 @@ class BatchScheduler:
         self.batches_run = 0  # batches given to the engine, a failed batch's reruns included
         self.jobs_run = 0
         self._queue: queue.Queue[_Pending | None] = queue.Queue()
+        self._last_size = 1  # jobs in the last batch: how many to wait for in the next
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
@@ -69,15 +70,21 @@ class BatchScheduler:
             self._run(batch)
 
     def _next_batch(self) -> list[_Pending] | None:
-        """The first waiting request plus those that arrive within max_wait_s, up to max_batch_size jobs."""
+        """The first waiting request, everything queued behind it, and what arrives within max_wait_s.
+
+        Waiting only pays when requests come in crowds: the batch waits (at most max_wait_s) until it is as
+        large as the last one, so a lone client never waits and 32 clients are gathered into one batch.
+        """
         first = self._queue.get()
         if first is None:
             return None
         batch, size = [first], len(first.jobs)
+        target = min(self.max_batch_size, self._last_size)
         deadline = time.monotonic() + self.max_wait_s
         while size < self.max_batch_size:
+            wait = deadline - time.monotonic() if size < target else 0.0
             try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
             except queue.Empty:
                 break
             if item is None:  # stop after this batch
@@ -85,6 +92,7 @@ class BatchScheduler:
                 break
             batch.append(item)
             size += len(item.jobs)
+        self._last_size = size
         return batch
 
     def _run(self, batch: list[_Pending]) -> None:
