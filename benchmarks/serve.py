@@ -41,10 +41,19 @@ def main() -> None:
         rows = []
         for clients in args.clients:
             count = max(args.requests, clients * 4)
-            for name, url in (("serial", serial), ("batched", batched)):  # side by side, same prompts
-                stats = asyncio.run(_drive(url, prompts, count, clients, args.max_tokens))
-                rows.append({"mode": name, "clients": clients, **stats})
-                print(_row(rows[-1]), flush=True)
+            best: dict[str, dict[str, Any]] = {}
+            for repeat in range(args.repeats):  # side by side, same prompts, the order alternating
+                modes = [("serial", serial), ("batched", batched)]
+                for name, url in modes if repeat % 2 == 0 else modes[::-1]:
+                    stats = {
+                        "mode": name,
+                        "clients": clients,
+                        **asyncio.run(_drive(url, prompts, count, clients, args.max_tokens)),
+                    }
+                    print(_row(stats), flush=True)
+                    if name not in best or stats["rps"] > best[name]["rps"]:
+                        best[name] = stats
+            rows += [best["serial"], best["batched"]]
         reference = asyncio.run(_answers(serial, sorted(set(prompts)), 1, args.max_tokens))
         load = asyncio.run(_load(batched, prompts, reference, args))
     _write(args, rows, load, load_start, len(set(prompts)))
@@ -61,6 +70,9 @@ def _parse() -> argparse.Namespace:
     parser.add_argument("--task", type=Path, default=Path("runs/demo/zoo/tasks/add/dev.jsonl"))
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=200, help="requests per (mode, clients) cell")
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="runs per cell, the order alternating; best kept"
+    )
     parser.add_argument("--max-tokens", type=int, default=6)
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
@@ -196,6 +208,7 @@ client) ran in the benchmark's own process, on the same cores as the servers.
 
     {command}
 
+Each cell is the best (highest requests/s) of {args.repeats} runs, serial and batched alternating in order.
 Model `{args.model}`, prompts from `{args.task}` ({unique} distinct), greedy (`temperature=0`),
 `max_tokens={args.max_tokens}`, `stop="\\n"`. `batched`: `evomerge serve --max-batch-size {args.max_batch_size}
 --batch-wait-ms {args.batch_wait_ms}`; `serial`: `--max-batch-size 1`, every request alone through the model.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,10 @@ def served(lm_dir: Path) -> Iterator[str]:
 def tasks(said: list[str]) -> list[Task]:
     """exact_match (half right), choice accuracy (raw and normalised), perplexity in both forms, groups."""
     answers = [text if index % 2 else text + "#" for index, text in enumerate(said)]
-    em = [Example(prompt=p, answer=a, group=f"g{i % 3}") for i, (p, a) in enumerate(zip(PROMPTS, answers))]
+    em = [
+        Example(prompt=p, answer=a, group=f"g{i % 3}")
+        for i, (p, a) in enumerate(zip(PROMPTS, answers, strict=True))
+    ]
     choices = [
         Example(prompt=p, answer=options[i % 2 - 1], choices=options, group=f"g{i % 2}")
         for i, p in enumerate(PROMPTS)
@@ -141,7 +145,7 @@ def test_retry_after_is_honoured() -> None:
         EndpointModel(EndpointSpec(base_url=url, model="m", max_retries=3)).generate(["hi"], max_tokens=3)
     times = [at for at, _ in endpoint.attempts]
     assert len(times) == 3
-    assert all(later - earlier >= 1.0 for earlier, later in zip(times, times[1:]))  # waited as told
+    assert all(later - earlier >= 1.0 for earlier, later in itertools.pairwise(times))  # waited as told
 
 
 def test_an_endpoint_failing_past_its_retries_is_a_failed_result() -> None:
@@ -196,7 +200,13 @@ def test_spec_checks_its_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("NOT_SET_ANYWHERE", raising=False)
     with pytest.raises(ConfigError, match="NOT_SET_ANYWHERE"):
         EndpointSpec(base_url="http://x/v1", model="m", api_key_env="NOT_SET_ANYWHERE").api_key()
-    for bad in ({"max_concurrency": 0}, {"timeout_s": 0}, {"model": ""}, {"colour": "red"}):
+    for bad in (
+        {"max_concurrency": 0},
+        {"timeout_s": 0},
+        {"model": ""},
+        {"colour": "red"},
+        {"base_url": "x:1"},
+    ):
         with pytest.raises(ValidationError):
             EndpointSpec(**{"base_url": "http://x/v1", "model": "m", **bad})
     with pytest.raises(Exception, match="accuracy"):

@@ -14,7 +14,7 @@ from evomerge.eval.loading import load_model
 from evomerge.eval.tasks import Example, Task
 
 from .conftest import API_KEY
-from .helpers import PROMPTS, client, running_server
+from .helpers import PROMPTS, client
 
 MAX_TOKENS = 12
 
@@ -120,7 +120,7 @@ def test_completion_logprobs_equal_the_models_log_softmax(api: Any, lm_dir: Path
     new_ids = tokenizer.convert_tokens_to_ids(logprobs.tokens)
     table = _own_logprobs(lm_dir, prompt_ids + new_ids)
     for step, (token, logprob, top) in enumerate(
-        zip(new_ids, logprobs.token_logprobs, logprobs.top_logprobs)
+        zip(new_ids, logprobs.token_logprobs, logprobs.top_logprobs, strict=True)
     ):
         row = table[len(prompt_ids) - 1 + step]
         assert logprob == pytest.approx(float(row[token]), abs=1e-4)

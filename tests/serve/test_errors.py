@@ -87,6 +87,7 @@ def test_prompt_longer_than_the_context_is_400_with_both_lengths(server: str) ->
         ({"best_of": 3}, None),
         ({"model": None}, "model"),
         ({"seed": "x"}, "seed"),
+        ({"prompt": ["a"] * 10, "n": 16}, "n"),
     ],
 )
 def test_invalid_completion_parameters_are_400(

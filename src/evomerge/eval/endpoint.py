@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from evomerge.errors import ConfigError, EvaluationError
 from evomerge.eval.evaluator import (
@@ -62,6 +62,15 @@ class EndpointSpec(BaseModel):
     max_concurrency: int = Field(default=8, ge=1)
     timeout_s: float = Field(default=60.0, gt=0)
     max_retries: int = Field(default=4, ge=0)
+
+    @field_validator("base_url")
+    @classmethod
+    def _http(cls, url: str) -> str:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"base_url must start with http:// or https://, got {url!r} (e.g. http://127.0.0.1:8000/v1)"
+            )
+        return url.rstrip("/")
 
     def api_key(self) -> str:
         """The key from `api_key_env`; ConfigError naming the variable when it is unset."""

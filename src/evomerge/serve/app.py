@@ -28,6 +28,9 @@ if TYPE_CHECKING:
     from fastapi import FastAPI, Request, Response
 
 
+MAX_CHOICES = 128  # sequences one request may ask for (prompts x n)
+
+
 class APIError(Exception):
     """An error answered in OpenAI's shape with an HTTP status."""
 
@@ -227,7 +230,15 @@ class _Api:
         self._check_model(body.model)
         if body.echo and body.stream:
             raise APIError(400, "echo with stream is not supported; drop one of them", param="echo")
-        prompts = [self._encode_prompt(item) for item in _prompt_items(body.prompt)]
+        items = _prompt_items(body.prompt)
+        if len(items) * body.choices_per_prompt > MAX_CHOICES:
+            raise APIError(
+                400,
+                f"{len(items)} prompts x n={body.choices_per_prompt} asks for more than {MAX_CHOICES} "
+                "sequences in one request; split it",
+                param="n",
+            )
+        prompts = [self._encode_prompt(item) for item in items]
         budget = body.max_tokens if body.max_tokens is not None else 16
         for prompt in prompts:
             self._check_length(prompt, budget, param="prompt")
@@ -243,8 +254,8 @@ class _Api:
     async def chat(self, body: ChatRequest) -> Any:
         self._check_model(body.model)
         prompt = self._render_chat(body)
-        default = (self.served.context_length or 256 + len(prompt.ids)) - len(prompt.ids)
-        budget = body.token_budget or max(1, default)
+        room = self.served.context_length - len(prompt.ids) if self.served.context_length else 256
+        budget = body.token_budget or max(1, room)  # no budget asked: up to the end of the context
         self._check_length(prompt, budget, param="messages")
         top = (body.top_logprobs or 0) if body.logprobs else None
         jobs = self._jobs(body, [prompt], budget, top, echo=False)
