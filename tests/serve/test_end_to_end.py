@@ -69,6 +69,7 @@ def test_streaming_equals_non_streaming_completions(api: Any, stop: list[str] | 
     texts: dict[int, str] = {}
     logprobs: dict[int, list[float]] = {}
     finish: dict[int, str] = {}
+    offsets: dict[int, list[int]] = {}
     chunks = 0
     for chunk in api.completions.create(**params, stream=True):
         chunks += 1
@@ -76,6 +77,7 @@ def test_streaming_equals_non_streaming_completions(api: Any, stop: list[str] | 
             texts[choice.index] = texts.get(choice.index, "") + choice.text
             if choice.logprobs is not None:
                 logprobs.setdefault(choice.index, []).extend(choice.logprobs.token_logprobs)
+                offsets.setdefault(choice.index, []).extend(choice.logprobs.text_offset)
             if choice.finish_reason is not None:
                 finish[choice.index] = choice.finish_reason
     assert chunks > len(whole.choices)  # token by token, not one piece per choice
@@ -83,6 +85,7 @@ def test_streaming_equals_non_streaming_completions(api: Any, stop: list[str] | 
     assert finish == {c.index: c.finish_reason for c in whole.choices}
     for choice in whole.choices:
         assert logprobs[choice.index] == pytest.approx(choice.logprobs.token_logprobs, abs=1e-5)
+        assert offsets[choice.index] == choice.logprobs.text_offset
 
 
 def test_streaming_equals_non_streaming_chat(api: Any) -> None:

@@ -248,7 +248,9 @@ class _Api:
         if body.stream:
             return self._stream(body, jobs, prompts, chat=False)
         results = await self._run(jobs)
-        choices = [self._completion_choice(body, index, jobs, prompts, results) for index in range(len(jobs))]
+        choices = [
+            self._completion_choice(body, index, prompts, result) for index, result in enumerate(results)
+        ]
         return self._answer("text_completion", "cmpl", choices, prompts, results)
 
     async def chat(self, body: ChatRequest) -> Any:
@@ -389,11 +391,11 @@ class _Api:
         self,
         body: CompletionRequest,
         index: int,
-        jobs: list[Job],
         prompts: list[_Prompt],
-        results: list[Generated],
+        result: Generated,
     ) -> dict[str, Any]:
-        result, prompt = results[index], prompts[index // body.choices_per_prompt]
+        """Choice `index` (prompt index // n) in the completions shape; with echo, the prompt comes first."""
+        prompt = prompts[index // body.choices_per_prompt]
         text, logprobs = result.text, None
         start = len(prompt.text) if body.echo else 0
         if body.logprobs is not None:
@@ -545,7 +547,7 @@ class _ChunkMaker:
         if self.chat:
             return {"content": self.api._chat_logprobs([token])}
         offset = self.offsets.get(index, 0)
-        self.offsets[index] = offset + len(self.api._text_of(token.token_id))
+        self.offsets[index] = offset + len(self.api.served.engine.decode([token.token_id]))  # as non-streamed
         return self.api._legacy_logprobs([token], [offset])
 
     def _line(self, payload: dict[str, Any]) -> str:
