@@ -3,7 +3,7 @@
 Two servers run the same zoo model side by side, each as its own `evomerge serve` process: the batched one
 (`--max-batch-size 32`) and the serial one (`--max-batch-size 1`: every request alone through the model).
 Clients are the official `openai` async client in this process. For 1, 8 and 32 concurrent clients each
-server answers the same greedy completions (the zoo task's prompts, `stop="\\n"`); the script reports
+server answers the same greedy completions (the zoo task's prompts, 16 new tokens each by default); the script reports
 requests per second and latency p50/p95 of both, and the ratio. The load test then sends 1,000 requests
 from 32 concurrent clients to the batched server and checks every answer against the serial server's
 answer to the same prompt. Writes benchmarks/results/serve.md.
@@ -35,6 +35,8 @@ RESULTS = Path(__file__).parent / "results" / "serve.md"
 
 def main() -> None:
     args = _parse()
+    STOP[0] = args.stop.encode().decode("unicode_escape") if args.stop else None
+    CLIENT[0] = args.client
     prompts = [example.prompt for example in load_task(args.task, metric="exact_match").examples]
     load_start = os.getloadavg()
     with _server(args, batch=args.max_batch_size) as batched, _server(args, batch=1) as serial:
@@ -56,7 +58,8 @@ def main() -> None:
             rows += [best["serial"], best["batched"]]
         reference = asyncio.run(_answers(serial, sorted(set(prompts)), 1, args.max_tokens))
         load = asyncio.run(_load(batched, prompts, reference, args))
-    _write(args, rows, load, load_start, len(set(prompts)))
+    engine = _engine_only(args, prompts)
+    _write(args, rows, load, load_start, len(set(prompts)), engine)
     print(f"load: {load}")
     if load["errors"] or load["mismatches"]:
         sys.exit("the load test failed: see benchmarks/results/serve.md")
@@ -73,7 +76,14 @@ def _parse() -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, default=2, help="runs per cell, the order alternating; best kept"
     )
-    parser.add_argument("--max-tokens", type=int, default=6)
+    parser.add_argument("--max-tokens", type=int, default=16)
+    parser.add_argument("--client", choices=["openai", "httpx"], default="openai")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--stop",
+        default=None,
+        help='a stop string, e.g. "\\n" (default: none, every answer runs to max_tokens or EOS)',
+    )
     parser.add_argument("--max-batch-size", type=int, default=32)
     parser.add_argument("--batch-wait-ms", type=float, default=5.0)
     parser.add_argument("--load-requests", type=int, default=1000)
@@ -111,17 +121,41 @@ class _server:
         self.process.wait(timeout=30)
 
 
-def _client(url: str) -> Any:
-    import openai
-
-    return openai.AsyncOpenAI(base_url=url, api_key="none", timeout=120, max_retries=0)
+STOP: list[str | None] = [None]
+CLIENT: list[str] = ["openai"]
 
 
-async def _ask(client: Any, prompt: str, max_tokens: int) -> str:
-    answer = await client.completions.create(
-        model="zoo", prompt=prompt, max_tokens=max_tokens, temperature=0, stop="\n"
-    )
-    return str(answer.choices[0].text)
+class _Client:
+    """The official `openai` async client, or plain httpx (less client-side work per request)."""
+
+    def __init__(self, url: str) -> None:
+        import openai
+
+        self.url = url
+        if CLIENT[0] == "openai":
+            self.openai = openai.AsyncOpenAI(base_url=url, api_key="none", timeout=120, max_retries=0)
+        else:
+            self.http = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64))
+
+    async def ask(self, prompt: str, max_tokens: int) -> str:
+        body = {"model": "zoo", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stop": STOP[0]}
+        if CLIENT[0] == "openai":
+            answer = await self.openai.completions.create(**body)
+            return str(answer.choices[0].text)
+        response = await self.http.post(f"{self.url}/completions", json=body)
+        response.raise_for_status()
+        return str(response.json()["choices"][0]["text"])
+
+    async def close(self) -> None:
+        await (self.openai.close() if CLIENT[0] == "openai" else self.http.aclose())
+
+
+def _client(url: str) -> _Client:
+    return _Client(url)
+
+
+async def _ask(client: _Client, prompt: str, max_tokens: int) -> str:
+    return await client.ask(prompt, max_tokens)
 
 
 async def _drive(url: str, prompts: list[str], count: int, clients: int, max_tokens: int) -> dict[str, float]:
@@ -182,13 +216,44 @@ async def _load(
             "mismatches": len(mismatches), "wall_s": wall, "examples": (errors + mismatches)[:5]}  # fmt: skip
 
 
+def _engine_only(args: argparse.Namespace, prompts: list[str]) -> dict[str, float]:
+    """The model side alone, in this process: seconds per request run one at a time, and in batches of 32."""
+    import torch
+
+    from evomerge.serve.app import load_served_model
+    from evomerge.serve.engine import Job
+
+    torch.set_num_threads(1)
+    engine = load_served_model(args.model).engine
+    stop = (STOP[0],) if STOP[0] else ()
+    jobs = [
+        Job(list(engine.tokenizer(p)["input_ids"]), max_tokens=args.max_tokens, temperature=0, stop=stop)
+        for p in prompts[:32]
+    ]
+    engine.run(jobs[:1])  # warm-up
+    start = time.perf_counter()
+    for job in jobs:
+        engine.run([job])
+    serial = (time.perf_counter() - start) / len(jobs)
+    start = time.perf_counter()
+    engine.run(jobs)
+    batched = (time.perf_counter() - start) / len(jobs)
+    tokens = sum(len(result.tokens) for result in engine.run(jobs)) / len(jobs)
+    return {"serial_ms": 1000 * serial, "batched_ms": 1000 * batched, "tokens": tokens}
+
+
 def _row(row: dict[str, Any]) -> str:
     return (f"| {row['clients']} | {row['mode']} | {row['requests']} | {row['rps']:.1f} | {row['p50_ms']:.1f} | "
             f"{row['p95_ms']:.1f} |")  # fmt: skip
 
 
 def _write(
-    args: argparse.Namespace, rows: list[dict[str, Any]], load: dict[str, Any], load_start: Any, unique: int
+    args: argparse.Namespace,
+    rows: list[dict[str, Any]],
+    load: dict[str, Any],
+    load_start: Any,
+    unique: int,
+    engine: dict[str, float],
 ) -> None:
     by = {(row["mode"], row["clients"]): row for row in rows}
     ratios = [
@@ -203,14 +268,14 @@ def _write(
 Run on {datetime.date.today().isoformat()}, {platform.machine()} with {os.cpu_count()} cores, torch at 1 thread in
 each server. **The machine was shared** with other jobs (load average at the start
 {", ".join(f"{x:.1f}" for x in load_start)}, at the end {", ".join(f"{x:.1f}" for x in os.getloadavg())}): compare the
-two modes, which ran side by side, more than the absolute numbers. Clients (the official `openai` async
-client) ran in the benchmark's own process, on the same cores as the servers.
+two modes, which ran side by side, more than the absolute numbers. Clients ({"the official `openai` async client" if args.client == "openai" else "plain `httpx.AsyncClient`"})
+ran in the benchmark's own process, on the same cores as the servers.
 
     {command}
 
 Each cell is the best (highest requests/s) of {args.repeats} runs, serial and batched alternating in order.
 Model `{args.model}`, prompts from `{args.task}` ({unique} distinct), greedy (`temperature=0`),
-`max_tokens={args.max_tokens}`, `stop="\\n"`. `batched`: `evomerge serve --max-batch-size {args.max_batch_size}
+`max_tokens={args.max_tokens}`, `stop={STOP[0]!r}`. `batched`: `evomerge serve --max-batch-size {args.max_batch_size}
 --batch-wait-ms {args.batch_wait_ms}`; `serial`: `--max-batch-size 1`, every request alone through the model.
 
 | clients | mode | requests | requests/s | p50 ms | p95 ms |
@@ -223,6 +288,10 @@ Batched over serial:
 |---|---|---|---|
 {chr(10).join(ratios)}
 
+The model side alone (the engine in this process, no HTTP): {engine["serial_ms"]:.1f} ms per request one at a
+time, {engine["batched_ms"]:.1f} ms per request in one batch of 32 ({engine["serial_ms"] / engine["batched_ms"]:.1f}x); answers average
+{engine["tokens"]:.1f} new tokens (the zoo model ends its answer with a newline and EOS).
+
 ## Load
 
 {load["requests"]} requests from {load["clients"]} concurrent clients to the batched server in {load["wall_s"]:.1f} s
@@ -231,8 +300,8 @@ serial server's** answer to the same prompt (each prompt asked once of the seria
 """
     if load["examples"]:
         text += "\nFirst problems:\n\n" + "\n".join(f"- {example}" for example in load["examples"]) + "\n"
-    RESULTS.write_text(text, encoding="utf-8")
-    print(f"wrote {RESULTS}")
+    args.out.write_text(text, encoding="utf-8")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
