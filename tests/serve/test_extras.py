@@ -33,6 +33,7 @@ def test_endpoint_client_names_the_extra_when_openai_is_missing(monkeypatch: pyt
         EndpointClient(EndpointSpec(base_url="http://127.0.0.1:9/v1", model="m"))
 
 
+@pytest.mark.slow  # a fresh interpreter imports torch and transformers
 def test_core_modules_import_without_fastapi_uvicorn_or_openai() -> None:
     code = (
         "import sys\n"
