@@ -23,8 +23,12 @@ from evomerge.eval.loading import load_model
 from evomerge.eval.tasks import Example, Task
 from evomerge.serve.server import serve_in_thread
 
-from .endpoint_stub import FaultyEndpoint
 from .helpers import char_tokenizer, save_lm_dir, tiny_llama
+
+for _module in ("fastapi", "uvicorn", "openai"):  # the `serve` extra; without it these tests are skipped
+    pytest.importorskip(_module)
+
+from .endpoint_stub import FaultyEndpoint  # noqa: E402 (needs fastapi)
 
 PROMPTS = ["1+2=", "abc", "9", "hello world", "x", "12*34-5=", "the cat is", "é="]
 

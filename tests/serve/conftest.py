@@ -10,6 +10,9 @@ import pytest
 
 from .helpers import CHAT_TEMPLATE, client, running_server, tiny_lm_dir
 
+for _module in ("fastapi", "uvicorn", "openai"):  # the `serve` extra; without it these tests are skipped
+    pytest.importorskip(_module)
+
 API_KEY = "test-key"
 
 
