@@ -105,14 +105,15 @@ class Engine:
 
     def _decode(self, rows: list[_Row]) -> None:
         def choose(logits: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            running = [rows[index] for index in live.tolist()]
+            tokens = self._pick(running, logits)  # (b,)
             logprobs = torch.log_softmax(logits, dim=-1)  # (b, V)
-            chosen, stopped = [], []
-            for position, index in enumerate(live.tolist()):
-                token = self._next_token(rows[index], logits[position], logprobs[position])
-                chosen.append(token)
-                stopped.append(rows[index].stopped)
-            device = logits.device
-            return torch.tensor(chosen, device=device), torch.tensor(stopped, device=device)
+            chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1).tolist()  # (b,)
+            tops = _top_logprobs(logprobs, [row.job.top_logprobs or 0 for row in running])
+            for row, token, logprob, top in zip(running, tokens.tolist(), chosen, tops, strict=True):
+                self._record(row, TokenLogprob(token, logprob, top))
+            stopped = torch.tensor([row.stopped for row in running], device=logits.device)
+            return tokens, stopped
 
         decode_batch(
             self.model,
@@ -122,23 +123,25 @@ class Engine:
             max_new_tokens=[self.budget(row.job) for row in rows],
         )
 
-    def _next_token(self, row: _Row, logits: torch.Tensor, logprobs: torch.Tensor) -> int:
-        """Pick the row's next token, record it, tell the listener, and decide whether the row stops."""
-        job = row.job
-        token = int(logits.argmax()) if job.temperature == 0 else _sample(logits, job, row.generator)
-        top: tuple[tuple[int, float], ...] = ()
-        if job.top_logprobs:
-            values, indices = logprobs.topk(min(job.top_logprobs, logprobs.shape[-1]))
-            top = tuple(zip(indices.tolist(), values.tolist(), strict=True))
-        info = TokenLogprob(token, float(logprobs[token]), top)
+    @staticmethod
+    def _pick(running: list[_Row], logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token (b,): the argmax for every row at once, then draws for sampling rows."""
+        tokens = logits.argmax(dim=-1)  # (b,)
+        for position, row in enumerate(running):
+            if row.job.temperature != 0:
+                tokens[position] = _sample(logits[position], row.job, row.generator)
+        return tokens
+
+    def _record(self, row: _Row, info: TokenLogprob) -> None:
+        """Keep the row's new token, tell the listener, and decide whether the row stops."""
         row.tokens.append(info)
-        if job.on_token is not None:
-            job.on_token(info)
+        if row.job.on_token is not None:
+            row.job.on_token(info)
+        token, stops = info.token_id, row.job.stop
         row.stopped = token in self.eos_ids or (
-            self._may_end_a_stop(token, job.stop)
-            and find_stop(self.decode([t.token_id for t in row.tokens]), job.stop) >= 0
+            self._may_end_a_stop(token, stops)
+            and find_stop(self.decode([t.token_id for t in row.tokens]), stops) >= 0
         )
-        return token
 
     def _may_end_a_stop(self, token: int, stops: Sequence[str]) -> bool:
         """False when the token's text holds no stop string's last character (then no stop just ended).
@@ -184,6 +187,18 @@ class Engine:
             index: _scored_prompt(logprobs[position], rows[position], jobs[index].top_logprobs or 0)
             for position, index in enumerate(asking)
         }
+
+
+def _top_logprobs(logprobs: torch.Tensor, ks: list[int]) -> list[tuple[tuple[int, float], ...]]:
+    """The k most likely (id, logprob) of each row, with one topk for the whole batch. logprobs (b, V)."""
+    most = min(max(ks, default=0), logprobs.shape[-1])
+    if most == 0:
+        return [()] * len(ks)
+    values, indices = logprobs.topk(most, dim=-1)  # (b, most)
+    return [
+        tuple(zip(row_ids[:k], row_values[:k], strict=True))
+        for row_ids, row_values, k in zip(indices.tolist(), values.tolist(), ks, strict=True)
+    ]
 
 
 def _scored_prompt(logprobs: torch.Tensor, row: list[int], k: int) -> list[TokenLogprob | None]:
