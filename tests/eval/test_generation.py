@@ -86,8 +86,8 @@ def test_newline_stop_cuts_generation_short(lm: Any, tokenizer: Any) -> None:
             super().__init__()
             self.inner, self.config, self.calls = lm, lm.config, 0
 
-        def forward(self, **kwargs: Any) -> Any:
-            output = self.inner(**kwargs)
+        def forward(self, *, cache: Any = None, **kwargs: Any) -> Any:
+            output = self.inner(cache=cache, **kwargs)
             self.calls += 1
             if self.calls > 1:
                 output.logits[..., newline] = 1e4
@@ -141,3 +141,24 @@ def test_batched_equals_generate_on_other_architectures(tokenizer: Any, family: 
     with torch.inference_mode():
         expected = generate_one_by_one(model, tokenizer, PROMPTS[:5], max_new_tokens=10)
         assert _batched(model, tokenizer, PROMPTS[:5], max_new_tokens=10) == expected
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_generation_raises_no_deprecation_warning(tmp_path: Any, family: str) -> None:
+    """transformers 5.24 deprecates `past_key_values` (gone in 5.40): the cache goes in by `cache`."""
+    import warnings
+
+    from evomerge.zoo.random_models import FamilySpec, build_family
+
+    from .helpers import char_tokenizer
+
+    path = build_family(tmp_path, FamilySpec(family=family, n_finetunes=0))["base"]
+    from transformers import AutoModelForCausalLM
+
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(path).eval(), char_tokenizer()
+    rows = encode_prompts(tokenizer, PROMPTS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.inference_mode():
+            generated = greedy_generate(model, rows, stop_ids=[], pad_id=0, max_new_tokens=4)
+    assert [len(row) for row in generated] == [4] * len(PROMPTS)

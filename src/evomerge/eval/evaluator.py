@@ -128,12 +128,7 @@ class Evaluator:
         behaviour: dict[str, float] = {}
         with torch.inference_mode():
             scores = {p.task.name: self._score(model, p, behaviour) for p in self._prepared}
-        bad = [name for name, score in scores.items() if not math.isfinite(score.score)]
-        if bad:
-            return EvalResult.failed(f"non-finite score on task {bad[0]!r}: {scores[bad[0]].score}")
-        weights = {task.name: task.weight for task in self.tasks}
-        total = sum(weights[name] * score.score for name, score in scores.items()) / sum(weights.values())
-        return EvalResult(score=total, tasks=scores, behaviour=behaviour)
+        return combine_scores(self.tasks, scores, behaviour)
 
     def _score(self, model: Any, prepared: _Prepared, behaviour: dict[str, float]) -> TaskScore:
         task = prepared.task
@@ -145,8 +140,7 @@ class Evaluator:
             return self._perplexity(model, prepared, behaviour)
         else:
             per_example = self._accuracy(model, prepared)
-        groups = group_means(per_example, [e.group for e in task.examples])
-        return TaskScore(task.name, task.metric, _mean(per_example), per_example, len(per_example), groups)
+        return mean_task_score(task, per_example)
 
     def _exact_match(self, model: Any, prepared: _Prepared) -> list[float]:
         generated = greedy_generate(
@@ -159,30 +153,14 @@ class Evaluator:
         )
         predictions = [decode_answer(self.tokenizer, ids) for ids in generated]
         self.last_predictions[prepared.task.name] = predictions
-        case_fold = bool(prepared.task.extra.get("case_fold", False))
-        return metrics.exact_match(
-            predictions, [e.answer for e in prepared.task.examples], case_fold=case_fold
-        )
+        return exact_match_scores(prepared.task, predictions)
 
     def _choice_accuracy(self, model: Any, prepared: _Prepared) -> list[float]:
-        logliks = self._logliks(model, prepared.pairs)
-        examples, grouped, lengths, cursor = prepared.task.examples, [], [], 0
-        for example in examples:
-            grouped.append(logliks[cursor : cursor + len(example.choices)])
-            lengths.append([metrics.choice_length(choice) for choice in example.choices])
-            cursor += len(example.choices)
-        answers = [example.choices.index(example.answer) for example in examples]
-        normalised = prepared.task.metric == "choice_accuracy_norm"
-        return metrics.choice_accuracy(grouped, answers, choice_lengths=lengths if normalised else None)
+        return choice_scores(prepared.task, self._logliks(model, prepared.pairs))
 
     def _perplexity(self, model: Any, prepared: _Prepared, behaviour: dict[str, float]) -> TaskScore:
-        task = prepared.task
         results = continuation_logliks(model, prepared.pairs, pad_id=self._pad_id, batch_size=self.batch_size)
-        nll_sums, counts = [-total for total, _ in results], [count for _, count in results]
-        per_example, corpus_ppl = metrics.perplexity(nll_sums, counts)
-        behaviour[f"perplexity/{task.name}"] = corpus_ppl  # the raw perplexity, lower is better
-        groups = group_perplexity_scores(nll_sums, counts, [e.group for e in task.examples])
-        return TaskScore(task.name, task.metric, _inverse(corpus_ppl), per_example, len(per_example), groups)
+        return perplexity_score(prepared.task, results, behaviour)
 
     def _accuracy(self, model: Any, prepared: _Prepared) -> list[float]:
         assert prepared.features is not None and prepared.labels is not None
@@ -258,6 +236,57 @@ def _check_tokenizer(tasks: list[Task], tokenizer: Any) -> None:
             f"tasks {lm_tasks} use language-model metrics and need a tokenizer; pass tokenizer=... "
             "(load_model(path) returns the model dir's tokenizer)"
         )
+
+
+# Scores from what a model said, shared by every evaluator (a live model here, an endpoint in endpoint.py).
+
+
+def exact_match_scores(task: Task, predictions: Sequence[str]) -> list[float]:
+    """Per-example exact match of `predictions` (one per example) against the task's answers."""
+    case_fold = bool(task.extra.get("case_fold", False))
+    return metrics.exact_match(predictions, [e.answer for e in task.examples], case_fold=case_fold)
+
+
+def choice_scores(task: Task, logliks: Sequence[float]) -> list[float]:
+    """Per-example choice accuracy from every choice's log-likelihood, flattened in example order."""
+    grouped, lengths, cursor = [], [], 0
+    for example in task.examples:
+        grouped.append(list(logliks[cursor : cursor + len(example.choices)]))
+        lengths.append([metrics.choice_length(choice) for choice in example.choices])
+        cursor += len(example.choices)
+    answers = [example.choices.index(example.answer) for example in task.examples]
+    normalised = task.metric == "choice_accuracy_norm"
+    return metrics.choice_accuracy(grouped, answers, choice_lengths=lengths if normalised else None)
+
+
+def perplexity_score(
+    task: Task, results: Sequence[tuple[float, int]], behaviour: dict[str, float]
+) -> TaskScore:
+    """The task's 1/perplexity from (summed log-likelihood, scored tokens) per example; the raw corpus
+    perplexity goes into `behaviour` under perplexity/<task>."""
+    nll_sums, counts = [-total for total, _ in results], [count for _, count in results]
+    per_example, corpus_ppl = metrics.perplexity(nll_sums, counts)
+    behaviour[f"perplexity/{task.name}"] = corpus_ppl  # the raw perplexity, lower is better
+    groups = group_perplexity_scores(nll_sums, counts, [e.group for e in task.examples])
+    return TaskScore(task.name, task.metric, _inverse(corpus_ppl), per_example, len(per_example), groups)
+
+
+def mean_task_score(task: Task, per_example: list[float]) -> TaskScore:
+    """The TaskScore of per-example scores: their mean, and each group's."""
+    groups = group_means(per_example, [e.group for e in task.examples])
+    return TaskScore(task.name, task.metric, _mean(per_example), per_example, len(per_example), groups)
+
+
+def combine_scores(
+    tasks: list[Task], scores: dict[str, TaskScore], behaviour: dict[str, float]
+) -> EvalResult:
+    """The EvalResult of task scores: their weighted mean, or a failed result if one is not finite."""
+    bad = [name for name, score in scores.items() if not math.isfinite(score.score)]
+    if bad:
+        return EvalResult.failed(f"non-finite score on task {bad[0]!r}: {scores[bad[0]].score}")
+    weights = {task.name: task.weight for task in tasks}
+    total = sum(weights[name] * score.score for name, score in scores.items()) / sum(weights.values())
+    return EvalResult(score=total, tasks=scores, behaviour=behaviour)
 
 
 def group_means(per_example: Sequence[float], groups: Sequence[str | None]) -> dict[str, float]:

@@ -1,17 +1,19 @@
-"""Batched greedy generation with a KV cache, for Hugging Face causal LMs.
+"""Batched generation with a KV cache, for Hugging Face causal LMs: greedy for the evaluator, any rule for the server.
 
 Why not `model.generate`: it is built for one request at a time plus a long tail of options; in the
 evolve loop the same few hundred short prompts are scored thousands of times. Here prompts are sorted by
 length (so a batch holds rows of similar length and little padding), left-padded with a matching
 attention mask and position ids (so a padded row computes what it would alone, up to float rounding),
-decoded greedily with a cache; a row leaves the batch (and the cache) at its first newline or EOS, and the
-batch stops when every row has.
+decoded with a cache; a row leaves the batch (and the cache) at its first newline or EOS, and the
+batch stops when every row has. `decode_batch` is the loop itself, with the choice of each next token left
+to a `TokenChooser`: the evaluator's is greedy, `evomerge serve` samples and records log-probabilities.
+The cache goes in by the `cache` keyword of transformers 5.24 (`past_key_values` is deprecated there).
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -50,6 +52,11 @@ def decode_answer(tokenizer: Any, token_ids: Sequence[int]) -> str:
     return str(tokenizer.decode(list(token_ids), skip_special_tokens=True)).split("\n", 1)[0]
 
 
+TokenChooser = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+"""`choose(logits (b, V), live (b,)) -> (next_ids (b,), stopped (b,) bool)`: picks each running row's next
+token from its last-position logits (float32); `live[i]` is the index (in the batch's rows) of row i."""
+
+
 def greedy_generate(
     model: Any,
     prompt_ids: Sequence[Sequence[int]],
@@ -62,12 +69,18 @@ def greedy_generate(
     """New token ids for each prompt (in input order), each ending at its first stop token included."""
     device = model_device(model)
     stops = torch.tensor(list(stop_ids), dtype=torch.long, device=device)
+
+    def greedy(logits: torch.Tensor, live: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        next_ids = logits.argmax(dim=-1)  # (b,)
+        return next_ids, torch.isin(next_ids, stops)
+
     outputs: list[list[int]] = [[] for _ in prompt_ids]
     for chunk in _length_sorted_batches(prompt_ids, batch_size):
         rows = [prompt_ids[index] for index in chunk]
-        for index, tokens in zip(
-            chunk, _generate_batch(model, rows, stops, pad_id, max_new_tokens), strict=True
-        ):
+        generated = decode_batch(
+            model, rows, choose=greedy, pad_id=pad_id, max_new_tokens=[max_new_tokens] * len(rows)
+        )
+        for index, tokens in zip(chunk, generated, strict=True):
             outputs[index] = tokens
     return outputs
 
@@ -78,24 +91,36 @@ def _length_sorted_batches(prompt_ids: Sequence[Sequence[int]], batch_size: int)
         yield order[start : start + batch_size]
 
 
-def _generate_batch(
-    model: Any, rows: list[Sequence[int]], stops: torch.Tensor, pad_id: int, max_new_tokens: int
+def decode_batch(
+    model: Any,
+    rows: Sequence[Sequence[int]],
+    *,
+    choose: TokenChooser,
+    pad_id: int,
+    max_new_tokens: Sequence[int],
 ) -> list[list[int]]:
-    """Greedy decoding of one batch; a row leaves the batch (and the cache) as soon as it has stopped."""
+    """Decode one batch of prompts together, one forward pass a step, with a KV cache.
+
+    `choose` picks the next tokens (greedy, sampled, ...) and says which rows stopped; a row also stops
+    after `max_new_tokens[row]` tokens (at least 1). A stopped row leaves the batch and the cache at once.
+    Returns each row's new tokens, the stopping token included.
+    """
     from transformers import DynamicCache
 
-    input_ids, mask = left_pad(rows, pad_id, device=stops.device)  # (B, T), (B, T)
+    device = model_device(model)
+    input_ids, mask = left_pad(rows, pad_id, device=device)  # (B, T), (B, T)
     positions = (mask.cumsum(dim=-1) - 1).clamp(min=0)  # (B, T): a padded row starts at position 0
+    budgets = torch.tensor([max(1, n) for n in max_new_tokens], device=device)  # (B,)
     cache = DynamicCache(config=model.config)
     logits = _last_logits(model, input_ids, mask, positions, cache)  # (b, V), b rows still running
-    live = torch.arange(len(rows), device=stops.device)  # (b,) index in `rows` of each running row
+    live = torch.arange(len(rows), device=device)  # (b,) index in `rows` of each running row
     outputs: list[list[int]] = [[] for _ in rows]
-    for step in range(max_new_tokens):
-        next_ids = logits.argmax(dim=-1)  # (b,)
+    for step in range(int(budgets.max())):
+        next_ids, stopped = choose(logits, live)  # (b,), (b,)
         for row, token in zip(live.tolist(), next_ids.tolist(), strict=True):
             outputs[row].append(token)
-        running = ~torch.isin(next_ids, stops)  # (b,)
-        if step == max_new_tokens - 1 or not bool(running.any()):
+        running = ~stopped & (budgets[live] > step + 1)  # (b,)
+        if not bool(running.any()):
             break
         if not bool(running.all()):  # drop finished rows: less compute, a smaller cache
             keep = running.nonzero().squeeze(1)  # (b',)
@@ -128,15 +153,9 @@ def _last_logits(
     model: Any, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: Any
 ) -> torch.Tensor:
     """Logits of the last position of each row (B, V); NaN or inf raise NonFiniteOutputError."""
-    extra = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(model)) else {}
-    output = model(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-        **extra,
-    )
+    extra: dict[str, Any] = {"logits_to_keep": 1} if _accepts_logits_to_keep(type(model)) else {}
+    extra[_cache_keyword(type(model))] = cache
+    output = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **extra)
     logits = output.logits[:, -1, :].float()  # (B, V)
     if not bool(torch.isfinite(logits).all()):
         raise NonFiniteOutputError("the model produced non-finite logits (NaN or inf)")
@@ -153,6 +172,22 @@ def _accepts_logits_to_keep(model_class: type) -> bool:
         accepts = forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
         _ACCEPTS_LOGITS_TO_KEEP[model_class] = accepts
     return _ACCEPTS_LOGITS_TO_KEEP[model_class]
+
+
+_CACHE_KEYWORD: dict[type, str] = {}
+
+
+def _cache_keyword(model_class: type) -> str:
+    """`cache`, the keyword transformers 5.24 takes the KV cache by, else the older `past_key_values`.
+
+    5.24 still accepts `past_key_values` but warns that it goes in 5.40; models that predate the rename
+    (remote code, older transformers) only know the old name.
+    """
+    if model_class not in _CACHE_KEYWORD:
+        forward = getattr(model_class, "forward", None)
+        names = inspect.signature(forward).parameters if forward is not None else {}
+        _CACHE_KEYWORD[model_class] = "cache" if "cache" in names else "past_key_values"
+    return _CACHE_KEYWORD[model_class]
 
 
 def model_device(model: Any) -> torch.device:
