@@ -134,3 +134,17 @@ def test_other_llama_family_models_run_and_export_paths(family_name: str, tmp_pa
     path = LayerPath(models, 0, (Step(0, 0), Step(1, 1), Step(1, 1), Step(0, 2), Step(0, 3)))
     exported = AutoModelForCausalLM.from_pretrained(export_path(path, tmp_path / "out")).eval()
     assert (_logits(exported) - _logits(path_model(live, path))).abs().max() < 1e-5
+
+
+def test_evomerge_serve_answers_with_a_scaled_export(pool: list[PoolModel], tmp_path: Path) -> None:
+    """A scaled path export is served (through the same loader) with the evaluator's greedy answers."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("openai")
+    from serve.helpers import client, running_server
+    from serve.test_end_to_end import evaluator_answers, greedy
+
+    out = export_path(a_path(pool, *SCALED), tmp_path / "scaled")
+    prompts = ["12+7=", "3+4=", "abc", "90+1="]
+    with running_server(out, name="path") as url:
+        answers = [greedy(client(url, "none"), prompt, model="path") for prompt in prompts]
+    assert answers == evaluator_answers(out, prompts)
