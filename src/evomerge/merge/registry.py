@@ -18,6 +18,7 @@ import torch
 from evomerge.errors import ConfigError
 
 ParamKind = Literal["float", "int", "bool"]
+StatisticKind = Literal["gram", "fisher"]  # per linear layer input Gram matrices; diagonal Fisher
 
 
 class Kernel(Protocol):
@@ -103,6 +104,8 @@ class MergeMethod:
     aliases: tuple[str, ...] = field(default=())
     # Keyword options the kernel takes beyond mergekit's parameters (e.g. "tie_break"); never in configs.
     options: tuple[str, ...] = field(default=())
+    # Data-aware methods: which calibration statistic the kernel takes as `statistics` (one per model).
+    statistics: StatisticKind | None = None
 
     def param(self, name: str) -> ParamSpec:
         for spec in self.params:
