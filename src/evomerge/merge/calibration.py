@@ -77,6 +77,16 @@ class Calibration(BaseModel):
             )
         return self.task
 
+    def resolved(self) -> Calibration:
+        """The same block with absolute paths (model keys too, as an evolve config resolves its models)."""
+        models = {str(Path(m).resolve()): str(Path(f).resolve()) for m, f in (self.models or {}).items()}
+        return Calibration(
+            task=str(Path(self.task).resolve()) if self.task is not None else None,
+            models=models or None,
+            limit=self.limit,
+            cache=str(self.cache_dir().resolve()),
+        )
+
     def cache_dir(self) -> Path:
         if self.cache is not None:
             return Path(self.cache).expanduser()

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validat
 from evomerge.backends.registry import backend_names
 from evomerge.configfile import YamlConfig
 from evomerge.errors import ConfigError, TensorMismatchError
+from evomerge.merge.calibration import Calibration, check_calibration
 from evomerge.merge.registry import get_method
 from evomerge.search.base import OptimizerSettings, SearchSpace
 from evomerge.search.optimizers import CMAESSettings
@@ -134,6 +135,7 @@ class EvolveConfig(YamlConfig):
     backend: str = "local"  # a name of backends.registry
     out: Path = Path("runs/evolve")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    calibration: Calibration | None = None  # regmean, fisher: the prompts their statistics come from
 
     @field_validator("merge_method")
     @classmethod
@@ -174,6 +176,14 @@ class EvolveConfig(YamlConfig):
         for task in self.fitness:
             task.dev = task.dev.resolve()
             task.test = task.test.resolve() if task.test is not None else None
+        if self.calibration is not None:
+            self.calibration = self.calibration.resolved()
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_fits_the_method(self) -> EvolveConfig:
+        if self.merge_method is not None:
+            check_calibration(self.calibration, get_method(self.merge_method), [str(m) for m in self.models])
         return self
 
     @model_validator(mode="after")
@@ -237,6 +247,7 @@ class EvolveConfig(YamlConfig):
             separate=self.search.separate,
             fixed=self.search.fixed,
             dtype=self.dtype,
+            calibration=self.calibration.model_dump(exclude_none=True) if self.calibration else None,
         )
 
 
