@@ -214,6 +214,19 @@ def test_a_model_without_a_calibration_file(models: dict[str, Path], prompts: Pa
         MergeConfig.from_dict(_config("regmean", models, calibration))
 
 
+def test_a_model_without_a_tokenizer(models: dict[str, Path], prompts: Path, tmp_path: Path) -> None:
+    import shutil
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(models["ft1"] / name, bare / name)
+    data = _config("regmean", models, {"task": str(prompts)})
+    data["models"][1]["model"] = str(bare)
+    with pytest.raises(ConfigError, match=r"bare has no tokenizer files .*copy the model's tokenizer"):
+        MergeConfig.from_dict(data)
+
+
 def test_calibration_block_is_strict(models: dict[str, Path], prompts: Path) -> None:
     with pytest.raises(ConfigError, match=r"calibration\.limit"):
         MergeConfig.from_dict(_config("regmean", models, {"task": str(prompts), "limit": 0}))

@@ -162,10 +162,23 @@ def check_calibration(
                 "name models exactly as in models/slices"
             )
     for model in kernel_models:
+        _check_tokenizer(model)
         where = (
             f"calibration.models[{model!r}]" if model in (calibration.models or {}) else "calibration.task"
         )
         read_texts(calibration.file_for(model), calibration.limit, where)
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _check_tokenizer(model: str) -> None:
+    directory = Path(model)
+    if directory.is_dir() and not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        raise CalibrationError(
+            f"calibration: {directory} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); a data-aware "
+            "merge runs each model on the calibration texts: copy the model's tokenizer into its dir"
+        )
 
 
 # ---- gathering ---------------------------------------------------------------------------------------
@@ -192,15 +205,19 @@ def _load(model_dir: Path) -> tuple[torch.nn.Module, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one bar per model load would drown the merge's own output
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     except (OSError, ValueError) as error:
         raise CalibrationError(
-            f"calibration: cannot load the tokenizer of {model_dir} ({error}); a data-aware merge runs each "
-            "model on the calibration prompts, so every model dir needs its tokenizer files"
+            f"calibration: cannot load {model_dir} with its tokenizer ({error}); a data-aware merge runs each "
+            "model on the calibration texts, so every model dir needs a causal LM and its tokenizer files"
         ) from None
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
 
 
