@@ -34,8 +34,8 @@ METHODS = [
 EVOLVED: dict[str, dict[str, list[float] | None]] = {
     "task_arithmetic": {"weight": [0.0, 1.5]},
     "ties": {"weight": [0.0, 1.5], "density": [0.1, 1.0]},
-    "regmean": {"weight": [0.05, 1.0], "alpha": [0.0, 1.0]},
-    "fisher": {"weight": [0.05, 1.0]},
+    "regmean": {"weight": [0.05, 1.0], "alpha": [0.0, 1.0], "lambda": [0.5, 3.0]},
+    "fisher": {"weight": [0.05, 1.0], "lambda": [0.5, 3.0]},
     "tsv": {"weight": [0.0, 1.5], "lambda": [0.5, 2.0]},
     "iso_c": {"weight": [0.0, 1.5], "lambda": [0.5, 3.0]},
 }

@@ -59,6 +59,27 @@ def test_regmean_without_statistics_averages() -> None:
     torch.testing.assert_close(merged, (tensors[0] + tensors[1] + 2 * tensors[2]) / 4)
 
 
+def test_regmean_lambda_scales_the_distance_from_the_base() -> None:
+    weights = [torch.randn(3, 4, generator=_gen(i)) for i in range(2)]
+    base = torch.randn(3, 4, generator=_gen(5))
+    grams = [torch.eye(4), 3 * torch.eye(4)]
+    plain = regmean(weights, statistics=grams)
+    torch.testing.assert_close(regmean(weights, base=base, statistics=grams), plain)  # lambda 1: the paper's
+    torch.testing.assert_close(
+        regmean(weights, base=base, lambda_=2.0, statistics=grams), base + 2 * (plain - base)
+    )
+    with pytest.raises(ConfigError, match=r"lambda = 2\.0 scales the distance from a base; add base_model"):
+        regmean(weights, lambda_=2.0, statistics=grams)
+
+
+def test_fisher_lambda_scales_the_distance_from_the_base() -> None:
+    a, b, base = torch.zeros(3), torch.full((3,), 2.0), torch.full((3,), 0.5)
+    f = torch.ones(3)
+    torch.testing.assert_close(
+        fisher([a, b], base=base, lambda_=3.0, statistics=[f, f]), torch.full((3,), 2.0)
+    )
+
+
 def test_regmean_refuses_a_gram_of_another_shape() -> None:
     with pytest.raises(ConfigError, match=r"Gram matrix is \[3, 3\].*another model"):
         regmean([torch.ones(2, 4), torch.ones(2, 4)], statistics=[torch.eye(3), torch.eye(3)])

@@ -23,7 +23,7 @@ import torch
 from evomerge.errors import ConfigError
 from evomerge.merge.calibration import with_statistics
 from evomerge.merge.methods._common import check_models, check_per_model
-from evomerge.merge.methods.regmean import weighted_mean
+from evomerge.merge.methods.regmean import extrapolate, lambda_spec, weighted_mean
 from evomerge.merge.registry import MergeMethod, ParamSpec, register
 
 
@@ -34,16 +34,17 @@ def fisher(
     generator: torch.Generator | None = None,
     weight: Sequence[float] | None = None,
     epsilon: float = 1e-6,
+    lambda_: float = 1.0,
     statistics: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """The Fisher-weighted average of one tensor; `statistics[i]` is model i's (normalised) diagonal Fisher."""
-    check_models("fisher", tensors, None)
+    check_models("fisher", tensors, base)
     weights = check_per_model(
         "fisher", "weight", weight if weight is not None else [1.0] * len(tensors), len(tensors)
     )
     fishers = list(statistics) if statistics is not None else [None] * len(tensors)
     if any(f is None for f in fishers):
-        return weighted_mean(tensors, weights).to(tensors[0].dtype)
+        return extrapolate("fisher", weighted_mean(tensors, weights), base, lambda_).to(tensors[0].dtype)
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     numerator = torch.zeros_like(tensors[0], dtype=dtype)
     denominator = torch.zeros_like(tensors[0], dtype=dtype)
@@ -61,7 +62,7 @@ def fisher(
         raise ConfigError(
             "fisher: the weights sum to zero or less; give at least one model a positive weight."
         )
-    return (numerator / denominator).to(tensors[0].dtype)
+    return extrapolate("fisher", numerator / denominator, base, lambda_).to(tensors[0].dtype)
 
 
 FISHER = register(
@@ -78,9 +79,10 @@ FISHER = register(
                 low_open=True,
                 description="Fisher floor (relative to each model's mean Fisher): the plain mean where no model cares",
             ),
+            lambda_spec(),
         ),
         requires_base=False,
-        accepts_base=False,
+        accepts_base=True,
         min_models=1,
         description="Fisher merging: parameters averaged with their diagonal Fisher information as weights.",
         statistics="fisher",

@@ -38,20 +38,38 @@ def regmean(
     generator: torch.Generator | None = None,
     weight: Sequence[float] | None = None,
     alpha: float = 0.9,
+    lambda_: float = 1.0,
     statistics: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
-    """The RegMean merge of one tensor; `statistics[i]` is model i's Gram matrix of this layer's inputs."""
-    check_models("regmean", tensors, None)
+    """The RegMean merge of one tensor; `statistics[i]` is model i's Gram matrix of this layer's inputs.
+
+    With a `base`, the result is moved `lambda_` times its distance from the base (see `extrapolate`).
+    """
+    check_models("regmean", tensors, base)
     weights = check_per_model(
         "regmean", "weight", weight if weight is not None else [1.0] * len(tensors), len(tensors)
     )
     grams = list(statistics) if statistics is not None else [None] * len(tensors)
     dtype = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
     if tensors[0].dim() != 2 or any(gram is None for gram in grams):
-        return weighted_mean(tensors, weights).to(tensors[0].dtype)
-    return _closed_form(tensors, [g for g in grams if g is not None], weights, alpha, dtype).to(
-        tensors[0].dtype
-    )
+        merged = weighted_mean(tensors, weights)
+    else:
+        merged = _closed_form(tensors, [g for g in grams if g is not None], weights, alpha, dtype)
+    return extrapolate("regmean", merged, base, lambda_).to(tensors[0].dtype)
+
+
+def extrapolate(method: str, merged: torch.Tensor, base: torch.Tensor | None, lambda_: float) -> torch.Tensor:
+    """base + lambda (merged - base): with T tasks an average keeps about 1/T of each task vector, and
+    `lambda` (task arithmetic's scale, evomerge's extension of the paper) gives the rest back. No base:
+    `lambda` must stay 1 (the paper's merge)."""
+    if base is None:
+        if lambda_ != 1.0:
+            raise ConfigError(
+                f"{method}: lambda = {lambda_} scales the distance from a base; add base_model."
+            )
+        return merged
+    reference = base.to(merged.dtype)
+    return reference + lambda_ * (merged - reference)
 
 
 def weighted_mean(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
@@ -98,6 +116,13 @@ def _closed_form(
     return torch.linalg.solve(lhs, rhs).T  # (out, in)
 
 
+def lambda_spec() -> ParamSpec:
+    return ParamSpec(
+        "lambda", default=1.0, per_model=False, low=0.0,
+        description="with a base_model: how far past the merge, from the base, to go (1: the merge)",
+    )  # fmt: skip
+
+
 def shrink_off_diagonal(gram: torch.Tensor, alpha: float) -> torch.Tensor:
     """alpha G + (1 - alpha) diag(G): the off-diagonal entries scaled by alpha, the diagonal kept."""
     result = gram * alpha
@@ -119,9 +144,10 @@ REGMEAN = register(
                 high=1.0,
                 description="scale of the Gram matrices' off-diagonal entries",
             ),
+            lambda_spec(),
         ),
         requires_base=False,
-        accepts_base=False,
+        accepts_base=True,
         min_models=1,
         description="RegMean: closed-form merge of linear layers from their inputs' Gram matrices.",
         statistics="gram",
