@@ -58,7 +58,15 @@ def build_command(
         start = time.perf_counter()
         manifest = build(name, out, size=size, seed=seed, progress=True, finetune=finetune)  # type: ignore[arg-type]
         elapsed = time.perf_counter() - start
-    console.print(f"zoo {manifest.name} ({manifest.size}, seed {manifest.seed}) in {out} [{elapsed:.1f} s]")
+    info = manifest.info
+    harder = (
+        f", fine-tuned {info.get('finetune_steps')} steps at {info.get('finetune_rate')}"
+        if finetune.changed()
+        else ""
+    )
+    console.print(
+        f"zoo {manifest.name} ({manifest.size}, seed {manifest.seed}{harder}) in {out} [{elapsed:.1f} s]"
+    )
     console.print(f"  base: {manifest.base.relative_to(manifest.root)}")
     for skill, path in manifest.models.items():
         console.print(f"  {skill}: {path.relative_to(manifest.root)}")
