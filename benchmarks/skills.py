@@ -52,6 +52,10 @@ def main() -> None:
     parser.add_argument("--dev-limit", type=int, default=40, help="dev examples per skill (evolution)")
     parser.add_argument("--generations", type=int, default=6)
     parser.add_argument("--popsize", type=int, default=6)
+    parser.add_argument("--granularity", default="model", help="evolution: model | group | layer")
+    parser.add_argument(
+        "--separate", nargs="*", default=[], help="evolution: own genes for attention/mlp/embedding"
+    )
     parser.add_argument("--calibration-limit", type=int, default=128)
     parser.add_argument("--cache", type=Path, default=Path("runs/calibration-cache"))
     parser.add_argument("--json", type=Path, help="write every number here too")
@@ -194,8 +198,9 @@ class Bench:
         from evomerge.search.space import ParameterSpace
 
         space = ParameterSpace.from_models(
-            self.zoo.base, [self.zoo.models[s] for s in self.skills], method, parameters=EVOLVED[method]
-        )
+            self.zoo.base, [self.zoo.models[s] for s in self.skills], method, parameters=EVOLVED[method],
+            granularity=self.args.granularity, separate=self.args.separate,
+        )  # fmt: skip
         optimizer = CMA(
             mean=np.full(space.dim, 0.5), sigma=0.25, bounds=np.array([[0.0, 1.0]] * space.dim),
             population_size=self.args.popsize, seed=0,
