@@ -11,13 +11,17 @@ import pytest
 from evomerge.errors import ConfigError
 from evomerge.merge.config import MergeConfig
 from evomerge.zoo.random_models import FamilySpec, build_family
+from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
 
 from .fake_problem import make_config
 
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    return build_family(tmp_path_factory.mktemp("data_aware_evolve") / "family", FamilySpec())
+    paths = build_family(tmp_path_factory.mktemp("data_aware_evolve") / "family", FamilySpec())
+    for path in paths.values():  # a data-aware merge tokenises its calibration texts with each model's own
+        save_tokenizer(build_tokenizer(), path)
+    return paths
 
 
 def _prompts(root: Path) -> Path:
