@@ -129,9 +129,8 @@ class MergeConfig(YamlConfig):
     tokenizer: Any = None
     chat_template: str | None = None
     modules: Any = None
-    calibration: Calibration | None = (
-        None  # evomerge's own: the prompts data-aware methods gather statistics on
-    )
+    # evomerge's own (mergekit has none): the prompts data-aware methods gather their statistics on
+    calibration: Calibration | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod
