@@ -164,7 +164,7 @@ def test_data_aware_method_without_calibration(models: dict[str, Path]) -> None:
 
 def test_missing_calibration_file(models: dict[str, Path], tmp_path: Path) -> None:
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(ConfigError, match=f"calibration.task: {missing} is nothing; give a JSONL file"):
+    with pytest.raises(ConfigError, match=f"calibration.task: {missing} does not exist; give a JSONL file"):
         MergeConfig.from_dict(_config("fisher", models, {"task": str(missing)}))
 
 

@@ -101,9 +101,9 @@ def read_texts(path: str | Path, limit: int, where: str = "calibration.task") ->
     """The first `limit` calibration texts of a JSONL file (prompt + answer, or text); checked whole."""
     path = Path(path)
     if not path.is_file():
-        found = "a directory" if path.is_dir() else "nothing"
+        found = "is a directory" if path.is_dir() else "does not exist"
         raise CalibrationError(
-            f"{where}: {path} is {found}; give a JSONL file with one example a line "
+            f"{where}: {path} {found}; give a JSONL file with one example a line "
             '({"prompt": ..., "answer": ...} or {"text": ...}), e.g. a task\'s train or dev split'
         )
     texts: list[str] = []
