@@ -28,18 +28,45 @@ def build_command(
         str, typer.Option(help="'tiny' (seconds, for tests) or 'small' (minutes, for demos).")
     ] = "tiny",
     seed: Annotated[int, typer.Option(help="Seed of every random choice: data, init, batches.")] = 0,
+    hard: Annotated[
+        bool,
+        typer.Option(
+            "--hard",
+            help="lm: fine-tune the specialists harder (1000 steps at 2e-3), so that they drift apart "
+            "and plain merges lose skills.",
+        ),
+    ] = False,
+    finetune_steps: Annotated[
+        int | None, typer.Option(help="lm: fine-tuning steps per specialist (overrides --hard's).")
+    ] = None,
+    finetune_rate: Annotated[
+        float | None, typer.Option(help="lm: peak fine-tuning learning rate (overrides --hard's).")
+    ] = None,
 ) -> None:
     """Build zoo NAME into --out, deterministically from --seed; a second call with the same arguments reuses it."""
     import torch
 
-    from evomerge.zoo import build
+    from evomerge.zoo.build import HARD, Finetune, build
 
+    start_from = HARD if hard else Finetune()
+    finetune = Finetune(
+        steps=start_from.steps if finetune_steps is None else finetune_steps,
+        rate=start_from.rate if finetune_rate is None else finetune_rate,
+    )
     torch.set_num_threads(1)  # tiny models: one thread was faster than two on the 2-core reference machine
     with user_errors():
         start = time.perf_counter()
-        manifest = build(name, out, size=size, seed=seed, progress=True)  # type: ignore[arg-type]
+        manifest = build(name, out, size=size, seed=seed, progress=True, finetune=finetune)  # type: ignore[arg-type]
         elapsed = time.perf_counter() - start
-    console.print(f"zoo {manifest.name} ({manifest.size}, seed {manifest.seed}) in {out} [{elapsed:.1f} s]")
+    info = manifest.info
+    harder = (
+        f", fine-tuned {info.get('finetune_steps')} steps at {info.get('finetune_rate')}"
+        if finetune.changed()
+        else ""
+    )
+    console.print(
+        f"zoo {manifest.name} ({manifest.size}, seed {manifest.seed}{harder}) in {out} [{elapsed:.1f} s]"
+    )
     console.print(f"  base: {manifest.base.relative_to(manifest.root)}")
     for skill, path in manifest.models.items():
         console.print(f"  {skill}: {path.relative_to(manifest.root)}")

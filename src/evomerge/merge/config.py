@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from evomerge.configfile import YamlConfig
 from evomerge.errors import ConfigError
 from evomerge.io.chat_templates import check_chat_template
+from evomerge.merge.calibration import Calibration, check_calibration
 from evomerge.merge.registry import MergeMethod, ParamSpec, get_method
 
 Scalar: TypeAlias = bool | int | float | str
@@ -129,6 +130,8 @@ class MergeConfig(YamlConfig):
     tokenizer: Any = None
     chat_template: str | None = None
     modules: Any = None
+    # evomerge's own (mergekit has none): the prompts data-aware methods gather their statistics on
+    calibration: Calibration | None = None
 
     @field_validator("dtype", "out_dtype")
     @classmethod
@@ -228,9 +231,12 @@ def validate_config(config: MergeConfig) -> None:
         _check_settings(method, slice_.parameters, f"slices[{index}].parameters", level="slice")
         for j, source in enumerate(slice_.sources):
             _check_settings(method, source.parameters, f"slices[{index}].sources[{j}].parameters", "model")
+    kernel_models: dict[str, None] = {}
     for group, base, where in model_groups(config):
         _check_counts(method, group, base, where)
         _check_required(config, method, group, base, where)
+        kernel_models.update(dict.fromkeys(non_base_models(method, group, base)))
+    check_calibration(config.calibration, method, list(kernel_models))
 
 
 def model_groups(config: MergeConfig) -> Iterator[tuple[list[str], str | None, str]]:

@@ -24,6 +24,7 @@ import torch
 from evomerge.errors import ConfigError, TensorMismatchError
 from evomerge.io import architecture
 from evomerge.io.hf_dir import dtype_updates
+from evomerge.merge.calibration import statistics_params
 from evomerge.merge.config import MergeConfig, Settings, non_base_models, parse_dtype
 from evomerge.merge.gradients import layer_position, resolve
 from evomerge.merge.registry import MergeMethod
@@ -289,6 +290,9 @@ def _make_task(
     base = slice_.base if method.accepts_base and slice_.base is not None else None
     params = _per_model_params(method, [by_model[m] for m in kernel_models], slice_, config, t)
     params.update(_global_params(method, name, slice_, config, t))
+    if method.statistics is not None:  # data-aware: references to each model's calibration statistic
+        refs = [(model, sources.path(model), by_model[model][1]) for model in kernel_models]
+        params.update(statistics_params(method, config.calibration, refs))
     compute = parse_dtype(config.dtype) or _promoted([info.dtype for info in infos])
     return TensorTask(
         name=name,

@@ -22,6 +22,7 @@ import torch
 from evomerge.errors import ConfigError
 
 ParamKind = Literal["float", "int", "bool"]
+StatisticKind = Literal["gram", "fisher"]  # per linear layer input Gram matrices; diagonal Fisher
 
 
 class Kernel(Protocol):
@@ -110,6 +111,8 @@ class MergeMethod:
     aliases: tuple[str, ...] = field(default=())
     # Keyword options the kernel takes beyond mergekit's parameters (e.g. "tie_break"); never in configs.
     options: tuple[str, ...] = field(default=())
+    # Data-aware methods: which calibration statistic the kernel takes as `statistics` (one per model).
+    statistics: StatisticKind | None = None
     # The kernel returns float32 (or wider) for half-precision inputs, as mergekit's does (a float32 mask
     # or coefficient promotes them); without `out_dtype` the output tensors keep that dtype, as mergekit's.
     widens_to_float32: bool = False

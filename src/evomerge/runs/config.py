@@ -20,6 +20,7 @@ from evomerge.configfile import YamlConfig
 from evomerge.dataflow.pool import PoolModel
 from evomerge.dataflow.space import DataflowSpace
 from evomerge.errors import ConfigError, TensorMismatchError
+from evomerge.merge.calibration import Calibration, check_calibration
 from evomerge.merge.registry import get_method
 from evomerge.search.base import OptimizerSettings, SearchSpace
 from evomerge.search.optimizers import CMAESSettings
@@ -178,6 +179,7 @@ class EvolveConfig(YamlConfig):
     backend: SerializeAsAny[BackendSettings] = Field(default_factory=LocalSettings)
     out: Path = Path("runs/evolve")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    calibration: Calibration | None = None  # regmean, fisher: the prompts their statistics come from
 
     @field_validator("merge_method")
     @classmethod
@@ -219,6 +221,14 @@ class EvolveConfig(YamlConfig):
         flow = self.search.dataflow
         flow.models = [model.resolve() for model in flow.models] if flow.models is not None else None
         flow.owner = flow.owner.resolve() if flow.owner is not None else None
+        if self.calibration is not None:
+            self.calibration = self.calibration.resolved()
+        return self
+
+    @model_validator(mode="after")
+    def _calibration_fits_the_method(self) -> EvolveConfig:
+        if self.merge_method is not None:
+            check_calibration(self.calibration, get_method(self.merge_method), [str(m) for m in self.models])
         return self
 
     @model_validator(mode="after")
@@ -338,6 +348,7 @@ class EvolveConfig(YamlConfig):
             separate=self.search.separate,
             fixed=self.search.fixed,
             dtype=self.dtype,
+            calibration=self.calibration.model_dump(exclude_none=True) if self.calibration else None,
         )
 
     def dataflow_space(self) -> DataflowSpace:

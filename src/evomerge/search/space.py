@@ -91,6 +91,7 @@ class ParameterSpace:
     filters: Mapping[str, tuple[str, ...]] = field(default_factory=dict)  # GeneGroup -> name substrings
     fixed: Mapping[str, Any] = field(default_factory=dict)  # non-evolved parameters, as written in YAML
     dtype: str = "float32"
+    calibration: Mapping[str, Any] | None = None  # data-aware methods: the recipes' calibration block
 
     def __post_init__(self) -> None:
         _check_space(self)
@@ -109,6 +110,7 @@ class ParameterSpace:
         separate: Sequence[GeneGroup] = (),
         fixed: Mapping[str, Any] | None = None,
         dtype: str = "float32",
+        calibration: Mapping[str, Any] | None = None,
     ) -> ParameterSpace:
         """Read the base's config.json (layer count) and tensor names (filters); nothing else."""
         merge_method = get_method(method)
@@ -124,6 +126,7 @@ class ParameterSpace:
             filters=derive_filters(read_tensor_names(Path(base_model)), separate) if separate else {},
             fixed=dict(fixed or {}),
             dtype=dtype,
+            calibration=dict(calibration) if calibration is not None else None,
         )
 
     # --- the genome -----------------------------------------------------------------------------------
@@ -173,6 +176,8 @@ class ParameterSpace:
         if global_params:
             recipe["parameters"] = global_params
         recipe["dtype"] = self.dtype
+        if self.calibration is not None:
+            recipe["calibration"] = dict(self.calibration)
         return recipe
 
     def _model_entry(self, model: str, by_key: dict[tuple[str, str | None], dict[str, list[float]]]) -> dict:

@@ -7,10 +7,12 @@ and a second call whose fingerprint matches returns the zoo on disk without trai
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, get_args
 
@@ -32,23 +34,50 @@ class _Builder(Protocol):
     ) -> ZooManifest: ...
 
 
+@dataclass(frozen=True)
+class Finetune:
+    """The `lm` zoo's fine-tuning budget, where it differs from the size's (None: the size's own)."""
+
+    steps: int | None = None
+    rate: float | None = None
+
+    def changed(self) -> dict[str, int | float]:
+        """The overrides that are set, by LMSize field name (what the fingerprint and the manifest record)."""
+        return {
+            k: v
+            for k, v in {"finetune_steps": self.steps, "finetune_rate": self.rate}.items()
+            if v is not None
+        }
+
+
+HARD = Finetune(steps=1000, rate=2e-3)  # `--hard`: specialists that drift apart (benchmarks/skills.py)
+
+
 def build(
-    name: ZooName, out: Path | str, *, size: ZooSize = "tiny", seed: int = 0, progress: bool = False
+    name: ZooName,
+    out: Path | str,
+    *,
+    size: ZooSize = "tiny",
+    seed: int = 0,
+    progress: bool = False,
+    finetune: Finetune = Finetune(),
 ) -> ZooManifest:
     """Build zoo `name` into `out` (or reuse the one there if it was built with the same arguments and code).
 
     `out` may be missing, empty, or hold an older zoo (which is replaced); any other non-empty dir is
     refused so that a typo cannot wipe a user's files. `progress` shows a rich progress bar on stderr.
+    `finetune` (lm only) fine-tunes the specialists longer or faster than the size does.
     """
-    _check_arguments(name, size, seed)
+    _check_arguments(name, size, seed, finetune)
     out = Path(out)
-    digest = zoo_fingerprint(name, size, seed)
+    digest = zoo_fingerprint(name, size, seed, finetune)
     cached = cached_zoo(out, digest)
     if cached is not None:
         return cached
     _refuse_foreign_dir(out)
-    builder, total = _builder(name, size)
-    with _temporary_dir(out) as temporary, _progress_bar(progress, f"zoo {name} ({size})", total) as advance:
+    builder, total = _builder(name, size, finetune)
+    label = f"zoo {name} ({size}{', ' if finetune.changed() else ''}{_describe(finetune)})"
+    with _temporary_dir(out) as temporary, _progress_bar(progress, label, total) as advance:
         start = time.perf_counter()
         manifest = builder(temporary, size=size, seed=seed, advance=advance)
         data = manifest.to_dict()
@@ -59,9 +88,10 @@ def build(
     return ZooManifest.load(out)
 
 
-def zoo_fingerprint(name: str, size: str, seed: int) -> str:
+def zoo_fingerprint(name: str, size: str, seed: int, finetune: Finetune = Finetune()) -> str:
     """The cache key: arguments, package version and the source of the modules that build this zoo."""
     arguments = {"name": name, "size": size, "seed": seed, "version": evomerge.__version__}
+    arguments |= finetune.changed()  # absent when unset: the default zoo keeps its key
     return fingerprint(arguments, [_HERE / file for file in _CODE[name]])
 
 
@@ -78,13 +108,23 @@ def cached_zoo(out: Path, digest: str) -> ZooManifest | None:
     return manifest
 
 
-def _check_arguments(name: str, size: str, seed: int) -> None:
+def _describe(finetune: Finetune) -> str:
+    return ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in finetune.changed().items())
+
+
+def _check_arguments(name: str, size: str, seed: int, finetune: Finetune = Finetune()) -> None:
     if name not in get_args(ZooName):
         raise ZooError(f"unknown zoo {name!r}: expected one of {', '.join(get_args(ZooName))}")
     if size not in get_args(ZooSize):
         raise ZooError(f"unknown zoo size {size!r}: expected one of {', '.join(get_args(ZooSize))}")
     if not isinstance(seed, int) or seed < 0:
         raise ZooError(f"zoo seed must be a non-negative integer, got {seed!r}")
+    if finetune.changed() and name != "lm":
+        raise ZooError(f"--finetune-steps/--finetune-rate/--hard apply to the lm zoo only, not {name!r}")
+    if finetune.steps is not None and finetune.steps < 1:
+        raise ZooError(f"--finetune-steps must be a positive integer, got {finetune.steps}")
+    if finetune.rate is not None and not 0 < finetune.rate < 1:
+        raise ZooError(f"--finetune-rate must be in (0, 1), got {finetune.rate} (the size's own: 5e-4)")
 
 
 def _refuse_foreign_dir(out: Path) -> None:
@@ -97,7 +137,7 @@ def _refuse_foreign_dir(out: Path) -> None:
         )
 
 
-def _builder(name: str, size: str) -> tuple[_Builder, int]:
+def _builder(name: str, size: str, finetune: Finetune) -> tuple[_Builder, int]:
     """The build function of zoo `name` and the number of progress units it will report."""
     if name == "digits":
         from evomerge.zoo import digits
@@ -105,7 +145,8 @@ def _builder(name: str, size: str) -> tuple[_Builder, int]:
         return digits.build_digits, digits.total_steps(size)
     from evomerge.zoo import lm
 
-    return lm.build_lm, lm.total_steps(size)
+    builder = functools.partial(lm.build_lm, finetune_steps=finetune.steps, finetune_rate=finetune.rate)
+    return builder, lm.total_steps(size, finetune.steps)
 
 
 @contextlib.contextmanager

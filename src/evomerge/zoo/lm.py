@@ -10,6 +10,7 @@ Layout written under the zoo root:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -65,15 +66,38 @@ LM_SIZES = {
 }  # fmt: skip
 
 
-def total_steps(size: str) -> int:
-    """Progress units of `build_lm`: one per training step, plus one for the data."""
+def lm_size(size: str, finetune_steps: int | None = None, finetune_rate: float | None = None) -> LMSize:
+    """The spec of `--size`, its fine-tune made longer or faster where asked (the zoo's `--hard` variants).
+
+    A harder fine-tune moves each specialist further from the base, so that their task vectors get in
+    each other's way and plain merges lose skills: the setting data-aware and SVD merges are built for.
+    """
     spec = LM_SIZES[size]
+    steps = spec.finetune_steps if finetune_steps is None else finetune_steps
+    rate = spec.finetune_rate if finetune_rate is None else finetune_rate
+    return dataclasses.replace(spec, finetune_steps=steps, finetune_rate=rate)
+
+
+def total_steps(size: str, finetune_steps: int | None = None) -> int:
+    """Progress units of `build_lm`: one per training step, plus one for the data."""
+    spec = lm_size(size, finetune_steps)
     return 1 + spec.pretrain_steps + len(SKILLS) * spec.finetune_steps
 
 
-def build_lm(root: Path, *, size: str, seed: int, advance: Callable[[int], None]) -> ZooManifest:
-    """Write the lm zoo into `root` (an empty dir) and return its manifest (not yet saved)."""
-    spec = LM_SIZES[size]
+def build_lm(
+    root: Path,
+    *,
+    size: str,
+    seed: int,
+    advance: Callable[[int], None],
+    finetune_steps: int | None = None,
+    finetune_rate: float | None = None,
+) -> ZooManifest:
+    """Write the lm zoo into `root` (an empty dir) and return its manifest (not yet saved).
+
+    `finetune_steps` / `finetune_rate` replace the size's fine-tuning budget (the base is the same).
+    """
+    spec = lm_size(size, finetune_steps, finetune_rate)
     world = World(spec.world, seed)
     examples = draw_tasks(world, spec, np.random.default_rng([seed, 2]))
     tasks = {name: write_task(root / "tasks" / name, splits) for name, splits in examples.items()}
@@ -96,7 +120,9 @@ def build_lm(root: Path, *, size: str, seed: int, advance: Callable[[int], None]
         save_model(specialist, tokenizer, models[skill])
     return ZooManifest(
         root=root, name="lm", size=size, seed=seed, base=root / "models" / "base", models=models,
-        tasks=tasks, targets=["multi", "compose"], info={"dictionary": world.dictionary},
+        tasks=tasks, targets=["multi", "compose"],
+        info={"dictionary": world.dictionary, "finetune_steps": spec.finetune_steps,
+              "finetune_rate": spec.finetune_rate},
     )  # fmt: skip
 
 

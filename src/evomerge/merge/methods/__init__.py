@@ -2,13 +2,16 @@
 
 from evomerge.merge.methods import (  # noqa: F401
     arcee_fusion,
+    fisher,
     karcher,
     linear,
     model_stock,
     nearswap,
     passthrough,
     ram,
+    regmean,
     sce,
     slerp,
+    subspace,
     task_arithmetic,
 )
