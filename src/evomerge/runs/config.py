@@ -83,6 +83,39 @@ class FitnessTask(_Strict):
         return self.name or self.dev.parent.name or self.dev.stem
 
 
+class RacingConfig(_Strict):
+    """Race candidates on growing slices of the fitness examples (docs/evolve.md, "Racing").
+
+    Every candidate is scored on the first slice; after each slice, one whose score cannot reach the
+    `against` quantile of the last `window` evaluations' scores (Hoeffding-Serfling bound at confidence
+    `confidence`) stops there, and the optimiser is told that estimate with its example count."""
+
+    slices: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    against: float = Field(default=0.5, ge=0, le=1)  # 0.5: the median of recent scores
+    window: int | None = Field(default=None, ge=1)  # None: the optimiser's population size
+
+    @field_validator("slices")
+    @classmethod
+    def _growing(cls, value: list[float]) -> list[float]:
+        ok = bool(value) and all(a < b for a, b in zip([0.0, *value], value, strict=False))
+        if not ok or value[-1] != 1.0:
+            raise ValueError(
+                f"slices must grow strictly from above 0 to exactly 1.0 (fractions of the examples), got {value}"
+            )
+        return value
+
+
+class SubsetConfig(_Strict):
+    """Score fitness on `size` representative dev examples instead of all (docs/evolve.md, "Subset").
+
+    The first `calibration` evaluations score the whole dev set; their per-example scores pick the
+    subset (anchor examples, each weighted by the share of examples it stands for)."""
+
+    size: int = Field(ge=1)
+    calibration: int | None = Field(default=None, ge=2)  # None: the warm start and the first generation
+
+
 class EvaluationConfig(_Strict):
     batch_size: int = Field(default=64, ge=1)
     max_new_tokens: int | None = Field(default=None, ge=1)  # None: sized from the longest answer
@@ -130,6 +163,8 @@ class EvolveConfig(YamlConfig):
     budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(max_evaluations=100))
     fitness: list[FitnessTask] = Field(min_length=1)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    racing: RacingConfig | None = None  # None: every candidate scores every dev example
+    subset: SubsetConfig | None = None  # None: fitness is the whole dev set (up to each task's limit)
     seed: int = 0
     backend: str = "local"  # a name of backends.registry
     out: Path = Path("runs/evolve")
@@ -211,6 +246,20 @@ class EvolveConfig(YamlConfig):
         if len(set(names)) != len(names):
             raise ValueError(f"fitness: task names must differ, got {names}; give each a 'name'")
         self.optimizer.check_tasks(names)  # objectives and measures must name fitness tasks
+        return self
+
+    @model_validator(mode="after")
+    def _fitness_layer_metrics(self) -> EvolveConfig:
+        if self.racing is None and self.subset is None:
+            return self
+        perplexity = [task.task_name for task in self.fitness if task.metric == "perplexity"]
+        if perplexity:
+            block = "racing" if self.racing is not None else "subset"
+            raise ValueError(
+                f"{block}: tasks {perplexity} use perplexity, a corpus score that is not a mean of "
+                f"per-example scores, so it cannot be estimated from a subset; remove the {block} block "
+                "or use another metric"
+            )
         return self
 
     # --- reading ------------------------------------------------------------------------------------

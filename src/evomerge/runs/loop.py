@@ -30,6 +30,7 @@ from evomerge.eval.result import EvalResult
 from evomerge.io.atomic import atomic_write_text
 from evomerge.runs.baselines import baseline_recipes, source_recipes, union_recipe
 from evomerge.runs.config import EvolveConfig, check_inputs
+from evomerge.runs.fitness import fitness_layer
 from evomerge.runs.store import (
     FORMAT,
     WARM_START_GENERATION,
@@ -121,6 +122,7 @@ def _run(
 ) -> RunSummary:
     with RunStore.in_dir(run_dir) as store:
         checkpoint = _open(store, config)
+        backend = _fitness_layer(config, space, backend, store)  # racing / subset, when configured
         elapsed = max(checkpoint.elapsed_s if checkpoint else 0.0, store.elapsed())
         clock = _Clock(config, elapsed, store.count_evaluations(), progress)
         optimizer, generation = _restore_or_start(store, backend, space, config, clock, checkpoint)
@@ -134,6 +136,13 @@ def _run(
             generation += 1
             _save_checkpoint(store, generation, optimizer, clock)
         return RunSummary(run_dir, store.count_evaluations(), generation, store.best(), stop)
+
+
+def _fitness_layer(config: EvolveConfig, space: SearchSpace, backend: Backend, store: RunStore) -> Backend:
+    if config.racing is None and config.subset is None:
+        return backend
+    warm = len(warm_start_points(config, space))
+    return fitness_layer(config, backend, store, tasks=load_tasks(config), warm_start_size=warm)
 
 
 def _evaluate(
