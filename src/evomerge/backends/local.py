@@ -80,14 +80,14 @@ class LocalBackend:
         `measures`: behaviour measures to add to every result; "sparsity" is the fraction of the merged
         model's weights equal to the base's (1 - the density of its task vector)."""
         from evomerge.allocator import retain_freed_memory
-        from evomerge.eval.evaluator import Evaluator
+        from evomerge.eval.lm_eval_fitness import make_evaluator
         from evomerge.eval.loading import load_model
         from evomerge.merge.sources import SourceSet
 
         retain_freed_memory()  # every candidate allocates the same temporaries: reuse, don't page-fault
         sources = SourceSet.load(sample_recipe, dtype=torch.float32, device=device)
         model, tokenizer = load_model(base_model, dtype=torch.float32, device=device)
-        evaluator = Evaluator(
+        evaluator = make_evaluator(  # JSONL tasks and lm-eval tasks (LmEvalTask), in any mix
             tasks, tokenizer=tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
         )
         unknown = sorted(set(measures) - set(MEASURES))

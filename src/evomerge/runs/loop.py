@@ -385,8 +385,13 @@ def make_backend(config: EvolveConfig, *, split: str = "dev") -> Backend:
 def load_tasks(config: EvolveConfig, *, split: str = "dev") -> list[Any]:
     from evomerge.eval.tasks import load_task
 
-    tasks = []
+    tasks: list[Any] = []
     for task in config.fitness:
+        if task.lm_eval is not None:
+            if split != "dev":
+                raise RunStateError(f"fitness task {task.task_name!r} (lm_eval) has no held-out test split.")
+            tasks.append(_lm_eval_task(task))
+            continue
         path = task.dev if split == "dev" else task.test
         if path is None:
             raise RunStateError(f"fitness task {task.task_name!r} has no test split; add 'test: PATH'.")
@@ -395,6 +400,20 @@ def load_tasks(config: EvolveConfig, *, split: str = "dev") -> list[Any]:
             load_task(path, metric=task.metric, limit=limit, name=task.task_name, weight=task.weight)
         )
     return tasks
+
+
+def _lm_eval_task(task: Any) -> Any:
+    from evomerge.eval.lm_eval_fitness import LmEvalTask
+
+    return LmEvalTask(
+        name=task.task_name,
+        task=task.lm_eval,
+        weight=task.weight,
+        metric=task.lm_eval_metric,
+        limit=task.limit,
+        num_fewshot=task.num_fewshot,
+        include_path=task.include_path,
+    )
 
 
 # --- budget and progress ------------------------------------------------------------------------------
