@@ -165,3 +165,29 @@ def test_no_measure_is_computed_unless_asked(
 ) -> None:
     result = backend.evaluate(recipe(scoreable_family, "ties", (1.0, 1.0), density=0.2), seed=0)
     assert "sparsity" not in result.behaviour
+
+
+def test_a_selected_subset_scores_like_the_whole_set_at_those_examples(
+    scoreable_family: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import evomerge.merge.engine as engine
+
+    tasks = [load_task(scoreable_family["dev"], metric="exact_match", name="sums")]
+    sample = recipe(scoreable_family, "ties", (0.5, 0.5), density=0.5)
+    local = LocalBackend.create(scoreable_family["base"], sample, tasks, max_new_tokens=4)
+    candidate = recipe(scoreable_family, "ties", (0.9, 0.3), density=0.6)
+    whole = local.evaluate(candidate, seed=5)
+    merges = {"n": 0}
+    real = engine.merge_into
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        merges["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "merge_into", counting)
+    local.select_examples({"sums": [7, 2, 9]})
+    part = local.evaluate(candidate, seed=5)
+    assert merges["n"] == 0  # the live model already holds this candidate
+    assert part.tasks["sums"].per_example == [whole.tasks["sums"].per_example[i] for i in (7, 2, 9)]
+    local.select_examples(None)
+    assert local.evaluate(candidate, seed=6).tasks["sums"].n_examples == 12 and merges["n"] == 1

@@ -60,6 +60,8 @@ class LocalBackend:
         # the streaming engine computes, or the in-memory merge would be slower than a merge to disk.
         self.merge_threads = merge_threads or default_threads()
         evaluator.check_model(model)  # a metric that does not fit the model fails before any work
+        self.full_evaluator = evaluator
+        self._merged: tuple[Any, int] | None = None  # the (recipe, seed) the live model holds now
 
     @classmethod
     def create(
@@ -78,14 +80,14 @@ class LocalBackend:
         `measures`: behaviour measures to add to every result; "sparsity" is the fraction of the merged
         model's weights equal to the base's (1 - the density of its task vector)."""
         from evomerge.allocator import retain_freed_memory
-        from evomerge.eval.evaluator import Evaluator
+        from evomerge.eval.lm_eval_fitness import make_evaluator
         from evomerge.eval.loading import load_model
         from evomerge.merge.sources import SourceSet
 
         retain_freed_memory()  # every candidate allocates the same temporaries: reuse, don't page-fault
         sources = SourceSet.load(sample_recipe, dtype=torch.float32, device=device)
         model, tokenizer = load_model(base_model, dtype=torch.float32, device=device)
-        evaluator = Evaluator(
+        evaluator = make_evaluator(  # JSONL tasks and lm-eval tasks (LmEvalTask), in any mix
             tasks, tokenizer=tokenizer, batch_size=batch_size, max_new_tokens=max_new_tokens, device=device
         )
         unknown = sorted(set(measures) - set(MEASURES))
@@ -99,6 +101,15 @@ class LocalBackend:
     def evaluate_batch(self, recipes: Sequence[Any], seeds: Sequence[int]) -> list[EvalResult]:
         return [self.evaluate(recipe, seed) for recipe, seed in zip(recipes, seeds, strict=True)]
 
+    def select_examples(self, selection: dict[str, Sequence[int]] | None) -> None:
+        """Score only the dev examples `selection` names per task from now on (None: all of them).
+
+        The fitness layer (runs.fitness) races candidates on growing slices this way. A candidate asked
+        again right after (the same recipe object and seed, the next slice) is not merged again."""
+        self.evaluator = (
+            self.full_evaluator if selection is None else self.full_evaluator.restricted(selection)
+        )
+
     def evaluate(self, recipe: Any, seed: int) -> EvalResult:
         """Merge `recipe` into the live model (masks drawn from `seed`), or write it there when it is a
         whole model, then score it."""
@@ -106,11 +117,14 @@ class LocalBackend:
 
         start = time.perf_counter()
         try:
-            if isinstance(recipe, WholeModel):
-                recipe.write_into(self.model)
-            else:
-                merge_into(self.model, recipe, self.sources, seed=seed, threads=self.merge_threads)
-            _check_finite(self.model)
+            if self._merged is None or self._merged[0] is not recipe or self._merged[1] != seed:
+                self._merged = None
+                if isinstance(recipe, WholeModel):
+                    recipe.write_into(self.model)
+                else:
+                    merge_into(self.model, recipe, self.sources, seed=seed, threads=self.merge_threads)
+                _check_finite(self.model)
+                self._merged = (recipe, seed)
         except Exception as error:  # a candidate that cannot be merged is a failed result, not a crash
             merge_s = time.perf_counter() - start
             return EvalResult.failed(

@@ -28,14 +28,29 @@ def evolve(
     no_outputs: bool = typer.Option(
         False, "--no-outputs", help="Skip the best model, test table and report."
     ),
+    task_search_path: Path | None = typer.Option(
+        None,
+        "--task-search-path",
+        help="Folder of local lm-eval task YAMLs (a mergekit-evolve config's tasks).",
+    ),
+    max_evaluations: int | None = typer.Option(
+        None,
+        "--max-evaluations",
+        help="Evaluation budget (overrides the config's; mergekit-evolve: --max-fevals).",
+    ),
 ) -> None:
-    """Evolve a merge recipe; every evaluation is stored, so `evomerge resume DIR` continues after a kill."""
-    from evomerge.runs.config import EvolveConfig
+    """Evolve a merge recipe; every evaluation is stored, so `evomerge resume DIR` continues after a kill.
+
+    CONFIG.yaml is an evomerge evolve config or a mergekit-evolve config, unchanged."""
     from evomerge.runs.loop import evolve as run_evolve
+    from evomerge.runs.mergekit_evolve import load_evolve_config
 
     setup_process()
     with user_errors():
-        config = EvolveConfig.from_yaml(config_path)
+        config = load_evolve_config(config_path, task_search_path=task_search_path)
+        if max_evaluations is not None:
+            budget = config.budget.model_copy(update={"max_evaluations": max_evaluations})
+            config = config.model_copy(update={"budget": budget})
         if out is not None:
             config = config.model_copy(update={"out": out})
         with progress_display(config.budget.max_evaluations) as show:

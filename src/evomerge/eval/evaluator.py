@@ -9,6 +9,7 @@ becomes `EvalResult.failed(...)`, so one broken candidate never stops a search.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -99,6 +100,30 @@ class Evaluator:
     @property
     def n_examples(self) -> int:
         return sum(len(task.examples) for task in self.tasks)
+
+    def restricted(self, selection: dict[str, Sequence[int]]) -> Evaluator:
+        """An evaluator over the examples `selection` names per task (indices into each task's examples,
+        in that order); a task it does not name is left out. Cached: racing asks the same slices often."""
+        key = tuple((name, tuple(indices)) for name, indices in sorted(selection.items()))
+        cache: dict[Any, Evaluator] = self.__dict__.setdefault("_restricted", {})
+        if key not in cache:
+            known = {task.name: task for task in self.tasks}
+            unknown = sorted(set(selection) - set(known))
+            if unknown:
+                raise EvaluationError(f"no task named {unknown}; the evaluator's tasks: {sorted(known)}")
+            tasks = [
+                dataclasses.replace(known[name], examples=[known[name].examples[i] for i in indices])
+                for name, indices in selection.items()
+                if indices
+            ]
+            cache[key] = Evaluator(
+                tasks,
+                tokenizer=self.tokenizer,
+                batch_size=self.batch_size,
+                max_new_tokens=self.max_new_tokens,  # the full set's budget: same answers on a subset
+                device=self.device,
+            )
+        return cache[key]
 
     def check_model(self, model: Any) -> None:
         """Raise EvaluationError when a task's metric does not fit the model (e.g. exact_match on a classifier)."""

@@ -30,11 +30,12 @@ def evaluate_lm_eval(
     num_fewshot: int | None = None,
     batch_size: int = 16,
     weights: dict[str, float] | None = None,
+    metrics: dict[str, str] | None = None,
 ) -> EvalResult:
     """Run lm-eval `tasks` on `model` (a transformers causal LM in memory) and return one EvalResult.
 
     Each task's score is its first metric (as its YAML lists them, e.g. `acc` or `exact_match`); the score
-    of the result is the weighted mean over tasks. Unknown task names raise EvaluationError before any
+    of the result is the weighted mean over tasks; `metrics` names another of a task's metrics. Unknown task names raise EvaluationError before any
     work; a failure while the model runs gives `EvalResult.failed`, as the built-in evaluator does.
     `include_defaults=False` skips indexing lm-eval's thousands of built-in tasks (seconds saved).
     """
@@ -50,7 +51,7 @@ def evaluate_lm_eval(
             model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
             log_samples=True, bootstrap_iters=0,
         )  # fmt: skip
-        result = _to_result(output, tasks, weights or {})
+        result = _to_result(output, tasks, weights or {}, metrics or {})
     except Exception as error:  # a failure of the model is a failed result, as in Evaluator.evaluate
         result = EvalResult.failed(f"{type(error).__name__}: {error}")
     result.cost = {**result.cost, "wall_s": time.perf_counter() - start}
@@ -88,10 +89,18 @@ def _check_task_names(tasks: Sequence[str], manager: Any) -> None:
         )
 
 
-def _to_result(output: dict[str, Any] | None, tasks: Sequence[str], weights: dict[str, float]) -> EvalResult:
+def _to_result(
+    output: dict[str, Any] | None,
+    tasks: Sequence[str],
+    weights: dict[str, float],
+    metrics: dict[str, str],
+) -> EvalResult:
     if output is None:  # lm-eval returns None on non-zero ranks only
         raise EvaluationError("lm-eval returned no results")
-    scores = {name: _task_score(name, output["results"][name], output["samples"][name]) for name in tasks}
+    scores = {
+        name: _task_score(name, output["results"][name], output["samples"][name], metrics.get(name))
+        for name in tasks
+    }
     bad = [name for name, score in scores.items() if not math.isfinite(score.score)]
     if bad:
         return EvalResult.failed(f"non-finite score on lm-eval task {bad[0]!r}")
@@ -102,11 +111,19 @@ def _to_result(output: dict[str, Any] | None, tasks: Sequence[str], weights: dic
     )
 
 
-def _task_score(name: str, results: dict[str, Any], samples: list[dict[str, Any]]) -> TaskScore:
-    """The task's first metric: its aggregate from `results`, per example from the logged samples."""
+def _task_score(
+    name: str, results: dict[str, Any], samples: list[dict[str, Any]], metric: str | None = None
+) -> TaskScore:
+    """The task's first metric (or `metric`): its aggregate from `results`, per example from the logged
+    samples."""
     samples = sorted(samples, key=lambda sample: sample["doc_id"])
-    metric = samples[0]["metrics"][0] if samples else _first_metric(results)
-    key = next(k for k in results if k.split(",")[0] == metric)  # "acc,none": metric, filter
+    metric = metric or (samples[0]["metrics"][0] if samples else _first_metric(results))
+    keys = [k for k in results if k.split(",")[0] == metric]  # "acc,none": metric, filter
+    if not keys:
+        raise EvaluationError(
+            f"lm-eval task {name!r} has no metric {metric!r}; it reports {sorted(results)}; fix 'metric'"
+        )
+    key = keys[0]
     per_example = [float(sample[metric]) for sample in samples]
     return TaskScore(name, f"lm-eval:{metric}", float(results[key]), per_example, len(per_example))
 

@@ -23,6 +23,9 @@ class TaskScore:
     per_example: list[float] = field(default_factory=list)
     n_examples: int = 0
     groups: dict[str, float] = field(default_factory=dict)  # group -> score of its examples
+    # Which dev examples `per_example` scores (indices into the task file's examples), when a fitness
+    # layer scored a subset (racing, a representative subset); None: all of them, in file order.
+    examples: list[int] | None = None
 
 
 @dataclass

@@ -104,14 +104,39 @@ class BudgetConfig(_Strict):
 
 
 class FitnessTask(_Strict):
-    """One task: its dev split scores candidates, its test split is held out for the final table."""
+    """One task: its dev split scores candidates, its test split is held out for the final table.
+
+    A JSONL task names its files (`dev`, `test`); an lm-eval-harness task names the task (`lm_eval`, and
+    `include_path` for a folder of local task YAMLs, `num_fewshot`), is scored on the split its YAML
+    names, and `metric`, when given, picks one of its metrics (default: its first)."""
 
     name: str | None = None
-    dev: Path
+    dev: Path | None = None
     test: Path | None = None
+    lm_eval: str | None = None
+    include_path: Path | None = None
+    num_fewshot: int | None = Field(default=None, ge=0)
     metric: str = "exact_match"
     weight: float = Field(default=1.0, ge=0)
     limit: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FitnessTask:
+        if (self.dev is None) == (self.lm_eval is None):
+            raise ValueError(
+                "give a task file (dev: PATH) or an lm-eval-harness task (lm_eval: NAME), one of them"
+            )
+        if self.lm_eval is None and (self.include_path is not None or self.num_fewshot is not None):
+            raise ValueError(
+                "include_path and num_fewshot belong to lm_eval tasks; remove them or add lm_eval"
+            )
+        if self.lm_eval is not None and self.test is not None:
+            raise ValueError(
+                "test: an lm_eval task is scored on the split its YAML names; remove test (no held-out split)"
+            )
+        if self.include_path is not None and not self.include_path.is_dir():
+            raise ValueError(f"include_path {self.include_path} is not a folder of lm-eval task YAMLs")
+        return self
 
     @field_validator("dev", "test")
     @classmethod
@@ -124,7 +149,47 @@ class FitnessTask(_Strict):
 
     @property
     def task_name(self) -> str:
+        if self.dev is None:
+            return self.name or str(self.lm_eval)
         return self.name or self.dev.parent.name or self.dev.stem
+
+    @property
+    def lm_eval_metric(self) -> str | None:
+        """The lm-eval metric the config picks (None: the task's first); `metric` counts only when given."""
+        return self.metric if "metric" in self.model_fields_set else None
+
+
+class RacingConfig(_Strict):
+    """Race candidates on growing slices of the fitness examples (docs/evolve.md, "Racing").
+
+    Every candidate is scored on the first slice; after each slice, one whose score cannot reach the
+    `against` quantile of the last `window` evaluations' scores (Hoeffding-Serfling bound at confidence
+    `confidence`) stops there, and the optimiser is told that estimate with its example count."""
+
+    slices: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    against: float = Field(default=0.5, ge=0, le=1)  # 0.5: the median of recent scores
+    window: int | None = Field(default=None, ge=1)  # None: the optimiser's population size
+
+    @field_validator("slices")
+    @classmethod
+    def _growing(cls, value: list[float]) -> list[float]:
+        ok = bool(value) and all(a < b for a, b in zip([0.0, *value], value, strict=False))
+        if not ok or value[-1] != 1.0:
+            raise ValueError(
+                f"slices must grow strictly from above 0 to exactly 1.0 (fractions of the examples), got {value}"
+            )
+        return value
+
+
+class SubsetConfig(_Strict):
+    """Score fitness on `size` representative dev examples instead of all (docs/evolve.md, "Subset").
+
+    The first `calibration` evaluations score the whole dev set; their per-example scores pick the
+    subset (anchor examples, each weighted by the share of examples it stands for)."""
+
+    size: int = Field(ge=1)
+    calibration: int | None = Field(default=None, ge=2)  # None: the warm start and the first generation
 
 
 class EvaluationConfig(_Strict):
@@ -174,6 +239,8 @@ class EvolveConfig(YamlConfig):
     budget: BudgetConfig = Field(default_factory=lambda: BudgetConfig(max_evaluations=100))
     fitness: list[FitnessTask] = Field(min_length=1)
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    racing: RacingConfig | None = None  # None: every candidate scores every dev example
+    subset: SubsetConfig | None = None  # None: fitness is the whole dev set (up to each task's limit)
     seed: int = 0
     # A backend name (`local`) or its settings block (`{name: ray, workers: 2}`); see docs/ray.md.
     backend: SerializeAsAny[BackendSettings] = Field(default_factory=LocalSettings)
@@ -216,7 +283,8 @@ class EvolveConfig(YamlConfig):
         self.models = [model.resolve() for model in self.models]
         self.out = self.out.resolve()
         for task in self.fitness:
-            task.dev = task.dev.resolve()
+            task.dev = task.dev.resolve() if task.dev is not None else None
+            task.include_path = task.include_path.resolve() if task.include_path is not None else None
             task.test = task.test.resolve() if task.test is not None else None
         flow = self.search.dataflow
         flow.models = [model.resolve() for model in flow.models] if flow.models is not None else None
@@ -313,6 +381,26 @@ class EvolveConfig(YamlConfig):
                 f"backend.schedule: 'steady-state' tells the optimiser one result at a time, which "
                 f"'{self.optimizer.name}' cannot take (it is told whole generations); use schedule: "
                 f"synchronous, or one of {able}"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _fitness_layer_metrics(self) -> EvolveConfig:
+        if self.racing is None and self.subset is None:
+            return self
+        block = "racing" if self.racing is not None else "subset"
+        harness = [task.task_name for task in self.fitness if task.lm_eval is not None]
+        if harness:
+            raise ValueError(
+                f"{block}: lm-eval tasks {harness} cannot be scored on a subset of their examples yet; "
+                f"remove the {block} block or use JSONL tasks"
+            )
+        perplexity = [task.task_name for task in self.fitness if task.metric == "perplexity"]
+        if perplexity:
+            raise ValueError(
+                f"{block}: tasks {perplexity} use perplexity, a corpus score that is not a mean of "
+                f"per-example scores, so it cannot be estimated from a subset; remove the {block} block "
+                "or use another metric"
             )
         return self
 

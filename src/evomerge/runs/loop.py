@@ -39,6 +39,7 @@ from evomerge.eval.result import EvalResult
 from evomerge.io.atomic import atomic_write_text
 from evomerge.runs.baselines import baseline_recipes, source_recipes, union_recipe
 from evomerge.runs.config import DATAFLOW_SPACES, PS_BEST, EvolveConfig, check_inputs
+from evomerge.runs.fitness import fitness_layer
 from evomerge.runs.store import (
     FORMAT,
     WARM_START_GENERATION,
@@ -180,6 +181,7 @@ def _run(
 ) -> RunSummary:
     with RunStore.in_dir(run_dir) as store:
         checkpoint = _open(store, config)
+        backend = _fitness_layer(config, space, backend, store)  # racing / subset, when configured
         elapsed = max(checkpoint.elapsed_s if checkpoint else 0.0, store.elapsed())
         clock = _Clock(config, elapsed, store.count_evaluations(), progress)
         if config.backend.schedule == "steady-state":
@@ -197,6 +199,13 @@ def _run(
             generation += 1
             _save_checkpoint(store, generation, optimizer, clock)
         return RunSummary(run_dir, store.count_evaluations(), generation, store.best(), stop)
+
+
+def _fitness_layer(config: EvolveConfig, space: SearchSpace, backend: Backend, store: RunStore) -> Backend:
+    if config.racing is None and config.subset is None:
+        return backend
+    warm = len(warm_start_points(config, space))
+    return fitness_layer(config, backend, store, tasks=load_tasks(config), warm_start_size=warm)
 
 
 def _evaluate(
@@ -477,8 +486,13 @@ def make_backend(config: EvolveConfig, *, split: str = "dev") -> Backend:
 def load_tasks(config: EvolveConfig, *, split: str = "dev") -> list[Any]:
     from evomerge.eval.tasks import load_task
 
-    tasks = []
+    tasks: list[Any] = []
     for task in config.fitness:
+        if task.lm_eval is not None:
+            if split != "dev":
+                raise RunStateError(f"fitness task {task.task_name!r} (lm_eval) has no held-out test split.")
+            tasks.append(_lm_eval_task(task))
+            continue
         path = task.dev if split == "dev" else task.test
         if path is None:
             raise RunStateError(f"fitness task {task.task_name!r} has no test split; add 'test: PATH'.")
@@ -615,6 +629,20 @@ def _next(backend: Pool) -> tuple[int, EvalResult]:
 def _may_ask(store: RunStore, clock: _Clock, running: int) -> bool:
     done = store.count_evaluations()
     return clock.stop_reason(done) is None and clock.evaluations_left(done) > running
+
+
+def _lm_eval_task(task: Any) -> Any:
+    from evomerge.eval.lm_eval_fitness import LmEvalTask
+
+    return LmEvalTask(
+        name=task.task_name,
+        task=task.lm_eval,
+        weight=task.weight,
+        metric=task.lm_eval_metric,
+        limit=task.limit,
+        num_fewshot=task.num_fewshot,
+        include_path=task.include_path,
+    )
 
 
 # --- budget and progress ------------------------------------------------------------------------------

@@ -1,0 +1,211 @@
+"""Fewer example evaluations per good merge (issue 14): full-dev fitness, racing, subset, racing + subset.
+
+Per zoo and seed, each mode runs the same CMA-ES search (population 8, sigma0 0.25, the default
+`best-known` warm start) for the same number of candidates; only how each candidate is scored differs:
+- `full`: every dev example (the lm zoo: the first `--lm-limit`, as the demo scores);
+- `racing`: the default `racing: {}` block (slices 1/8, 1/4, 1/2, 1; confidence 0.95; the median of
+  the last population's scores);
+- `subset`: `subset: {size: K, calibration: C}`: the warm start scores the whole dev set (C = its size),
+  then K anchor examples score every later candidate;
+- `racing+subset`: both.
+Every mode but `full` then scores its `--rescore` best candidates (by their estimate) on the whole dev
+set and keeps the best of those: the elites' full-dev scores, counted in its cost. The row's cost is
+every example evaluation the run made (the sum of `cost["examples"]` over the store) plus that rescoring.
+The test score is the kept candidate's score on the whole test split.
+
+    nice .venv/bin/python benchmarks/fitness.py --seeds 0 1 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+MODES = ("full", "racing", "subset", "racing+subset")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--digits-zoo", type=Path, default=Path("runs/zoo-digits"))
+    parser.add_argument("--lm-zoo", type=Path, default=Path("runs/demo/zoo"))
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_fitness"))
+    parser.add_argument("--zoos", nargs="+", default=["digits", "lm"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--modes", nargs="+", default=list(MODES))
+    parser.add_argument("--digits-evaluations", type=int, default=160)
+    parser.add_argument("--lm-evaluations", type=int, default=96)
+    parser.add_argument("--lm-limit", type=int, default=100)
+    parser.add_argument("--digits-subset", type=int, default=30)
+    parser.add_argument("--lm-subset", type=int, default=8)
+    parser.add_argument("--rescore", type=int, default=3)
+    parser.add_argument(
+        "--default-calibration",
+        action="store_true",
+        help="calibrate the subset on the warm start and the first generation (the config's default)",
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()
+    args.out.mkdir(parents=True, exist_ok=True)
+    for zoo in args.zoos:
+        report = run_zoo(zoo, args)
+        (args.out / f"{zoo}.json").write_text(json.dumps(report, indent=2))
+        print_report(zoo, report)
+
+
+def zoo_config(zoo: str, args: argparse.Namespace, seed: int, mode: str) -> dict[str, Any]:
+    from evomerge.zoo import ZooManifest
+
+    zoo_dir = args.digits_zoo if zoo == "digits" else args.lm_zoo
+    manifest = ZooManifest.load(zoo_dir)
+    target = manifest.tasks["digits" if zoo == "digits" else "multi"]
+    config: dict[str, Any] = {
+        "base_model": str(manifest.base),
+        "models": [str(path) for path in manifest.models.values()],
+        "merge_method": "task_arithmetic",
+        "search": {
+            "granularity": "model" if zoo == "digits" else "layer",
+            "parameters": {"weight": [0.0, 1.5]},
+        },
+        "optimizer": {"name": "cma-es", "population_size": 8, "sigma0": 0.25},
+        "budget": {"max_evaluations": args.digits_evaluations if zoo == "digits" else args.lm_evaluations},
+        "fitness": [
+            {
+                "name": "target",
+                "dev": str(target.dev),
+                "test": str(target.test),
+                "metric": target.metric,
+                **({"limit": args.lm_limit} if zoo == "lm" else {}),
+            }
+        ],
+        "seed": seed,
+        "out": str(args.out / zoo / f"{mode}-{seed}"),
+    }
+    if "racing" in mode:
+        config["racing"] = {}
+    if "subset" in mode:
+        size = args.digits_subset if zoo == "digits" else args.lm_subset
+        calibration = None if args.default_calibration else _warm_start_size(config)
+        config["subset"] = {"size": size, "calibration": calibration}
+    return config
+
+
+def _warm_start_size(data: dict[str, Any]) -> int:
+    from evomerge.runs.config import EvolveConfig
+    from evomerge.runs.loop import warm_start_points
+
+    config = EvolveConfig.from_dict(data)
+    return len(warm_start_points(config, config.search_space()))
+
+
+def run_zoo(zoo: str, args: argparse.Namespace) -> dict[str, Any]:
+    from evomerge.runs.config import EvolveConfig
+    from evomerge.runs.loop import evolve
+    from evomerge.runs.store import RunStore
+
+    report: dict[str, Any] = {"zoo": zoo, "runs": []}
+    for seed in args.seeds:
+        for mode in args.modes:
+            config = EvolveConfig.from_dict(zoo_config(zoo, args, seed, mode))
+            tick = time.perf_counter()
+            summary = evolve(config, force=True)
+            with RunStore.in_dir(summary.run_dir) as store:
+                evaluations = store.evaluations()
+            examples = sum(e.result.cost.get("examples", 0.0) for e in evaluations)
+            kept, dev, rescored = _keep(config, evaluations, 1 if mode == "full" else args.rescore)
+            test = _score(config, [kept], "test")[0]
+            row = {
+                "seed": seed,
+                "mode": mode,
+                "candidates": len(evaluations),
+                "examples": examples + rescored,
+                "dev": dev,
+                "test": test,
+                "best": kept.name,
+                "wall_s": time.perf_counter() - tick,
+            }
+            print(
+                f"{zoo} seed {seed} {mode:>13}: {row['examples']:.0f} example evaluations, "
+                f"dev {dev:.4f}, test {test:.4f} ({kept.name}), {row['wall_s']:.0f} s",
+                flush=True,
+            )
+            report["runs"].append(row)
+    return report
+
+
+def _keep(config: Any, evaluations: list[Any], top: int) -> tuple[Any, float, float]:
+    """(kept evaluation, its full-dev score, example evaluations spent rescoring): the best of the `top`
+    best estimates, each scored on the whole dev set (no rescoring when top is 1: full-dev fitness)."""
+    ranked = sorted((e for e in evaluations if e.result.ok), key=lambda e: -e.score)
+    if top == 1:
+        return ranked[0], ranked[0].score, 0.0
+    candidates, seen = [], set()
+    for evaluation in ranked:
+        if evaluation.recipe not in seen:
+            seen.add(evaluation.recipe)
+            candidates.append(evaluation)
+        if len(candidates) == top:
+            break
+    scores = _score(config, candidates, "dev")
+    best = max(range(len(candidates)), key=scores.__getitem__)
+    n_dev = sum(min(len(Path(t.dev).read_text().splitlines()), t.limit or 1 << 30) for t in config.fitness)
+    return candidates[best], scores[best], float(n_dev * len(candidates))
+
+
+def _score(config: Any, evaluations: list[Any], split: str) -> list[float]:
+    from evomerge.merge.config import MergeConfig
+    from evomerge.runs.loop import make_backend
+
+    backend = make_backend(config, split=split)
+    try:
+        results = backend.evaluate_batch(
+            [MergeConfig.from_yaml(e.recipe) for e in evaluations], [e.seed for e in evaluations]
+        )
+    finally:
+        backend.close()
+    return [r.score if r.ok else float("nan") for r in results]
+
+
+def print_report(zoo: str, report: dict[str, Any]) -> None:
+    runs = report["runs"]
+    print(f"\n## {zoo}\n\n| mode | seed | example evaluations | dev (full) | test |\n|---|---|---|---|---|")
+    for row in runs:
+        print(
+            f"| {row['mode']} | {row['seed']} | {row['examples']:.0f} | {row['dev']:.4f} | {row['test']:.4f} |"
+        )
+    modes = [m for m in MODES if any(r["mode"] == m for r in runs)]
+    if "full" not in modes:
+        return  # the summary compares with full-dev runs
+    print("\n| mode | mean test (min-max) | mean example evaluations | fewer than full |\n|---|---|---|---|")
+    full_cost = statistics.mean(r["examples"] for r in runs if r["mode"] == "full")
+    full_tests = [r["test"] for r in runs if r["mode"] == "full"]
+    for mode in modes:
+        tests = [r["test"] for r in runs if r["mode"] == mode]
+        cost = statistics.mean(r["examples"] for r in runs if r["mode"] == mode)
+        print(
+            f"| {mode} | {statistics.mean(tests):.4f} ({min(tests):.4f}-{max(tests):.4f}) | {cost:.0f} | "
+            f"{full_cost / cost:.1f}x |"
+        )
+    for mode in modes[1:]:
+        tests = [r["test"] for r in runs if r["mode"] == mode]
+        cost = statistics.mean(r["examples"] for r in runs if r["mode"] == mode)
+        same = statistics.mean(tests) >= min(full_tests)  # within the full-dev seeds' spread or above
+        print(
+            f"floor, {mode}: mean test within the full-dev seed spread (>= {min(full_tests):.4f}) for >= 5x "
+            f"fewer example evaluations: {'PASS' if same and full_cost / cost >= 5 else 'FAIL'} "
+            f"({statistics.mean(tests):.4f}, {full_cost / cost:.1f}x)"
+        )
+
+
+if __name__ == "__main__":
+    main()
