@@ -1,0 +1,42 @@
+"""Record the hetero zoo's served members once, evolve their combination twice (the second with no HTTP)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from evomerge.blackbox.config import BlackBoxConfig
+from evomerge.blackbox.evolve import RESULT_NAME, evolve
+from evomerge.blackbox.record import record
+from evomerge.zoo import ZooManifest
+from tests.blackbox.conftest import config_dict, served_members
+
+pytestmark = pytest.mark.slow
+
+
+def test_evolved_combination_beats_every_member_on_test(
+    hetero_zoo: ZooManifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with served_members(hetero_zoo) as urls:
+        config = BlackBoxConfig.from_dict(config_dict(hetero_zoo, urls, tmp_path))
+        report = record(config)
+        assert report.complete and all(m.spent.calls > 0 for m in report.members.values())
+        again = record(config)  # everything cached: no new call
+        assert all(m.spent.calls == 0 and m.hits > 0 for m in again.members.values())
+        assert again.members["llama"].hit_value == pytest.approx(report.members["llama"].spent.cost)
+    # The servers are gone, and no client may even be built: evolving is replay only.
+    import evomerge.eval.endpoint as endpoint
+
+    def no_client(*args: object, **kwargs: object) -> None:
+        raise AssertionError("evolve built an endpoint client")
+
+    monkeypatch.setattr(endpoint.EndpointClient, "__init__", no_client)
+    first = evolve(config)
+    rows = json.loads((tmp_path / "run" / RESULT_NAME).read_text())["rows"]
+    best_member = max(rows[f"member {name}"]["test"] for name in hetero_zoo.models)
+    assert rows["evolved"]["test"] > best_member, rows
+    second = evolve(config)  # the same run: every evaluation comes from the store
+    assert second.evaluations == first.evaluations
+    assert json.loads((tmp_path / "run" / RESULT_NAME).read_text())["rows"] == rows
