@@ -30,6 +30,7 @@ from evomerge.eval.metrics import normalize_answer
 DROP = 0.01  # vote/pool weight under which a member is not asked
 FLOOR_RANGE = (-20.0, 0.0)
 ROUTER_RANGE = (-3.0, 3.0)
+ALONE_BIAS = 0.3  # a member alone, as a router: small, so one mutation step can route elsewhere
 
 
 @dataclass(frozen=True)
@@ -219,13 +220,14 @@ class BlackBoxSpace:
         return x if self.decode(x) == candidate else None
 
     def source_genomes(self) -> np.ndarray:
-        """Each member alone (the 'best-source' warm start): a vote that asks only that member, or a
-        router that always picks it when there is no vote."""
+        """Each member alone (the 'best-source' warm start): a router that always picks it (its bias at the
+        top, every feature weight 0, so the search starts where routing is one step away), or, without
+        the router, a vote that asks only that member."""
         centre = (self._bounds[0] + self._bounds[1]) / 2
         genomes = []
         for m in range(self.m):
             x = centre.copy()
-            alone = "vote" if "vote" in self.operators else "router" if "router" in self.operators else None
+            alone = "router" if "router" in self.operators else "vote" if "vote" in self.operators else None
             if alone is None:
                 raise ValueError("'best-source' needs the vote or router operator among combine.operators")
             select = self.slices["select"]
@@ -236,7 +238,7 @@ class BlackBoxSpace:
                 x[self.slices["vote"]] = [1.0 if i == m else 0.0 for i in range(self.m)]
             else:
                 rows = np.zeros((self.m, self.f))
-                rows[m, -1] = ROUTER_RANGE[1]
+                rows[m, -1] = ALONE_BIAS
                 x[self.slices["router"]] = rows.ravel()
             genomes.append(x)
         return np.array(genomes)

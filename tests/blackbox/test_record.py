@@ -1,0 +1,129 @@
+"""Recording: faults give the fault-free answers, a budget stop leaves the cache consistent and resumes,
+replay-only fails on a miss, and bad members are named before anything is evolved."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from evomerge.blackbox.config import BlackBoxConfig, check_config
+from evomerge.blackbox.evolve import RESULT_NAME, evolve
+from evomerge.blackbox.record import CacheMissError, record
+from evomerge.errors import ConfigError
+from evomerge.eval.endpoint import EndpointError
+from evomerge.serve.server import serve_in_thread
+from tests.blackbox.stubs import reverse_expert, stub_config, upper_expert, write_tasks
+from tests.eval.endpoint_stub import FaultyEndpoint
+
+
+@contextlib.contextmanager
+def stubs(plans: dict[str, list[str]] | None = None, **options: Any) -> Iterator[dict[str, str]]:
+    plans = plans or {}
+    with contextlib.ExitStack() as stack:
+        urls = {}
+        for name, rule in (("upper", upper_expert), ("reverse", reverse_expert)):
+            stub = FaultyEndpoint(plans.get(name, []), answer=rule, **options)
+            urls[name] = stack.enter_context(serve_in_thread(stub.app()))
+        yield urls
+
+
+def _answers(cache: Path) -> dict[str, str]:
+    with sqlite3.connect(cache) as db:
+        return {key: json.loads(text)["text"] for key, text in db.execute("SELECT key, response FROM responses")}
+
+
+def _config(urls: dict[str, str], tmp: Path, **extra: Any) -> BlackBoxConfig:
+    return BlackBoxConfig.from_dict(stub_config(urls, write_tasks(tmp / "tasks"), tmp, **extra))
+
+
+@pytest.mark.slow
+def test_faults_give_the_fault_free_answers_and_result(tmp_path: Path) -> None:
+    with stubs() as urls:
+        clean = _config(urls, tmp_path / "clean")
+        assert record(clean).complete
+    # 20% of the first 40 requests of each member fail: 429 with Retry-After, 500, dropped, too slow.
+    plan = (["ok"] * 4 + ["429"]) * 2 + (["ok"] * 4 + ["500"]) * 2 + (["ok"] * 4 + ["drop"]) * 2 + (["ok"] * 4 + ["slow"]) * 2
+    with stubs({"upper": plan, "reverse": plan[::-1]}, retry_after="0", slow_s=1.5) as urls:
+        faulty = _config(urls, tmp_path / "faulty")
+        report = record(faulty)
+    assert report.complete and not any(m.failures for m in report.members.values())
+    clean_answers, faulty_answers = _answers(clean.cache), _answers(faulty.cache)
+    assert len(clean_answers) == 2 * 2 * 12  # members x splits x prompts
+    # The keys differ (they hold each stub's ephemeral port); the answers may not.
+    assert sorted(clean_answers.values()) == sorted(faulty_answers.values())
+    evolve(clean)
+    evolve(faulty)
+    rows = [json.loads((c.out / RESULT_NAME).read_text())["rows"] for c in (clean, faulty)]
+    assert rows[0] == rows[1]
+    assert rows[0]["evolved"]["test"] == 1.0 > max(rows[0]["member upper"]["test"], rows[0]["member reverse"]["test"])
+
+
+def test_budget_stop_leaves_cache_consistent_and_record_resumes(tmp_path: Path) -> None:
+    with stubs() as urls:
+        stopped = _config(urls, tmp_path, record_budget={"max_calls": 7})
+        report = record(stopped)
+        assert report.stopped_by == "max_calls" and not report.complete
+        with sqlite3.connect(stopped.cache) as db:
+            rows = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+            calls = db.execute("SELECT SUM(calls) FROM ledger").fetchone()[0]
+        assert rows == calls == 7
+        with pytest.raises(CacheMissError, match="record"):
+            evolve(stopped)  # refused before any evolving: the cache is incomplete
+        resumed = record(_config(urls, tmp_path))
+        assert resumed.complete and sum(m.spent.calls for m in resumed.members.values()) == 48 - 7
+        assert sum(m.hits for m in resumed.members.values()) == 7
+        with pytest.raises(CacheMissError):
+            record(_config(urls, tmp_path / "other"), replay_only=True)
+
+
+def test_cost_budget_needs_every_price(tmp_path: Path) -> None:
+    data = stub_config({"a": "http://127.0.0.1:9/v1", "b": "http://127.0.0.1:9/v1"}, write_tasks(tmp_path), tmp_path)
+    del data["members"][1]["price_output"]
+    config = BlackBoxConfig.from_dict({**data, "record_budget": {"max_cost": 1.0}})
+    with pytest.raises(ConfigError, match="member.* b: no price"):
+        check_config(config)
+
+
+def test_logprob_operators_refuse_members_without_logprobs(tmp_path: Path) -> None:
+    data = stub_config({"a": "http://127.0.0.1:9/v1", "b": "http://127.0.0.1:9/v1"}, write_tasks(tmp_path), tmp_path)
+    data["members"][0]["logprobs"] = True
+    config = BlackBoxConfig.from_dict({**data, "combine": {"operators": ["vote", "pool"]}})
+    with pytest.raises(ConfigError, match="member.* b give no log-probabilities.*pool"):
+        check_config(config)
+
+
+def test_member_that_claims_logprobs_and_gives_none_is_named(tmp_path: Path) -> None:
+    with stubs() as urls:
+        data = stub_config(urls, write_tasks(tmp_path), tmp_path)
+        data["members"][0]["logprobs"] = True
+        with pytest.raises(EndpointError, match="member 'upper'.*no log-probabilities"):
+            record(BlackBoxConfig.from_dict(data))
+
+
+def test_unreachable_endpoint_is_named(tmp_path: Path) -> None:
+    with stubs() as urls:
+        urls = {**urls, "reverse": "http://127.0.0.1:9/v1"}  # nothing listens on port 9
+        with pytest.raises(EndpointError, match="member 'reverse'.*unreachable"):
+            record(_config(urls, tmp_path))
+
+
+def test_refused_key_is_named(tmp_path: Path) -> None:
+    from fastapi import FastAPI
+    from fastapi.responses import JSONResponse
+
+    app = FastAPI()
+
+    @app.get("/v1/models")
+    async def refuse() -> Any:
+        error = {"error": {"message": "bad key", "type": "auth", "param": None, "code": None}}
+        return JSONResponse(error, status_code=401)
+
+    with stubs() as urls, serve_in_thread(app) as locked:
+        with pytest.raises(EndpointError, match="member 'upper'.*key was refused"):
+            record(_config({**urls, "upper": locked}, tmp_path))
