@@ -39,7 +39,13 @@ def stub_config(urls: dict[str, str], tasks: dict[str, str], tmp: Path, **extra:
     members = [
         {
             "name": name,
-            "endpoint": {"base_url": url, "model": name, "timeout_s": 1.0, "max_retries": 6, "max_concurrency": 4},
+            "endpoint": {
+                "base_url": url,
+                "model": name,
+                "timeout_s": 1.0,
+                "max_retries": 6,
+                "max_concurrency": 4,
+            },
             "price_input": 1e-6,
             "price_output": 1e-6,
             "logprobs": False,

@@ -6,12 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
+from tests.blackbox.conftest import config_dict, served_members
 
 from evomerge.blackbox.config import BlackBoxConfig
 from evomerge.blackbox.evolve import RESULT_NAME, evolve
 from evomerge.blackbox.record import record
 from evomerge.zoo import ZooManifest
-from tests.blackbox.conftest import config_dict, served_members
 
 pytestmark = pytest.mark.slow
 

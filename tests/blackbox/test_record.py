@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.blackbox.stubs import reverse_expert, stub_config, upper_expert, write_tasks
+from tests.eval.endpoint_stub import FaultyEndpoint
 
 from evomerge.blackbox.config import BlackBoxConfig, check_config
 from evomerge.blackbox.evolve import RESULT_NAME, evolve
@@ -18,8 +20,6 @@ from evomerge.blackbox.record import CacheMissError, record
 from evomerge.errors import ConfigError
 from evomerge.eval.endpoint import EndpointError
 from evomerge.serve.server import serve_in_thread
-from tests.blackbox.stubs import reverse_expert, stub_config, upper_expert, write_tasks
-from tests.eval.endpoint_stub import FaultyEndpoint
 
 
 @contextlib.contextmanager
@@ -35,7 +35,9 @@ def stubs(plans: dict[str, list[str]] | None = None, **options: Any) -> Iterator
 
 def _answers(cache: Path) -> dict[str, str]:
     with sqlite3.connect(cache) as db:
-        return {key: json.loads(text)["text"] for key, text in db.execute("SELECT key, response FROM responses")}
+        return {
+            key: json.loads(text)["text"] for key, text in db.execute("SELECT key, response FROM responses")
+        }
 
 
 def _config(urls: dict[str, str], tmp: Path, **extra: Any) -> BlackBoxConfig:
@@ -48,7 +50,12 @@ def test_faults_give_the_fault_free_answers_and_result(tmp_path: Path) -> None:
         clean = _config(urls, tmp_path / "clean")
         assert record(clean).complete
     # 20% of the first 40 requests of each member fail: 429 with Retry-After, 500, dropped, too slow.
-    plan = (["ok"] * 4 + ["429"]) * 2 + (["ok"] * 4 + ["500"]) * 2 + (["ok"] * 4 + ["drop"]) * 2 + (["ok"] * 4 + ["slow"]) * 2
+    plan = (
+        (["ok"] * 4 + ["429"]) * 2
+        + (["ok"] * 4 + ["500"]) * 2
+        + (["ok"] * 4 + ["drop"]) * 2
+        + (["ok"] * 4 + ["slow"]) * 2
+    )
     with stubs({"upper": plan, "reverse": plan[::-1]}, retry_after="0", slow_s=1.5) as urls:
         faulty = _config(urls, tmp_path / "faulty")
         report = record(faulty)
@@ -61,7 +68,11 @@ def test_faults_give_the_fault_free_answers_and_result(tmp_path: Path) -> None:
     evolve(faulty)
     rows = [json.loads((c.out / RESULT_NAME).read_text())["rows"] for c in (clean, faulty)]
     assert rows[0] == rows[1]
-    assert rows[0]["evolved"]["test"] == 1.0 > max(rows[0]["member upper"]["test"], rows[0]["member reverse"]["test"])
+    assert (
+        rows[0]["evolved"]["test"]
+        == 1.0
+        > max(rows[0]["member upper"]["test"], rows[0]["member reverse"]["test"])
+    )
 
 
 def test_budget_stop_leaves_cache_consistent_and_record_resumes(tmp_path: Path) -> None:
@@ -83,18 +94,22 @@ def test_budget_stop_leaves_cache_consistent_and_record_resumes(tmp_path: Path) 
 
 
 def test_cost_budget_needs_every_price(tmp_path: Path) -> None:
-    data = stub_config({"a": "http://127.0.0.1:9/v1", "b": "http://127.0.0.1:9/v1"}, write_tasks(tmp_path), tmp_path)
+    data = stub_config(
+        {"a": "http://127.0.0.1:9/v1", "b": "http://127.0.0.1:9/v1"}, write_tasks(tmp_path), tmp_path
+    )
     del data["members"][1]["price_output"]
     config = BlackBoxConfig.from_dict({**data, "record_budget": {"max_cost": 1.0}})
-    with pytest.raises(ConfigError, match="member.* b: no price"):
+    with pytest.raises(ConfigError, match=r"member.* b: no price"):
         check_config(config)
 
 
 def test_logprob_operators_refuse_members_without_logprobs(tmp_path: Path) -> None:
-    data = stub_config({"a": "http://127.0.0.1:9/v1", "b": "http://127.0.0.1:9/v1"}, write_tasks(tmp_path), tmp_path)
+    data = stub_config(
+        {"a": "http://127.0.0.1:9/v1", "b": "http://127.0.0.1:9/v1"}, write_tasks(tmp_path), tmp_path
+    )
     data["members"][0]["logprobs"] = True
     config = BlackBoxConfig.from_dict({**data, "combine": {"operators": ["vote", "pool"]}})
-    with pytest.raises(ConfigError, match="member.* b give no log-probabilities.*pool"):
+    with pytest.raises(ConfigError, match=r"member.* b give no log-probabilities.*pool"):
         check_config(config)
 
 
@@ -102,14 +117,14 @@ def test_member_that_claims_logprobs_and_gives_none_is_named(tmp_path: Path) -> 
     with stubs() as urls:
         data = stub_config(urls, write_tasks(tmp_path), tmp_path)
         data["members"][0]["logprobs"] = True
-        with pytest.raises(EndpointError, match="member 'upper'.*no log-probabilities"):
+        with pytest.raises(EndpointError, match=r"member 'upper'.*no log-probabilities"):
             record(BlackBoxConfig.from_dict(data))
 
 
 def test_unreachable_endpoint_is_named(tmp_path: Path) -> None:
     with stubs() as urls:
         urls = {**urls, "reverse": "http://127.0.0.1:9/v1"}  # nothing listens on port 9
-        with pytest.raises(EndpointError, match="member 'reverse'.*unreachable"):
+        with pytest.raises(EndpointError, match=r"member 'reverse'.*unreachable"):
             record(_config(urls, tmp_path))
 
 
@@ -124,6 +139,9 @@ def test_refused_key_is_named(tmp_path: Path) -> None:
         error = {"error": {"message": "bad key", "type": "auth", "param": None, "code": None}}
         return JSONResponse(error, status_code=401)
 
-    with stubs() as urls, serve_in_thread(app) as locked:
-        with pytest.raises(EndpointError, match="member 'upper'.*key was refused"):
-            record(_config({**urls, "upper": locked}, tmp_path))
+    with (
+        stubs() as urls,
+        serve_in_thread(app) as locked,
+        pytest.raises(EndpointError, match=r"member 'upper'.*key was refused"),
+    ):
+        record(_config({**urls, "upper": locked}, tmp_path))

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from tests.blackbox.stubs import WORDS, stub_config, write_tasks
+from tests.blackbox.test_record import stubs
 
 from evomerge.blackbox.config import BlackBoxConfig
 from evomerge.blackbox.evolve import RESULT_NAME, evolve
@@ -13,8 +15,6 @@ from evomerge.blackbox.record import record
 from evomerge.blackbox.serve import create_combination_app
 from evomerge.errors import ConfigError
 from evomerge.serve.server import serve_in_thread
-from tests.blackbox.stubs import WORDS, stub_config, write_tasks
-from tests.blackbox.test_record import stubs
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +31,10 @@ def test_served_combination_answers_each_prompt_right(tmp_path: Path) -> None:
             client = openai.OpenAI(base_url=url, api_key="none")
             unseen = ["up zebra: ", "rev zebra: "]  # never recorded: the members are asked live
             prompts = [f"up {WORDS[12]}: ", f"rev {WORDS[13]}: ", *unseen]
-            texts = [client.completions.create(model="combo", prompt=p, max_tokens=8).choices[0].text for p in prompts]
+            texts = [
+                client.completions.create(model="combo", prompt=p, max_tokens=8).choices[0].text
+                for p in prompts
+            ]
     assert texts == [WORDS[12].upper(), WORDS[13][::-1], "ZEBRA", "arbez"]
 
 

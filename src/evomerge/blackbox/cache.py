@@ -64,7 +64,9 @@ class Response:
 
 def request_key(member_identity: str, request: dict[str, Any]) -> str:
     """sha256 of the member's identity and the whole request (sample index included), canonical JSON."""
-    canonical = json.dumps({"member": member_identity, "request": request}, sort_keys=True, ensure_ascii=False)
+    canonical = json.dumps(
+        {"member": member_identity, "request": request}, sort_keys=True, ensure_ascii=False
+    )
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
 

@@ -71,7 +71,9 @@ class Choice:
 
 def cost_order(members: Sequence[MemberConfig]) -> list[int]:
     """Member indices cheapest first (by output price, then input price; config order breaks ties)."""
-    return sorted(range(len(members)), key=lambda i: (members[i].price_output or 0.0, members[i].price_input or 0.0, i))
+    return sorted(
+        range(len(members)), key=lambda i: (members[i].price_output or 0.0, members[i].price_input or 0.0, i)
+    )
 
 
 def features(config: BlackBoxConfig, prompt: Prompt) -> np.ndarray:
@@ -119,7 +121,10 @@ def _pool(weights: Sequence[float], floor: float, prompt: Prompt) -> Choice:
     candidates: dict[str, str] = {}
     for m in asked:
         candidates.setdefault(normalize_answer(prompt.answers[m][0].text), prompt.answers[m][0].text)
-    scores = {key: sum(weights[m] * _logprob_of(prompt.answers[m][0], key, floor) for m in asked) for key in candidates}
+    scores = {
+        key: sum(weights[m] * _logprob_of(prompt.answers[m][0], key, floor) for m in asked)
+        for key in candidates
+    }
     best = max(scores, key=lambda key: scores[key])
     return Choice(candidates[best], asked)
 
@@ -197,7 +202,9 @@ class BlackBoxSpace:
             vote=part["vote"] or [1.0] * self.m,
             pool=part["pool"] or [1.0] * self.m,
             floor=part["floor"][0] if part["floor"] else FLOOR_RANGE[0],
-            router=np.reshape(part["router"], (self.m, self.f)).tolist() if part["router"] else [[0.0] * self.f] * self.m,
+            router=np.reshape(part["router"], (self.m, self.f)).tolist()
+            if part["router"]
+            else [[0.0] * self.f] * self.m,
             thresholds=part["cascade"] or [0.5] * (self.m - 1),
             order=list(self.order),
         )
@@ -227,7 +234,9 @@ class BlackBoxSpace:
         genomes = []
         for m in range(self.m):
             x = centre.copy()
-            alone = "router" if "router" in self.operators else "vote" if "vote" in self.operators else None
+            alone: Operator | None = (
+                "router" if "router" in self.operators else "vote" if "vote" in self.operators else None
+            )
             if alone is None:
                 raise ValueError("'best-source' needs the vote or router operator among combine.operators")
             select = self.slices["select"]

@@ -95,7 +95,9 @@ class TaskConfig(_Strict):
     @classmethod
     def _exists(cls, value: Path) -> Path:
         if not value.is_file():
-            raise ValueError(f"task file {value} does not exist; check the path (relative to the current dir)")
+            raise ValueError(
+                f"task file {value} does not exist; check the path (relative to the current dir)"
+            )
         return value.resolve()
 
     @property

@@ -42,7 +42,9 @@ def load_table(config: BlackBoxConfig, split: str) -> Table:
     tasks = load_split(config, split)
     planned = [p for p in plan(config) if p.split == split]
     if not config.cache.is_file():
-        raise CacheMissError(f"no response cache at {config.cache}; run `evomerge blackbox record CONFIG` first")
+        raise CacheMissError(
+            f"no response cache at {config.cache}; run `evomerge blackbox record CONFIG` first"
+        )
     index = {m: i for i, m in enumerate(config.models)}
     answers: dict[str, list[list[list[Any]]]] = {
         t.name: [[[None] * config.sampling.k for _ in config.members] for _ in t.examples] for t in tasks
@@ -140,7 +142,9 @@ def _prepare(config: BlackBoxConfig, *, force: bool) -> Path:
         if not same:
             shutil.rmtree(run_dir)
     elif run_dir.exists() and any(run_dir.iterdir()):
-        raise OutputExistsError(f"out dir {run_dir} exists and is not a black-box run dir; choose another out")
+        raise OutputExistsError(
+            f"out dir {run_dir} exists and is not a black-box run dir; choose another out"
+        )
     run_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(run_dir / CONFIG_NAME, _yaml(config))
     return run_dir
@@ -160,14 +164,21 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def baselines(space: BlackBoxSpace) -> dict[str, Combination]:
     """Each member alone and a plain majority vote (every weight 1)."""
-    out = {f"member {name}": space.decode(g) for name, g in zip(space.config.models, space.source_genomes(), strict=True)}
+    out = {
+        f"member {name}": space.decode(g)
+        for name, g in zip(space.config.models, space.source_genomes(), strict=True)
+    }
     if "vote" in space.operators:
         vote = space.decode(space.source_genomes()[0])
-        out["majority vote"] = Combination("vote", [1.0] * space.m, vote.pool, vote.floor, vote.router, vote.thresholds, vote.order)
+        out["majority vote"] = Combination(
+            "vote", [1.0] * space.m, vote.pool, vote.floor, vote.router, vote.thresholds, vote.order
+        )
     return out
 
 
-def write_result(config: BlackBoxConfig, space: BlackBoxSpace, dev: Table, test: Table, run_dir: Path) -> dict[str, Any]:
+def write_result(
+    config: BlackBoxConfig, space: BlackBoxSpace, dev: Table, test: Table, run_dir: Path
+) -> dict[str, Any]:
     """result.json: the best combination (by dev fitness) and the baselines, each on dev and test."""
     from evomerge.runs.store import RunStore
 

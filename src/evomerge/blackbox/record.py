@@ -148,7 +148,8 @@ def record(
         if missing:
             with open_clients(config, sorted({p.member for p in missing})) as clients:
                 _call_all(config, cache, clients, missing, report, progress)
-        report.missing_after = len([p for p in planned if p.key not in cache.keys()])
+        done = cache.keys()
+        report.missing_after = len([p for p in planned if p.key not in done])
     return report
 
 

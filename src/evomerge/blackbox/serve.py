@@ -40,12 +40,17 @@ def load_combination(run_dir: Path) -> tuple[BlackBoxConfig, Combination]:
 class CombinationModel:
     """Answers prompts with the combination, members reached through their clients and the cache."""
 
-    def __init__(self, config: BlackBoxConfig, combination: Combination, clients: dict[str, Any], cache: ResponseCache) -> None:
+    def __init__(
+        self, config: BlackBoxConfig, combination: Combination, clients: dict[str, Any], cache: ResponseCache
+    ) -> None:
         self.config, self.combination, self.clients, self.cache = config, combination, clients, cache
         self.budget = max_tokens(config)
 
     def complete(self, text: str) -> str:
-        answers = [[self._answer(m, text, s) for s in range(self.config.sampling.k)] for m in range(len(self.config.members))]
+        answers = [
+            [self._answer(m, text, s) for s in range(self.config.sampling.k)]
+            for m in range(len(self.config.members))
+        ]
         return answer(self.config, self.combination, Prompt(text, answers)).text
 
     def _answer(self, m: int, text: str, sample: int) -> Response:
@@ -59,7 +64,9 @@ class CombinationModel:
         if cached is not None:
             return cached
         response = ask(member, self.clients[member.name], request)
-        self.cache.put(key, member.name, request, response, member.cost(response.input_tokens, response.output_tokens))
+        self.cache.put(
+            key, member.name, request, response, member.cost(response.input_tokens, response.output_tokens)
+        )
         return response
 
 
@@ -81,17 +88,29 @@ def create_combination_app(run_dir: Path, *, name: str = "blackbox") -> Any:
 
     @app.get("/v1/models")
     def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "evomerge"}]}
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "evomerge"}],
+        }
 
     @app.post("/v1/completions")
     def completions(body: dict[str, Any]) -> Any:
         prompts = body.get("prompt")
         prompts = [prompts] if isinstance(prompts, str) else prompts
-        if body.get("model") != name or not isinstance(prompts, list) or not all(isinstance(p, str) for p in prompts):
+        if (
+            body.get("model") != name
+            or not isinstance(prompts, list)
+            or not all(isinstance(p, str) for p in prompts)
+        ):
             error = f"expected model {name!r} and a prompt string or list of strings"
-            return JSONResponse({"error": {"message": error, "type": "invalid_request_error", "param": None, "code": None}}, status_code=400)
+            return JSONResponse(
+                {"error": {"message": error, "type": "invalid_request_error", "param": None, "code": None}},
+                status_code=400,
+            )
         texts = [state["model"].complete(p) for p in prompts]
-        choices = [{"index": i, "text": t, "finish_reason": "stop", "logprobs": None} for i, t in enumerate(texts)]
+        choices = [
+            {"index": i, "text": t, "finish_reason": "stop", "logprobs": None} for i, t in enumerate(texts)
+        ]
         usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
         return {"id": "blackbox", "object": "text_completion", "created": int(time.time()), "model": name,
                 "choices": choices, "usage": usage}  # fmt: skip

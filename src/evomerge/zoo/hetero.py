@@ -89,7 +89,13 @@ def build_hetero(root: Path, *, size: str, seed: int, advance: Callable[[int], N
         model = new_model(family, spec, tokenizer, seed + index)
         generator = torch.Generator().manual_seed(seed * 7 + index)
         schedule = Schedule(steps=spec.steps, learning_rate=spec.rate, warmup=min(50, spec.steps // 5))
-        train(model, [(encode_examples(tokenizer, rows), spec.batch)], schedule, generator=generator, advance=advance)
+        train(
+            model,
+            [(encode_examples(tokenizer, rows), spec.batch)],
+            schedule,
+            generator=generator,
+            advance=advance,
+        )
         models[family] = root / "models" / family
         save_member(model, tokenizer, models[family])
     return ZooManifest(
