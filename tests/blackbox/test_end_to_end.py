@@ -40,3 +40,22 @@ def test_evolved_combination_beats_every_member_on_test(
     second = evolve(config)  # the same run: every evaluation comes from the store
     assert second.evaluations == first.evaluations
     assert json.loads((tmp_path / "run" / RESULT_NAME).read_text())["rows"] == rows
+
+
+def test_local_model_dir_member_answers_as_its_endpoint(hetero_zoo: ZooManifest, tmp_path: Path) -> None:
+    with served_members(hetero_zoo) as urls:
+        data = config_dict(hetero_zoo, urls, tmp_path)
+        local = {"name": "llama_dir", "model_dir": str(hetero_zoo.models["llama"])}
+        config = BlackBoxConfig.from_dict({**data, "members": [*data["members"], local]})
+        report = record(config)
+    assert report.complete and report.members["llama_dir"].spent.cost == 0.0
+    import sqlite3
+
+    with sqlite3.connect(config.cache) as db:
+        rows = db.execute(
+            "SELECT member, request, response FROM responses WHERE member LIKE 'llama%'"
+        ).fetchall()
+    texts: dict[str, dict[str, str]] = {}
+    for member, request, response in rows:
+        texts.setdefault(member, {})[json.loads(request)["prompt"]] = json.loads(response)["text"]
+    assert texts["llama"] == texts["llama_dir"] and len(texts["llama"]) == 48

@@ -11,6 +11,7 @@ EvolveConfig: the loop reads only seed, budget, optimizer, optimizer_seed(), ide
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -163,16 +164,13 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 def baselines(space: BlackBoxSpace) -> dict[str, Combination]:
-    """Each member alone and a plain majority vote (every weight 1)."""
-    out = {
-        f"member {name}": space.decode(g)
-        for name, g in zip(space.config.models, space.source_genomes(), strict=True)
-    }
-    if "vote" in space.operators:
-        vote = space.decode(space.source_genomes()[0])
-        out["majority vote"] = Combination(
-            "vote", [1.0] * space.m, vote.pool, vote.floor, vote.router, vote.thresholds, vote.order
-        )
+    """Each member alone (a vote that asks only it) and a plain majority vote (every weight 1)."""
+    centre = space.decode((space.bounds[0] + space.bounds[1]) / 2)
+    out = {}
+    for m, name in enumerate(space.config.models):
+        alone = [1.0 if i == m else 0.0 for i in range(space.m)]
+        out[f"member {name}"] = dataclasses.replace(centre, operator="vote", vote=alone)
+    out["majority vote"] = dataclasses.replace(centre, operator="vote", vote=[1.0] * space.m)
     return out
 
 
