@@ -23,12 +23,17 @@ from evomerge.serve.server import serve_in_thread
 
 
 @contextlib.contextmanager
-def stubs(plans: dict[str, list[str]] | None = None, **options: Any) -> Iterator[dict[str, str]]:
+def stubs(
+    plans: dict[str, list[str]] | None = None, seen: list[FaultyEndpoint] | None = None, **options: Any
+) -> Iterator[dict[str, str]]:
+    """Two rule-answering stub members ("upper", "reverse"); `seen` collects the stub objects."""
     plans = plans or {}
     with contextlib.ExitStack() as stack:
         urls = {}
         for name, rule in (("upper", upper_expert), ("reverse", reverse_expert)):
             stub = FaultyEndpoint(plans.get(name, []), answer=rule, **options)
+            if seen is not None:
+                seen.append(stub)
             urls[name] = stack.enter_context(serve_in_thread(stub.app()))
         yield urls
 
@@ -49,16 +54,16 @@ def test_faults_give_the_fault_free_answers_and_result(tmp_path: Path) -> None:
     with stubs() as urls:
         clean = _config(urls, tmp_path / "clean")
         assert record(clean).complete
-    # 20% of the first 40 requests of each member fail: 429 with Retry-After, 500, dropped, too slow.
-    plan = (
-        (["ok"] * 4 + ["429"]) * 2
-        + (["ok"] * 4 + ["500"]) * 2
-        + (["ok"] * 4 + ["drop"]) * 2
-        + (["ok"] * 4 + ["slow"]) * 2
-    )
-    with stubs({"upper": plan, "reverse": plan[::-1]}, retry_after="0", slow_s=1.5) as urls:
+    # 20% of each member's 30 requests fail: 429 with Retry-After, 500, dropped, too slow (then retried).
+    plan = [a for fault in ("429", "500", "drop", "slow", "429", "500") for a in ["ok"] * 4 + [fault]]
+    seen: list[FaultyEndpoint] = []
+    with stubs({"upper": plan, "reverse": plan[::-1]}, seen, retry_after="0", slow_s=1.5) as urls:
         faulty = _config(urls, tmp_path / "faulty")
         report = record(faulty)
+    for stub in seen:  # every kind of fault was met, and each fault cost one more attempt
+        faults = [fault for _, fault in stub.attempts if fault != "ok"]
+        assert sorted(set(faults)) == ["429", "500", "drop", "slow"] and len(faults) >= 5
+        assert len(stub.attempts) == 24 + len(faults)
     assert report.complete and not any(m.failures for m in report.members.values())
     clean_answers, faulty_answers = _answers(clean.cache), _answers(faulty.cache)
     assert len(clean_answers) == 2 * 2 * 12  # members x splits x prompts
