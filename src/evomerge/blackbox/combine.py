@@ -11,6 +11,9 @@ wins); the other slices hold each operator's numbers.
   member's confidence, 1); the member of the highest score answers.
 - cascade: a confidence threshold per member but the last, members cheapest first; the first member whose
   confidence (exp of its mean token log-probability) reaches its threshold answers.
+- aggregate (propose-then-aggregate): a gene per member (a proposer when >= 0.5), a gene per member (the
+  largest is the aggregator) and one per template (the largest wins); the aggregator is asked the
+  template filled with the proposers' answers (recorded by `record` under its own key) and answers.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import numpy as np
 
 from evomerge.blackbox.cache import Response
 from evomerge.blackbox.config import BlackBoxConfig, MemberConfig, Operator
+from evomerge.blackbox.record import Slot
 from evomerge.eval.metrics import normalize_answer
 
 DROP = 0.01  # vote/pool weight under which a member is not asked
@@ -44,6 +48,9 @@ class Combination:
     router: list[list[float]]  # (members, features + 1)
     thresholds: list[float]  # (members - 1,), over `order`
     order: list[int] = field(default_factory=list)  # member indices, cheapest first
+    proposers: list[float] = field(default_factory=list)  # (members,): a proposer when >= 0.5
+    aggregator: int = 0
+    template: int = 0
 
     def to_text(self) -> str:
         return json.dumps(asdict(self), sort_keys=True)
@@ -59,14 +66,17 @@ class Prompt:
 
     text: str
     answers: list[list[Response]]
+    aggregated: dict[Slot, Response] = field(default_factory=dict)  # propose-then-aggregate's answers
 
 
 @dataclass(frozen=True)
 class Choice:
-    """What a combination answers to one prompt, and which members it had to ask for it."""
+    """What a combination answers to one prompt, which members it had to ask for it, and the calls of
+    its own it made (member, response): an aggregator's."""
 
     text: str
     asked: tuple[int, ...]
+    extra: tuple[tuple[int, Response], ...] = ()
 
 
 def cost_order(members: Sequence[MemberConfig]) -> list[int]:
@@ -99,7 +109,20 @@ def answer(config: BlackBoxConfig, combination: Combination, prompt: Prompt) -> 
         return _pool(combination.pool, combination.floor, prompt)
     if operator == "router":
         return _route(config, combination.router, prompt)
+    if operator == "aggregate":
+        return _aggregate(combination, prompt)
     return _cascade(combination.thresholds, combination.order, prompt)
+
+
+def proposers_of(genes: Sequence[float]) -> tuple[int, ...]:
+    """The members whose proposer gene is >= 0.5 (the highest one when none is)."""
+    return tuple(m for m, g in enumerate(genes) if g >= 0.5) or (int(np.argmax(genes)),)
+
+
+def _aggregate(combination: Combination, prompt: Prompt) -> Choice:
+    proposers = proposers_of(combination.proposers)
+    response = prompt.aggregated[(combination.aggregator, combination.template, proposers)]
+    return Choice(response.text, proposers, ((combination.aggregator, response),))
 
 
 def _vote(weights: Sequence[float], prompt: Prompt) -> Choice:
@@ -167,6 +190,7 @@ class BlackBoxSpace:
         self.m = len(config.members)
         self.f = n_features(config)
         self.order = cost_order(config.members)
+        self.t = len(config.combine.templates)
         self.slices: dict[str, slice] = {}
         lower: list[float] = []
         upper: list[float] = []
@@ -177,6 +201,9 @@ class BlackBoxSpace:
             "floor": (1 if "pool" in self.operators else 0, FLOOR_RANGE),
             "router": (self.m * self.f if "router" in self.operators else 0, ROUTER_RANGE),
             "cascade": (self.m - 1 if "cascade" in self.operators else 0, (0.0, 1.0)),
+            "proposers": (self.m if "aggregate" in self.operators else 0, (0.0, 1.0)),
+            "aggregator": (self.m if "aggregate" in self.operators and self.m > 1 else 0, (0.0, 1.0)),
+            "template": (self.t if "aggregate" in self.operators and self.t > 1 else 0, (0.0, 1.0)),
         }
         for name, (size, (low, high)) in sizes.items():
             self.slices[name] = slice(len(lower), len(lower) + size)
@@ -207,14 +234,21 @@ class BlackBoxSpace:
             else [[0.0] * self.f] * self.m,
             thresholds=part["cascade"] or [0.5] * (self.m - 1),
             order=list(self.order),
+            proposers=part["proposers"] or [1.0] * self.m,
+            aggregator=int(np.argmax(part["aggregator"])) if part["aggregator"] else 0,
+            template=int(np.argmax(part["template"])) if part["template"] else 0,
         )
 
     def encode(self, candidate: Combination) -> np.ndarray:
         x = np.zeros(self.dim)
         if self.slices["select"].stop > self.slices["select"].start:
             x[self.slices["select"].start + self.operators.index(candidate.operator)] = 1.0
+        one_hot = {"aggregator": (candidate.aggregator, self.m), "template": (candidate.template, self.t)}
+        hot = {k: [1.0 if i == v else 0.0 for i in range(n)] for k, (v, n) in one_hot.items()}
         for name, values in (("vote", candidate.vote), ("pool", candidate.pool), ("floor", [candidate.floor]),
-                             ("router", np.ravel(candidate.router).tolist()), ("cascade", candidate.thresholds)):  # fmt: skip
+                             ("router", np.ravel(candidate.router).tolist()), ("cascade", candidate.thresholds),
+                             ("proposers", candidate.proposers), ("aggregator", hot["aggregator"]),
+                             ("template", hot["template"])):  # fmt: skip
             s = self.slices[name]
             if s.stop > s.start:
                 x[s] = values

@@ -21,8 +21,9 @@ from evomerge.search.base import OptimizerSettings
 from evomerge.search.optimizers import CMAESSettings
 from evomerge.search.registry import parse_settings
 
-Operator = Literal["vote", "pool", "router", "cascade"]
-OPERATORS: tuple[Operator, ...] = ("vote", "pool", "router", "cascade")
+Operator = Literal["vote", "pool", "router", "cascade", "aggregate"]
+OPERATORS: tuple[Operator, ...] = ("vote", "pool", "router", "cascade")  # aggregate makes calls: opt in
+DEFAULT_TEMPLATE = "Answers proposed for the prompt below:\n{proposals}\n{prompt}"
 NEEDS_LOGPROBS = ("pool", "cascade")  # operators that read each member's token log-probabilities
 COST_OBJECTIVE = "behaviour:thrift"  # minus the cost per example: NSGA-II maximises it beside `score`
 
@@ -135,11 +136,23 @@ class RouterFeature(_Strict):
 
 
 class CombineConfig(_Strict):
-    """The genome: which operators it may choose between, and the router's prompt features."""
+    """The genome: which operators it may choose between, the router's prompt features, and the
+    templates of propose-then-aggregate (`{proposals}`: one proposed answer a line; `{prompt}`)."""
 
     operators: list[Operator] = Field(default_factory=lambda: list(OPERATORS), min_length=1)
     features: list[RouterFeature] = Field(default_factory=list)
     confidence_member: str | None = None  # the cheap member whose confidence the router reads
+    templates: list[str] = Field(default_factory=lambda: [DEFAULT_TEMPLATE], min_length=1)
+
+    @field_validator("templates")
+    @classmethod
+    def _placeholders(cls, value: list[str]) -> list[str]:
+        for index, template in enumerate(value):
+            if "{prompt}" not in template or "{proposals}" not in template:
+                raise ValueError(
+                    f"templates.{index} must hold both {{prompt}} and {{proposals}}, got {template!r}"
+                )
+        return value
 
     @field_validator("operators")
     @classmethod

@@ -21,7 +21,7 @@ from typing import Any, cast
 from evomerge.blackbox.cache import ResponseCache
 from evomerge.blackbox.combine import BlackBoxSpace, Combination, Prompt, answer
 from evomerge.blackbox.config import BlackBoxConfig, check_config
-from evomerge.blackbox.record import CacheMissError, load_split, plan
+from evomerge.blackbox.record import CacheMissError, aggregate_requests, load_split, max_tokens, plan
 from evomerge.eval.evaluator import combine_scores, exact_match_scores, mean_task_score
 from evomerge.eval.result import EvalResult
 from evomerge.eval.tasks import Task
@@ -66,7 +66,30 @@ def load_table(config: BlackBoxConfig, split: str) -> Table:
     prompts = {
         t.name: [Prompt(e.prompt, answers[t.name][i]) for i, e in enumerate(t.examples)] for t in tasks
     }
+    if "aggregate" in config.combine.operators:
+        _load_aggregations(config, prompts)
     return Table(tasks, prompts)
+
+
+def _load_aggregations(config: BlackBoxConfig, prompts: dict[str, list[Prompt]]) -> None:
+    """Fill each prompt's `aggregated` from the cache; CacheMissError naming the members when one is missing."""
+    budget, missing = max_tokens(config), dict[str, int]()
+    with ResponseCache(config.cache) as cache:
+        for task_prompts in prompts.values():
+            for prompt in task_prompts:
+                greedy = [samples[0].text for samples in prompt.answers]
+                for slot, member, _, key in aggregate_requests(config, prompt.text, greedy, budget):
+                    response = cache.get(key)
+                    if response is None:
+                        missing[member.name] = missing.get(member.name, 0) + 1
+                    else:
+                        prompt.aggregated[slot] = response
+    if missing:
+        listed = ", ".join(f"{member}: {count}" for member, count in missing.items())
+        raise CacheMissError(
+            f"the cache {config.cache} lacks {sum(missing.values())} aggregation(s) ({listed}); "
+            "run `evomerge blackbox record CONFIG` to finish recording"
+        )
 
 
 def score(config: BlackBoxConfig, table: Table, combination: Combination) -> EvalResult:
@@ -80,6 +103,9 @@ def score(config: BlackBoxConfig, table: Table, combination: Combination) -> Eva
                 member = config.members[m]
                 spent += sum(member.cost(r.input_tokens, r.output_tokens) for r in prompt.answers[m])
                 calls += len(prompt.answers[m])
+            for m, response in choice.extra:
+                spent += config.members[m].cost(response.input_tokens, response.output_tokens)
+                calls += 1
         examples += len(choices)
     per_example = spent / max(1, examples)
     result = combine_scores(table.tasks, task_scores, {"thrift": -per_example})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any
@@ -83,7 +83,7 @@ def max_tokens(config: BlackBoxConfig) -> int:
 
 def plan(config: BlackBoxConfig) -> list[Planned]:
     """Every request of the config: members x splits x tasks x examples x samples, in that order."""
-    sampling, budget = config.sampling, max_tokens(config)
+    budget = max_tokens(config)
     tasks = {split: load_split(config, split) for split in SPLITS}
     planned = []
     for member in config.members:
@@ -91,15 +91,76 @@ def plan(config: BlackBoxConfig) -> list[Planned]:
         for split, task_list in tasks.items():
             for task in task_list:
                 for index, example in enumerate(task.examples):
-                    for sample in range(sampling.k):
-                        request = {
-                            "prompt": example.prompt, "max_tokens": budget, "temperature": sampling.temperature,
-                            "stop": sampling.stop, "sample": sample,
-                            "top_logprobs": sampling.top_logprobs if member.logprobs else None,
-                        }  # fmt: skip
+                    for sample in range(config.sampling.k):
+                        request = base_request(config, member, example.prompt, sample, budget)
                         key = request_key(identity, request)
                         planned.append(Planned(member.name, split, task.name, index, sample, request, key))
     return planned
+
+
+def base_request(
+    config: BlackBoxConfig, member: MemberConfig, prompt: str, sample: int, budget: int
+) -> dict[str, Any]:
+    """What `record` sends a member for one prompt and sample (the cache key hashes all of it)."""
+    sampling = config.sampling
+    return {
+        "prompt": prompt, "max_tokens": budget, "temperature": sampling.temperature, "stop": sampling.stop,
+        "sample": sample, "top_logprobs": sampling.top_logprobs if member.logprobs else None,
+    }  # fmt: skip
+
+
+# --- propose-then-aggregate: the only operator that makes calls of its own -----------------------------
+Slot = tuple[int, int, tuple[int, ...]]  # (aggregator member, template, proposer members)
+
+
+def proposer_sets(members: int) -> list[tuple[int, ...]]:
+    """Every non-empty set of members, smallest first."""
+    sets = [tuple(m for m in range(members) if mask >> m & 1) for mask in range(1, 1 << members)]
+    return sorted(sets, key=lambda s: (len(s), s))
+
+
+def render(template: str, prompt: str, proposals: Sequence[str]) -> str:
+    """The aggregator's prompt: the template with one proposal a line and the original prompt."""
+    lines = "\n".join(f"- {proposal}" for proposal in proposals)
+    return template.replace("{proposals}", lines).replace("{prompt}", prompt)
+
+
+def aggregate_requests(
+    config: BlackBoxConfig, prompt: str, greedy: Sequence[str], budget: int
+) -> list[tuple[Slot, MemberConfig, dict[str, Any], str]]:
+    """Every aggregation of `prompt` (members' greedy answers `greedy`): slot, aggregator, request, key.
+
+    The request is marked `operator: aggregate`, so it is cached under its own key."""
+    out = []
+    for a, member in enumerate(config.members):
+        for t, template in enumerate(config.combine.templates):
+            for proposers in proposer_sets(len(config.members)):
+                text = render(template, prompt, [greedy[m] for m in proposers])
+                request = {**base_request(config, member, text, 0, budget), "operator": "aggregate"}
+                out.append(((a, t, proposers), member, request, request_key(member.identity(), request)))
+    return out
+
+
+def aggregate_plan(
+    config: BlackBoxConfig, cache: ResponseCache, base: list[Planned]
+) -> tuple[list[Planned], int]:
+    """The aggregations whose proposals are all recorded, and how many more wait for missing proposals."""
+    greedy: dict[tuple[str, str, int], dict[str, Planned]] = {}
+    for p in base:
+        if p.sample == 0:
+            greedy.setdefault((p.split, p.task, p.example), {})[p.member] = p
+    budget, planned, waiting = max_tokens(config), [], 0
+    per_prompt = len(config.members) * len(config.combine.templates) * ((1 << len(config.members)) - 1)
+    for (split, task, example), by_member in greedy.items():
+        answers = [cache.get(by_member[name].key) for name in config.models]
+        if any(answer is None for answer in answers):
+            waiting += per_prompt
+            continue
+        prompt = by_member[config.models[0]].request["prompt"]
+        texts = [answer.text for answer in answers if answer is not None]
+        for _, member, request, key in aggregate_requests(config, prompt, texts, budget):
+            planned.append(Planned(member.name, split, task, example, 0, request, key))
+    return planned, waiting
 
 
 class _Budget:
@@ -136,21 +197,43 @@ class _Budget:
 def record(
     config: BlackBoxConfig, *, replay_only: bool = False, progress: Callable[[int, int], None] | None = None
 ) -> RecordReport:
-    """Fill the cache with every planned answer still missing; see the module doc. `progress(done, total)`."""
+    """Fill the cache with every planned answer still missing; see the module doc. `progress(done, total)`.
+
+    With the aggregate operator, the aggregations are asked after the members' own answers (they hold them)."""
     planned = plan(config)
+    budget = _Budget(config)
     with ResponseCache(config.cache) as cache:
-        have = cache.keys()
         report = RecordReport({m.name: MemberReport() for m in config.members}, len(planned), 0)
-        missing = [p for p in planned if p.key not in have]
-        _count_hits(config, cache, [p for p in planned if p.key in have], report)
-        if missing and replay_only:
-            raise CacheMissError(_miss_message(missing))
-        if missing:
-            with open_clients(config, sorted({p.member for p in missing})) as clients:
-                _call_all(config, cache, clients, missing, report, progress)
+        _record_phase(config, cache, planned, report, budget, replay_only, progress)
+        waiting = 0
+        if "aggregate" in config.combine.operators:
+            aggregations, waiting = aggregate_plan(config, cache, planned)
+            report.planned += len(aggregations) + waiting
+            _record_phase(config, cache, aggregations, report, budget, replay_only, progress)
+            planned = planned + aggregations
         done = cache.keys()
-        report.missing_after = len([p for p in planned if p.key not in done])
+        report.missing_after = waiting + len([p for p in planned if p.key not in done])
+    report.stopped_by = budget.stopped_by
     return report
+
+
+def _record_phase(
+    config: BlackBoxConfig,
+    cache: ResponseCache,
+    planned: list[Planned],
+    report: RecordReport,
+    budget: _Budget,
+    replay_only: bool,
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    have = cache.keys()
+    missing = [p for p in planned if p.key not in have]
+    _count_hits(config, cache, [p for p in planned if p.key in have], report)
+    if missing and replay_only:
+        raise CacheMissError(_miss_message(missing))
+    if missing:
+        with open_clients(config, sorted({p.member for p in missing})) as clients:
+            _call_all(config, cache, clients, missing, report, budget, progress)
 
 
 def _count_hits(
@@ -181,9 +264,9 @@ def _call_all(
     clients: dict[str, EndpointClient],
     missing: list[Planned],
     report: RecordReport,
+    budget: _Budget,
     progress: Callable[[int, int], None] | None,
 ) -> None:
-    budget = _Budget(config)
     workers = sum(client.spec.max_concurrency for client in clients.values())
     refusal: EndpointError | None = None
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -209,7 +292,6 @@ def _call_all(
                 progress(done, len(missing))
     if refusal is not None:
         raise refusal
-    report.stopped_by = budget.stopped_by
 
 
 def _call_one(

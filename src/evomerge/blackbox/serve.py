@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.blackbox.cache import Response, ResponseCache, request_key
-from evomerge.blackbox.combine import Combination, Prompt, answer
-from evomerge.blackbox.config import BlackBoxConfig
+from evomerge.blackbox.combine import Combination, Prompt, answer, proposers_of
+from evomerge.blackbox.config import BlackBoxConfig, MemberConfig
 from evomerge.blackbox.evolve import CONFIG_NAME, RESULT_NAME
-from evomerge.blackbox.record import ask, max_tokens, open_clients
+from evomerge.blackbox.record import aggregate_requests, ask, base_request, max_tokens, open_clients
 from evomerge.errors import ConfigError
 from evomerge.extras import import_extra
 
@@ -47,26 +47,30 @@ class CombinationModel:
         self.budget = max_tokens(config)
 
     def complete(self, text: str) -> str:
-        answers = [
-            [self._answer(m, text, s) for s in range(self.config.sampling.k)]
-            for m in range(len(self.config.members))
-        ]
-        return answer(self.config, self.combination, Prompt(text, answers)).text
+        members = range(len(self.config.members))
+        answers = [[self._answer(m, text, s) for s in range(self.config.sampling.k)] for m in members]
+        prompt = Prompt(text, answers)
+        if self.combination.operator == "aggregate":  # ask the chosen aggregation only
+            c = self.combination
+            slot = (c.aggregator, c.template, proposers_of(c.proposers))
+            greedy = [samples[0].text for samples in answers]
+            for wanted, member, request, key in aggregate_requests(self.config, text, greedy, self.budget):
+                if wanted == slot:
+                    prompt.aggregated[slot] = self._ask(member, request, key)
+        return answer(self.config, self.combination, prompt).text
 
     def _answer(self, m: int, text: str, sample: int) -> Response:
-        member, sampling = self.config.members[m], self.config.sampling
-        request = {
-            "prompt": text, "max_tokens": self.budget, "temperature": sampling.temperature, "stop": sampling.stop,
-            "sample": sample, "top_logprobs": sampling.top_logprobs if member.logprobs else None,
-        }  # fmt: skip
-        key = request_key(member.identity(), request)
+        member = self.config.members[m]
+        request = base_request(self.config, member, text, sample, self.budget)
+        return self._ask(member, request, request_key(member.identity(), request))
+
+    def _ask(self, member: MemberConfig, request: dict[str, Any], key: str) -> Response:
         cached = self.cache.get(key)
         if cached is not None:
             return cached
         response = ask(member, self.clients[member.name], request)
-        self.cache.put(
-            key, member.name, request, response, member.cost(response.input_tokens, response.output_tokens)
-        )
+        cost = member.cost(response.input_tokens, response.output_tokens)
+        self.cache.put(key, member.name, request, response, cost)
         return response
 
 
