@@ -150,3 +150,15 @@ def test_refused_key_is_named(tmp_path: Path) -> None:
         pytest.raises(EndpointError, match=r"member 'upper'.*key was refused"),
     ):
         record(_config({**urls, "upper": locked}, tmp_path))
+
+
+def test_money_budget_stops_and_the_ledger_matches_the_cache(tmp_path: Path) -> None:
+    with stubs() as urls:
+        config = _config(urls, tmp_path, record_budget={"max_cost": 1e-5})  # a call costs 2e-6
+        report = record(config)
+    assert report.stopped_by == "max_cost" and not report.complete
+    with sqlite3.connect(config.cache) as db:
+        rows = db.execute("SELECT COUNT(*) FROM responses").fetchone()[0]
+        calls, cost = db.execute("SELECT SUM(calls), SUM(cost) FROM ledger").fetchone()
+    spent = sum(m.spent.cost for m in report.members.values())
+    assert rows == calls >= 5 and cost == pytest.approx(spent) == pytest.approx(2e-6 * rows)
