@@ -162,3 +162,20 @@ def test_money_budget_stops_and_the_ledger_matches_the_cache(tmp_path: Path) -> 
         calls, cost = db.execute("SELECT SUM(calls), SUM(cost) FROM ledger").fetchone()
     spent = sum(m.spent.cost for m in report.members.values())
     assert rows == calls >= 5 and cost == pytest.approx(spent) == pytest.approx(2e-6 * rows)
+
+
+def test_samples_at_temperature_are_keyed_and_seeded_by_index(tmp_path: Path) -> None:
+    seeds: list[int] = []
+
+    def answer(body: dict[str, Any]) -> str:
+        seeds.append(body["seed"])
+        return f"s{body['seed']}"
+
+    with serve_in_thread(FaultyEndpoint(answer=answer).app()) as one, stubs() as urls:
+        data = stub_config({"sampler": one, "upper": urls["upper"]}, write_tasks(tmp_path / "t"), tmp_path)
+        data["members"][1]["endpoint"]["model"] = "upper"
+        config = BlackBoxConfig.from_dict({**data, "sampling": {"temperature": 0.7, "samples": 3}})
+        report = record(config)
+    assert report.complete and report.planned == 2 * 24 * 3  # members x prompts x samples
+    assert sorted(set(seeds)) == [0, 1, 2] and len(seeds) == 24 * 3
+    assert len(_answers(config.cache)) == 2 * 24 * 3  # one row per sample: the index is in the key
