@@ -19,7 +19,7 @@ app = typer.Typer(
 
 # Modules that register commands on `app` (or add sub-apps). Missing ones are skipped so that
 # the CLI works while a part of the package is being built.
-_COMMAND_MODULES = ("merge", "zoo", "eval", "evolve", "demo", "serve")
+_COMMAND_MODULES = ("merge", "zoo", "eval", "evolve", "demo", "serve", "blackbox")
 
 
 def register_commands() -> None:

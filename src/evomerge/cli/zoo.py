@@ -21,7 +21,11 @@ app.add_typer(zoo_app, name="zoo")
 @zoo_app.command("build")
 def build_command(
     name: Annotated[
-        str, typer.Argument(help="Which zoo: 'lm' (Llama specialists) or 'digits' (MLP classifiers).")
+        str,
+        typer.Argument(
+            help="Which zoo: 'lm' (Llama specialists), 'digits' (MLP classifiers) or 'hetero' "
+            "(three families, three tokenizers, for evomerge blackbox)."
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", "-o", help="Dir to build into (reused if already built).")],
     size: Annotated[

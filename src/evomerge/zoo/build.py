@@ -19,12 +19,13 @@ from typing import Literal, Protocol, get_args
 import evomerge
 from evomerge.zoo.manifest import MANIFEST_FILE, ZooError, ZooManifest, fingerprint
 
-ZooName = Literal["lm", "digits"]
+ZooName = Literal["lm", "digits", "hetero"]
 ZooSize = Literal["tiny", "small"]
 _HERE = Path(__file__).parent
 _CODE = {
     "digits": ["digits.py", "manifest.py", "build.py"],
     "lm": ["lm.py", "skills.py", "tokenizer.py", "train.py", "manifest.py", "build.py"],
+    "hetero": ["hetero.py", "lm.py", "skills.py", "tokenizer.py", "train.py", "manifest.py", "build.py"],
 }
 
 
@@ -143,6 +144,10 @@ def _builder(name: str, size: str, finetune: Finetune) -> tuple[_Builder, int]:
         from evomerge.zoo import digits
 
         return digits.build_digits, digits.total_steps(size)
+    if name == "hetero":
+        from evomerge.zoo import hetero
+
+        return hetero.build_hetero, hetero.total_steps(size)
     from evomerge.zoo import lm
 
     builder = functools.partial(lm.build_lm, finetune_steps=finetune.steps, finetune_rate=finetune.rate)

@@ -1,0 +1,122 @@
+"""`blackbox serve RUN_DIR`: the run's best combination as one OpenAI-compatible model.
+
+POST /v1/completions asks each member the prompt as `record` would (the same request, so a recorded
+prompt is answered from the cache with no call, and a new answer is cached), then answers with the
+combination's choice. Every member is asked, whatever the operator would need (simple; a cascade or a
+router pays for more calls than it must: noted in docs/blackbox.md). GET /v1/models lists the one model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from evomerge.blackbox.cache import Response, ResponseCache, request_key
+from evomerge.blackbox.combine import Combination, Prompt, answer, proposers_of
+from evomerge.blackbox.config import BlackBoxConfig, MemberConfig
+from evomerge.blackbox.evolve import CONFIG_NAME, RESULT_NAME
+from evomerge.blackbox.record import aggregate_requests, ask, base_request, max_tokens, open_clients
+from evomerge.errors import ConfigError
+from evomerge.extras import import_extra
+
+
+def load_combination(run_dir: Path) -> tuple[BlackBoxConfig, Combination]:
+    """The run's config and its best combination; ConfigError when the dir holds no finished run."""
+    config_path, result_path = Path(run_dir) / CONFIG_NAME, Path(run_dir) / RESULT_NAME
+    if not config_path.is_file() or not result_path.is_file():
+        raise ConfigError(
+            f"{run_dir}: no {CONFIG_NAME} and {RESULT_NAME}; run `evomerge blackbox evolve CONFIG` first"
+        )
+    best = json.loads(result_path.read_text())["best"]
+    if best is None:
+        raise ConfigError(f"{run_dir}: the run has no successful evaluation to serve")
+    return BlackBoxConfig.from_yaml(config_path), Combination.from_text(best)
+
+
+class CombinationModel:
+    """Answers prompts with the combination, members reached through their clients and the cache."""
+
+    def __init__(
+        self, config: BlackBoxConfig, combination: Combination, clients: dict[str, Any], cache: ResponseCache
+    ) -> None:
+        self.config, self.combination, self.clients, self.cache = config, combination, clients, cache
+        self.budget = max_tokens(config)
+
+    def complete(self, text: str) -> str:
+        members = range(len(self.config.members))
+        answers = [[self._answer(m, text, s) for s in range(self.config.sampling.k)] for m in members]
+        prompt = Prompt(text, answers)
+        if self.combination.operator == "aggregate":  # ask the chosen aggregation only
+            c = self.combination
+            slot = (c.aggregator, c.template, proposers_of(c.proposers))
+            greedy = [samples[0].text for samples in answers]
+            for wanted, member, request, key in aggregate_requests(self.config, text, greedy, self.budget):
+                if wanted == slot:
+                    prompt.aggregated[slot] = self._ask(member, request, key)
+        return answer(self.config, self.combination, prompt).text
+
+    def _answer(self, m: int, text: str, sample: int) -> Response:
+        member = self.config.members[m]
+        request = base_request(self.config, member, text, sample, self.budget)
+        return self._ask(member, request, request_key(member.identity(), request))
+
+    def _ask(self, member: MemberConfig, request: dict[str, Any], key: str) -> Response:
+        cached = self.cache.get(key)
+        if cached is not None:
+            return cached
+        response = ask(member, self.clients[member.name], request)
+        cost = member.cost(response.input_tokens, response.output_tokens)
+        self.cache.put(key, member.name, request, response, cost)
+        return response
+
+
+def create_combination_app(run_dir: Path, *, name: str = "blackbox") -> Any:
+    """The FastAPI app serving the run's combination as model `name`."""
+    fastapi = import_extra("fastapi", who="evomerge blackbox serve", extra="serve")
+    from fastapi.responses import JSONResponse
+
+    config, combination = load_combination(run_dir)
+    state: dict[str, CombinationModel] = {}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: Any) -> AsyncIterator[None]:
+        with ResponseCache(config.cache) as cache, open_clients(config, config.models) as clients:
+            state["model"] = CombinationModel(config, combination, clients, cache)
+            yield
+
+    app = fastapi.FastAPI(title="evomerge blackbox serve", lifespan=lifespan)
+
+    @app.get("/v1/models")
+    def models() -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": name, "object": "model", "created": 0, "owned_by": "evomerge"}],
+        }
+
+    @app.post("/v1/completions")
+    def completions(body: dict[str, Any]) -> Any:
+        prompts = body.get("prompt")
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        if (
+            body.get("model") != name
+            or not isinstance(prompts, list)
+            or not all(isinstance(p, str) for p in prompts)
+        ):
+            error = f"expected model {name!r} and a prompt string or list of strings"
+            return JSONResponse(
+                {"error": {"message": error, "type": "invalid_request_error", "param": None, "code": None}},
+                status_code=400,
+            )
+        texts = [state["model"].complete(p) for p in prompts]
+        choices = [
+            {"index": i, "text": t, "finish_reason": "stop", "logprobs": None} for i, t in enumerate(texts)
+        ]
+        usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+        return {"id": "blackbox", "object": "text_completion", "created": int(time.time()), "model": name,
+                "choices": choices, "usage": usage}  # fmt: skip
+
+    return app
