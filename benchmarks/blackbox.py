@@ -10,6 +10,11 @@ asks each member every dev and test prompt of `multi` once; then, with no furthe
 A second CMA-ES `evolve` of the same run is timed and its HTTP requests counted (the servers count them).
 Writes benchmarks/results/blackbox.md.
 
+`--open-model DIR` (the open + closed case) instead adds a local model dir (an evolved merge from `evomerge
+evolve` on the lm zoo, whose task format and world the hetero zoo shares) as a `model_dir` member beside
+the three endpoints, evolves the combination of all four with CMA-ES and, from the same cache, the three
+endpoints' combination alone; writes the "Open + closed" section of benchmarks/results/blackbox.md.
+
     evomerge zoo build hetero --size small --out runs/hetero
     .venv/bin/python benchmarks/blackbox.py --zoo runs/hetero --work /tmp/evomerge-blackbox
 """
@@ -71,8 +76,11 @@ def served(zoo: ZooManifest) -> Iterator[tuple[dict[str, str], list[Counter]]]:
         yield urls, counters
 
 
-def config(zoo: ZooManifest, urls: dict[str, str], work: Path, out: str, **extra: Any) -> BlackBoxConfig:
-    members = [
+def config(
+    zoo: ZooManifest, urls: dict[str, str], work: Path, out: str, *, open_model: Path | None = None,
+    operators: tuple[str, ...] = ("vote", "pool", "router", "cascade", "aggregate"), **extra: Any,
+) -> BlackBoxConfig:  # fmt: skip
+    members: list[dict[str, Any]] = [
         {
             "name": n,
             "endpoint": {"base_url": u, "model": n},
@@ -81,6 +89,8 @@ def config(zoo: ZooManifest, urls: dict[str, str], work: Path, out: str, **extra
         }
         for n, u in urls.items()
     ]
+    if open_model is not None:
+        members.append({"name": "merge", "model_dir": str(open_model)})  # local: costs nothing a token
     multi = zoo.tasks["multi"]
     return BlackBoxConfig.from_dict(
         {
@@ -90,7 +100,7 @@ def config(zoo: ZooManifest, urls: dict[str, str], work: Path, out: str, **extra
             "combine": {
                 "features": FEATURES,
                 "confidence_member": "llama",
-                "operators": ["vote", "pool", "router", "cascade", "aggregate"],
+                "operators": list(operators),
             },
             "out": str(work / out),
             **extra,
@@ -127,7 +137,11 @@ def main() -> None:
     parser.add_argument("--zoo", type=Path, required=True)
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--evaluations", type=int, default=400)
+    parser.add_argument("--open-model", type=Path, help="an evolved merge's dir: the open + closed case")
+    parser.add_argument("--seen", type=Path, help="the open model's zoo: its train prompts count as seen")
     args = parser.parse_args()
+    if args.open_model is not None:
+        return open_closed(args)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)
     zoo = ZooManifest.load(args.zoo)
@@ -178,6 +192,119 @@ def main() -> None:
     }  # fmt: skip
     front = _front(nsga, dev, test)
     _write(args, zoo, report, rows, front, record_s, evolve_s, second_s, http_during_evolves, load)
+
+
+PENALTY = 2000.0  # per unit of money per example: the endpoints-only router's cost (1.8e-4) weighs 0.36
+OPEN_HEADING = "## Open + closed: an evolved merge beside the endpoints"
+
+
+def open_closed(args: Any) -> None:
+    """The evolved merge (a local model_dir) beside the three endpoints, against each alone."""
+    shutil.rmtree(args.work, ignore_errors=True)
+    args.work.mkdir(parents=True)
+    zoo = ZooManifest.load(args.zoo)
+    load = os.getloadavg()
+    budget = {"max_evaluations": args.evaluations}
+    operators = ("vote", "pool", "router", "cascade")
+    cma = {"name": "cma-es", "population_size": 12}
+    with served(zoo) as (urls, counters):
+        both = config(zoo, urls, args.work, "open", open_model=args.open_model, operators=operators,
+                      budget=budget, optimizer=cma)  # fmt: skip
+        closed = config(zoo, urls, args.work, "closed", operators=operators, budget=budget, optimizer=cma)
+        start = time.perf_counter()
+        report = record(both)  # every member's answers; the closed run reads the same cache
+        record_s = time.perf_counter() - start
+        after_record = sum(c.requests for c in counters)
+        penalised = [  # fitness = dev score - PENALTY x cost per example: the free merge now counts
+            c.model_copy(update={"cost_penalty": PENALTY, "out": c.out.with_name(c.out.name + "-penalty")})
+            for c in (both, closed)
+        ]
+        for run in (both, closed, *penalised):
+            evolve(run)
+        http = sum(c.requests for c in counters) - after_record
+    rows = json.loads((both.out / RESULT_NAME).read_text())["rows"]
+    evolved = {
+        f"evolved{tag} ({label})": json.loads((run.out / RESULT_NAME).read_text())["rows"]["evolved"]
+        for tag, runs in (("", (both, closed)), (f", cost penalty {PENALTY:g}", penalised))
+        for run, label in zip(runs, ("endpoints + merge", "endpoints only"), strict=True)
+    }
+    rows = {**evolved, **{k: v for k, v in rows.items() if k != "evolved"}}
+    runs = dict(zip(evolved, (both, closed, *penalised), strict=True))
+    unseen = _unseen_scores(args, runs, zoo) if args.seen is not None else None
+    lines = [
+        OPEN_HEADING,
+        "",
+        f"Run {datetime.date.today()} (load average {load[0]:.1f}; shared machine). Command: `python "
+        f"benchmarks/blackbox.py --zoo {args.zoo} --work {args.work} --evaluations {args.evaluations} "
+        f"--open-model {args.open_model}" + (f" --seen {args.seen}`" if args.seen else "`"),
+        "",
+        "The member `merge` is a `model_dir`: the best model of `evomerge evolve examples/evolve_lm.yaml`",
+        "(the lm zoo's add, reverse and translate specialists merged; 0.618 on the lm zoo's own multi test),",
+        "served in-process while recording and priced 0 (a local model). The lm zoo and the hetero zoo",
+        "share the task format and the world (the same prompts, numbers and Greek words), not the",
+        "tokenizer or the architecture. Operators vote, pool, router, cascade; CMA-ES, "
+        f"{args.evaluations} evaluations each, all from one cache, with fitness the dev score and then the dev "
+        f"score minus {PENALTY:g} x the cost per example; record {record_s:.1f} s; "
+        f"HTTP requests during the four evolves: **{http}**.",
+        "",
+        "| member | calls | cost |",
+        "|---|---|---|",
+        *(f"| {n} | {m.spent.calls} | {m.spent.cost:.5f} |" for n, m in report.members.items()),
+        "",
+        "| combination | operator | dev | test | calls on test | cost per test example |"
+        + (" test, prompts unseen by the merge |" if unseen else ""),
+        "|---|---|---|---|---|---|" + ("---|" if unseen else ""),
+    ]
+    for name, row in rows.items():
+        lines.append(
+            f"| {name} | {row['operator']} | {row['dev']:.3f} | {row['test']:.3f} | {row['test_calls']:.0f} | "
+            f"{row['test_cost_per_example']:.3g} |" + (f" {unseen[name]:.3f} |" if unseen else "")
+        )
+    lines += [
+        "",
+        "Read the evolved rows in pairs (with and without the merge, the same search and budget): without",
+        "a cost penalty both searches find a router that sends each skill to its specialist endpoint; with",
+        "one, the free merge is what a cheap combination can lean on.",
+    ]
+    if unseen:
+        lines += [
+            "",
+            f"{unseen['_seen']} of the {unseen['_total']} test prompts occur in the lm zoo's train sets, which",
+            "the merge's sources were trained on; the last column scores only the others.",
+        ]
+    text = RESULTS.read_text() if RESULTS.is_file() else ""
+    text = text.split(OPEN_HEADING)[0].rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
+    RESULTS.write_text(text)
+    print("\n".join(lines))
+
+
+def _unseen_scores(args: Any, runs: dict[str, BlackBoxConfig], zoo: ZooManifest) -> dict[str, Any]:
+    """Each row's test score on the prompts absent from the open model's zoo's train sets (cache hits only)."""
+    from evomerge.blackbox.evolve import baselines
+
+    seen_zoo = ZooManifest.load(args.seen)
+    seen = {
+        json.loads(line)["prompt"]
+        for task in seen_zoo.tasks.values() if task.train is not None
+        for line in task.train.read_text().splitlines()
+    }  # fmt: skip
+    test_file = zoo.tasks["multi"].test
+    lines = test_file.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["prompt"] not in seen]
+    subset = args.work / "multi" / "test.jsonl"  # the same prompts: the same requests, so cache hits
+    subset.parent.mkdir(parents=True, exist_ok=True)
+    subset.write_text("\n".join(kept) + "\n")
+    out: dict[str, Any] = {"_seen": len(lines) - len(kept), "_total": len(lines)}
+    for i, (name, cfg) in enumerate(runs.items()):
+        sub = cfg.model_copy(update={"tasks": [cfg.tasks[0].model_copy(update={"test": subset.resolve()})]})
+        table = load_table(sub, "test")
+        space = BlackBoxSpace(sub)
+        best = json.loads((cfg.out / RESULT_NAME).read_text())["best"]
+        out[name] = score(sub, table, space.from_text(best)).behaviour["accuracy"]
+        if i == 0:  # the four-member run: each member alone, the majority vote
+            for name, c in baselines(space).items():
+                out[name] = score(sub, table, c).behaviour["accuracy"]
+    return out
 
 
 def _front(cfg: BlackBoxConfig, dev: Any, test: Any) -> list[dict[str, Any]]:
@@ -258,10 +385,12 @@ def _write(args: Any, zoo: ZooManifest, report: Any, rows: dict[str, Any], front
         "",
         "The zoo's members were never trained to read proposals, so aggregation cannot help here: the",
         "MoA-style row and the aggregate operator are measured for cost and plumbing, not as a fair test of",
-        "the idea. Not measured: the open + closed case (an evolved merge from `evomerge evolve` beside",
-        "endpoints): the hetero zoo has no merge family of its own.",
+        "the idea. The open + closed case (an evolved merge from `evomerge evolve` beside the endpoints) is",
+        "the section below (`--open-model`).",
     ]
-    RESULTS.write_text("\n".join(lines) + "\n")
+    previous = RESULTS.read_text() if RESULTS.is_file() else ""
+    kept = OPEN_HEADING + previous.split(OPEN_HEADING)[1] if OPEN_HEADING in previous else ""
+    RESULTS.write_text("\n".join(lines) + "\n" + ("\n" + kept if kept else ""))
     print("\n".join(lines))
 
 

@@ -82,14 +82,19 @@ def resume(
 
 @app.command()
 def report(
-    run_dir: Path = typer.Argument(..., help="A run dir written by `evomerge evolve`."),
+    run_dir: Path = typer.Argument(..., help="A run dir written by `evomerge evolve` or `blackbox evolve`."),
     no_model: bool = typer.Option(False, "--no-model", help="Do not write the best model dir."),
 ) -> None:
-    """(Re)write a run's outputs: best recipes, best model, test-split results table and report.html."""
+    """(Re)write a run's outputs: best recipes, best model, test-split results table and report.html
+    (for a black-box run: report.html alone, from its run store and result.json)."""
+    from evomerge.blackbox.report import is_blackbox_run, write_blackbox_report
     from evomerge.runs.finalize import finalize
 
     setup_process()
     with user_errors():
+        if is_blackbox_run(run_dir):
+            console.print(f"wrote {write_blackbox_report(run_dir)}")
+            return
         written = finalize(run_dir, with_model=not no_model)
         _print_outputs(written)
 
