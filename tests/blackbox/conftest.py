@@ -40,13 +40,18 @@ def served_members(zoo: ZooManifest) -> Iterator[dict[str, str]]:
         yield urls
 
 
-def config_dict(zoo: ZooManifest, urls: dict[str, str], tmp: Path, **extra: Any) -> dict[str, Any]:
-    """A black-box config over the zoo's served members on its `multi` task (priced, cheapest first)."""
+def config_dict(
+    zoo: ZooManifest, urls: dict[str, str], tmp: Path, *, concurrency: int = 4, **extra: Any
+) -> dict[str, Any]:
+    """A black-box config over the zoo's served members on its `multi` task (priced, cheapest first).
+
+    `concurrency` 1 serves each prompt alone: a batch's padding may round a tiny model's logits another
+    way, so only then are the recorded answers the same from run to run."""
     prices = {"llama": 1e-6, "gpt2": 2e-6, "qwen2": 3e-6}
     members = [
         {
             "name": name,
-            "endpoint": {"base_url": url, "model": name, "max_concurrency": 4, "timeout_s": 10},
+            "endpoint": {"base_url": url, "model": name, "max_concurrency": concurrency, "timeout_s": 10},
             "price_input": prices[name],
             "price_output": 2 * prices[name],
         }

@@ -20,7 +20,7 @@ def test_evolved_combination_beats_every_member_on_test(
     hetero_zoo: ZooManifest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with served_members(hetero_zoo) as urls:
-        config = BlackBoxConfig.from_dict(config_dict(hetero_zoo, urls, tmp_path))
+        config = BlackBoxConfig.from_dict(config_dict(hetero_zoo, urls, tmp_path, concurrency=1))
         report = record(config)
         assert report.complete and all(m.spent.calls > 0 for m in report.members.values())
         again = record(config)  # everything cached: no new call

@@ -8,7 +8,8 @@ wins); the other slices hold each operator's numbers.
   each member's log-probability of it: a member's own answer's summed token log-probability, a
   single-token answer's log-probability among the member's first-token alternatives, else the floor.
 - router: a weight row per member over the prompt features (regex flags, length / 100, the confidence
-  member's confidence, 1); the member of the highest score answers.
+  member's confidence, the prompt's embedding by a small local model, 1); the member of the highest score
+  answers.
 - cascade: a confidence threshold per member but the last, members cheapest first; the first member whose
   confidence (exp of its mean token log-probability) reaches its threshold answers.
 - aggregate (propose-then-aggregate): a gene per member (a proposer when >= 0.5), a gene per member (the
@@ -30,6 +31,7 @@ from evomerge.blackbox.cache import Response
 from evomerge.blackbox.config import BlackBoxConfig, MemberConfig, Operator
 from evomerge.blackbox.record import Slot
 from evomerge.eval.metrics import normalize_answer
+from evomerge.io.atomic import atomic_write_text
 
 DROP = 0.01  # vote/pool weight under which a member is not asked
 FLOOR_RANGE = (-20.0, 0.0)
@@ -67,6 +69,7 @@ class Prompt:
     text: str
     answers: list[list[Response]]
     aggregated: dict[Slot, Response] = field(default_factory=dict)  # propose-then-aggregate's answers
+    embedding: tuple[float, ...] = ()  # combine.embedding's features of `text` (blackbox.embed)
 
 
 @dataclass(frozen=True)
@@ -87,17 +90,28 @@ def cost_order(members: Sequence[MemberConfig]) -> list[int]:
 
 
 def features(config: BlackBoxConfig, prompt: Prompt) -> np.ndarray:
-    """The router's inputs: regex flags, length / 100, the confidence member's confidence, then 1."""
+    """The router's inputs: regex flags, length / 100, the confidence member's confidence, the prompt's
+    embedding, then 1."""
     flags = [1.0 if re.search(f.regex, prompt.text) else 0.0 for f in config.combine.features]
     values = [*flags, len(prompt.text) / 100]
     chosen = config.combine.confidence_member
     if chosen is not None:
         values.append(prompt.answers[config.models.index(chosen)][0].confidence())
+    embedding = config.combine.embedding
+    if embedding is not None:
+        if len(prompt.embedding) != embedding.dims:
+            raise ValueError(
+                f"prompt {prompt.text[:40]!r} carries {len(prompt.embedding)} embedding features, the config "
+                f"{embedding.dims} (combine.embedding.dims); embed prompts with blackbox.embed first"
+            )
+        values.extend(prompt.embedding)
     return np.array([*values, 1.0])
 
 
 def n_features(config: BlackBoxConfig) -> int:
-    return len(config.combine.features) + 1 + (config.combine.confidence_member is not None) + 1
+    embedding = config.combine.embedding
+    dims = embedding.dims if embedding is not None else 0
+    return len(config.combine.features) + 1 + (config.combine.confidence_member is not None) + dims + 1
 
 
 def answer(config: BlackBoxConfig, combination: Combination, prompt: Prompt) -> Choice:
@@ -311,7 +325,5 @@ class BlackBoxSpace:
 
             raise OutputExistsError(f"{out_dir} exists; pass force to replace it")
         out_dir.mkdir(parents=True, exist_ok=True)
-        temporary = out_dir / ".combination.json.tmp"
-        temporary.write_text(text)
-        temporary.replace(out_dir / "combination.json")
+        atomic_write_text(out_dir / "combination.json", text)
         return out_dir

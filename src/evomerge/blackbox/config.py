@@ -136,6 +136,25 @@ class RouterFeature(_Strict):
     regex: str
 
 
+class EmbeddingFeature(_Strict):
+    """Router features from a small local model: the mean of its last hidden states over the prompt's
+    tokens, projected to `dims` numbers by a fixed random matrix (seeded) and scaled to unit length. The
+    model is any causal LM dir evomerge loads (a zoo model, a merge); it runs once per prompt."""
+
+    model: Path
+    dims: int = Field(default=8, ge=1, le=64)  # each adds one router gene per member
+    seed: int = 0
+
+    @field_validator("model")
+    @classmethod
+    def _a_model_dir(cls, value: Path) -> Path:
+        if not (value / "config.json").is_file():
+            raise ValueError(
+                f"{value} is not a model dir (no config.json); name a causal LM dir evomerge can load"
+            )
+        return value.resolve()
+
+
 class CombineConfig(_Strict):
     """The genome: which operators it may choose between, the router's prompt features, and the
     templates of propose-then-aggregate (`{proposals}`: one proposed answer a line; `{prompt}`)."""
@@ -143,6 +162,7 @@ class CombineConfig(_Strict):
     operators: list[Operator] = Field(default_factory=lambda: list(OPERATORS), min_length=1)
     features: list[RouterFeature] = Field(default_factory=list)
     confidence_member: str | None = None  # the cheap member whose confidence the router reads
+    embedding: EmbeddingFeature | None = None  # prompt embeddings from a small local model, as features
     templates: list[str] = Field(default_factory=lambda: [DEFAULT_TEMPLATE], min_length=1)
 
     @field_validator("templates")

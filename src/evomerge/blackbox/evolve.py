@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -26,6 +26,7 @@ from evomerge.blackbox.record import CacheMissError, aggregate_requests, load_sp
 from evomerge.eval.evaluator import combine_scores, exact_match_scores, mean_task_score
 from evomerge.eval.result import EvalResult
 from evomerge.eval.tasks import Task
+from evomerge.io.atomic import atomic_write_text
 
 CONFIG_NAME = "blackbox.yaml"
 RESULT_NAME = "result.json"
@@ -64,12 +65,32 @@ def load_table(config: BlackBoxConfig, split: str) -> Table:
             f"the cache {config.cache} lacks {sum(missing.values())} {split} answer(s) ({listed}); "
             "run `evomerge blackbox record CONFIG` to finish recording"
         )
+    embedded = _embeddings(config, [e.prompt for t in tasks for e in t.examples])
     prompts = {
-        t.name: [Prompt(e.prompt, answers[t.name][i]) for i, e in enumerate(t.examples)] for t in tasks
+        t.name: [
+            Prompt(e.prompt, answers[t.name][i], embedding=embedded(e.prompt))
+            for i, e in enumerate(t.examples)
+        ]
+        for t in tasks
     }
     if "aggregate" in config.combine.operators:
         _load_aggregations(config, prompts)
     return Table(tasks, prompts)
+
+
+def _embeddings(config: BlackBoxConfig, texts: list[str]) -> Callable[[str], tuple[float, ...]]:
+    """text -> its combine.embedding features (every text embedded once, here); () without the block."""
+    spec = config.combine.embedding
+    if spec is None:
+        return lambda text: ()
+    from evomerge.blackbox.embed import embed_prompts
+
+    unique = sorted(set(texts))
+    rows = {
+        text: tuple(float(v) for v in row)
+        for text, row in zip(unique, embed_prompts(spec, unique), strict=True)
+    }
+    return rows.__getitem__
 
 
 def _load_aggregations(config: BlackBoxConfig, prompts: dict[str, list[Prompt]]) -> None:
@@ -174,7 +195,7 @@ def _prepare(config: BlackBoxConfig, *, force: bool) -> Path:
             f"out dir {run_dir} exists and is not a black-box run dir; choose another out"
         )
     run_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(run_dir / CONFIG_NAME, _yaml(config))
+    atomic_write_text(run_dir / CONFIG_NAME, _yaml(config))
     return run_dir
 
 
@@ -182,12 +203,6 @@ def _yaml(config: BlackBoxConfig) -> str:
     import yaml
 
     return yaml.safe_dump(config.model_dump(mode="json", exclude_none=True), sort_keys=False)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    temporary.replace(path)
 
 
 def baselines(space: BlackBoxSpace) -> dict[str, Combination]:
@@ -221,5 +236,5 @@ def write_result(
             "test_cost_per_example": -on_test.behaviour["thrift"], "test_calls": on_test.cost["calls"],
         }  # fmt: skip
     result = {"rows": table, "best": rows["evolved"].to_text() if best is not None else None}
-    _atomic_write(run_dir / RESULT_NAME, json.dumps(result, indent=2))
+    atomic_write_text(run_dir / RESULT_NAME, json.dumps(result, indent=2))
     return result

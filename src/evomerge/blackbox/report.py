@@ -78,7 +78,9 @@ def genes(config: BlackBoxConfig, combination: Combination) -> tuple[list[str], 
         ]
     if c.operator == "router":
         confidence = [] if config.combine.confidence_member is None else ["confidence"]
-        features = [f.name for f in config.combine.features] + ["length/100", *confidence, "bias"]
+        embedding = config.combine.embedding
+        dims = [f"embedding {i}" for i in range(embedding.dims)] if embedding is not None else []
+        features = [f.name for f in config.combine.features] + ["length/100", *confidence, *dims, "bias"]
         if len(c.router[0]) != len(features):  # a config whose features changed since: number them
             features = [f"feature {i}" for i in range(len(c.router[0]))]
         return ["member", *features], [

@@ -49,7 +49,13 @@ class CombinationModel:
     def complete(self, text: str) -> str:
         members = range(len(self.config.members))
         answers = [[self._answer(m, text, s) for s in range(self.config.sampling.k)] for m in members]
-        prompt = Prompt(text, answers)
+        spec = self.config.combine.embedding
+        embedding: tuple[float, ...] = ()
+        if spec is not None:
+            from evomerge.blackbox.embed import embed_prompts
+
+            embedding = tuple(float(v) for v in embed_prompts(spec, [text])[0])
+        prompt = Prompt(text, answers, embedding=embedding)
         if self.combination.operator == "aggregate":  # ask the chosen aggregation only
             c = self.combination
             slot = (c.aggregator, c.template, proposers_of(c.proposers))

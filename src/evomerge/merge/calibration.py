@@ -44,6 +44,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from evomerge.errors import EvomergeError
+from evomerge.io.atomic import atomic_path
 from evomerge.merge.registry import Kernel, KernelFn, MergeMethod, StatisticKind
 
 STATISTICS_VERSION = 1  # bump when what a statistic means changes: old cache entries are then ignored
@@ -316,9 +317,8 @@ def _write(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
-    os.replace(temporary, path)
+    with atomic_path(path) as temporary:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temporary), metadata=metadata)
 
 
 # ---- from the plan to the kernel -------------------------------------------------------------------
