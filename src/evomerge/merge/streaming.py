@@ -124,7 +124,7 @@ class _Job:
 
     def first_pass(self, jit: ModuleType) -> np.ndarray | None:
         """Histograms (M, 2^15) of the deltas' magnitude keys; the deltas kept if there is room."""
-        counts = np.zeros((self.models, _KEYS), dtype=np.int64)
+        counts = np.zeros((self.models, 4, _KEYS), dtype=np.int64)
         scratch = np.empty((self.models, self.block), dtype=np.int16)
         for start in self._spans():
             blocks = self._read(start, range(self.models))
@@ -134,7 +134,7 @@ class _Job:
             out = scratch[:, : base.size] if self.deltas is None else self.deltas[:, start : start + base.size]
             if not jit.histogram_deltas(base, inputs, counts, out):
                 return None  # NaN/inf: the torch path names the tensor and the model
-        return counts
+        return counts.sum(axis=1)
 
     def deltas_of(self, jit: ModuleType, start: int, models: range) -> np.ndarray | None:
         """The deltas (rows `models`) of the block at `start`: kept ones, or recomputed from the files."""
