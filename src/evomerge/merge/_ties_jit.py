@@ -230,8 +230,8 @@ def replay_top_k(codes: Any, k: int, boundary: int, chosen: Any) -> bool:
 # ---- pass 3: trim, elect, disjoint mean, add the base -------------------------------------------------
 
 
-@njit(nogil=True, cache=True, error_model="numpy")
-def trimmed_block(deltas: Any, threshold: int, chosen: Any, rank: int, weight: Any, values: Any) -> int:
+@njit(inline="always")
+def _trim(deltas: Any, threshold: int, chosen: Any, rank: int, weight: Any, values: Any) -> int:
     """values = delta as float32 where trimming keeps it, else delta * 0 (a signed zero, as mergekit's
     mask product), times `weight` rounded to bf16 unless it is 1; returns the next tied rank.
     Kept: key > threshold, or key == threshold and chosen[rank] (`chosen` has one spare entry)."""
@@ -248,36 +248,50 @@ def trimmed_block(deltas: Any, threshold: int, chosen: Any, rank: int, weight: A
     return rank
 
 
-_TILE = 2048  # entries per tile of `consensus_block`: its float32 rows stay in the L1 cache
+TILE = _TILE = 2048  # entries per tile of `consensus_block`: its float32 rows stay in the L1 cache
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def consensus_block(base: Any, values: Any, weights: Any, normalize: bool, scratch: Any, out: Any) -> None:
-    """out = bf16(bf16(merged / divisor) + base) over one block from the trimmed, weighted values (M, m):
+def consensus_block(
+    base: Any,
+    deltas: Any,
+    thresholds: Any,
+    chosen: Any,
+    ranks: Any,
+    weights: Any,
+    normalize: bool,
+    scratch: Any,
+    out: Any,
+) -> None:
+    """out = bf16(bf16(merged / divisor) + base) over one block of deltas (M, m), trimmed as `_trim`
+    says (thresholds (M,), chosen (M, T + 1), ranks (M,) advanced), weighted, elected and averaged with
     the operations of `_ChunkScratch.disjoint` and `_disjoint_mean_chunked`, in their order. Tile by
-    tile, each step a loop the compiler vectorises."""
-    models, size = values.shape
+    tile, so the float32 rows stay in cache; the steps after trimming are loops the compiler vectorises."""
+    models, size = deltas.shape
     for begin in range(0, size, _TILE):
         end = min(size, begin + _TILE)
-        total, merged, divisor = scratch[0, : end - begin], scratch[1, : end - begin], scratch[2, : end - begin]
-        first = values[0, begin:end]
-        for j in range(end - begin):
+        width = end - begin
+        for i in range(models):
+            ranks[i] = _trim(deltas[i, begin:end], thresholds[i], chosen[i], ranks[i], weights[i], scratch[3 + i, :width])
+        total, merged, divisor = scratch[0, :width], scratch[1, :width], scratch[2, :width]
+        first = scratch[3, :width]
+        for j in range(width):
             total[j] = first[j]
         for i in range(1, models):
-            row = values[i, begin:end]
-            for j in range(end - begin):
+            row = scratch[3 + i, :width]
+            for j in range(width):
                 total[j] = total[j] + row[j]
-        for j in range(end - begin):  # the elected sign, +1 where the sum is >= 0
+        for j in range(width):  # the elected sign, +1 where the sum is >= 0
             total[j] = np.float32(1) if total[j] >= 0 else np.float32(-1)
             merged[j] = np.float32(0)
             divisor[j] = np.float32(0)
         for i in range(models):
-            row, weight = values[i, begin:end], weights[i]
-            for j in range(end - begin):
+            row, weight = scratch[3 + i, :width], weights[i]
+            for j in range(width):
                 agree = np.float32(1) if row[j] * total[j] > 0 else np.float32(0)  # zero never agrees
                 merged[j] = merged[j] + row[j] * agree
                 divisor[j] = divisor[j] + agree * weight
-        for j in range(end - begin):
+        for j in range(width):
             result = _to_bf16(merged[j])
             if normalize:
                 share = divisor[j] if divisor[j] != 0 else np.float32(1)

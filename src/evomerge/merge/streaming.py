@@ -184,10 +184,12 @@ class _Job:
         """The merged tensor from the trimming thresholds and chosen ties, block by block."""
         params = self.task.params
         stored = torch.tensor(params["weight"], dtype=torch.bfloat16).float().numpy()  # as mergekit holds them
-        values = np.empty((self.models, self.block), dtype=np.float32)
-        scratch = np.empty((3, self.block), dtype=np.float32)
+        thresholds = np.array([threshold for threshold, _ in trims], dtype=np.int64)
+        chosen = _stacked([row for _, row in trims])
+        scratch = np.empty((3 + self.models, jit.TILE), dtype=np.float32)
         out = np.empty(self.n, dtype=np.int16)
-        ranks = [0] * self.models
+        ranks = np.zeros(self.models, dtype=np.int64)
+        normalize = bool(params["normalize"])
         for start in self._spans():
             deltas = self.deltas_of(jit, start, range(self.models))
             if deltas is None:
@@ -197,9 +199,15 @@ class _Job:
             if self.deltas is not None:
                 assert self.task.base is not None
                 self.sources.read_range(*self.task.base, start, base)
-            for i, (threshold, chosen) in enumerate(trims):
-                ranks[i] = jit.trimmed_block(deltas[i], threshold, chosen, ranks[i], stored[i], values[i, :size])
-            normalize = bool(params["normalize"])
-            jit.consensus_block(base, values[:, :size], stored, normalize, scratch, out[start : start + size])
+            end = start + size
+            jit.consensus_block(base, deltas, thresholds, chosen, ranks, stored, normalize, scratch, out[start:end])
         self.deltas = None
         return torch.from_numpy(out).view(torch.bfloat16).reshape(self.task.shape)
+
+
+def _stacked(rows: list[np.ndarray]) -> np.ndarray:
+    """Rows of different lengths as one (M, longest) bool array (the compiled loop takes one 2-D array)."""
+    stacked = np.zeros((len(rows), max(row.size for row in rows)), dtype=bool)
+    for index, row in enumerate(rows):
+        stacked[index, : row.size] = row
+    return stacked
