@@ -201,7 +201,9 @@ def main() -> None:
         runs[0].versus_mergekit = compare(BENCH / "out_evomerge", BENCH / "out_mergekit")
         runs[args.repeat].versus_mergekit = compare(BENCH / "out_evomerge_stable", BENCH / "out_mergekit")
         if args.torch_kernel:
-            runs[args.repeat + 1].versus_mergekit = compare(BENCH / "out_evomerge_torch", BENCH / "out_mergekit")
+            runs[args.repeat + 1].versus_mergekit = compare(
+                BENCH / "out_evomerge_torch", BENCH / "out_mergekit"
+            )
     floor.append(io_floor_seconds(models))
     for run in runs:
         print(json.dumps(run.__dict__))

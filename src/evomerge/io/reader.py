@@ -153,7 +153,9 @@ class _SafetensorsFile:
                 f"[{start}, {start + out.size}) x {out.itemsize} bytes."
             )
         if out.size:
-            self._read_into(torch.from_numpy(out.reshape(-1).view(np.uint8)), location.start + start * itemsize)
+            self._read_into(
+                torch.from_numpy(out.reshape(-1).view(np.uint8)), location.start + start * itemsize
+            )
 
     def prefetch(self, name: str) -> None:
         """Ask the kernel to start reading the tensor's bytes into the page cache (returns at once)."""

@@ -187,7 +187,7 @@ def replay_top_k(codes: Any, k: int, boundary: int, chosen: Any) -> bool:
     """
     n = codes.size
     low, high = 0, n
-    depth = 2 * int(math.floor(math.log2(max(n, 1))))
+    depth = 2 * math.floor(math.log2(max(n, 1)))
     left_stops = np.empty(_SCAN, dtype=np.int64)
     right_stops = np.empty(_SCAN, dtype=np.int64)
     while high - low > _INSERTION_BLOCK and low < k < high:
@@ -272,7 +272,9 @@ def consensus_block(
         end = min(size, begin + _TILE)
         width = end - begin
         for i in range(models):
-            ranks[i] = _trim(deltas[i, begin:end], thresholds[i], chosen[i], ranks[i], weights[i], scratch[3 + i, :width])
+            ranks[i] = _trim(
+                deltas[i, begin:end], thresholds[i], chosen[i], ranks[i], weights[i], scratch[3 + i, :width]
+            )
         total, merged, divisor = scratch[0, :width], scratch[1, :width], scratch[2, :width]
         first = scratch[3, :width]
         for j in range(width):

@@ -206,7 +206,9 @@ def stream_tensors(
                     yield done.name, future.result()
                 for ref in task.refs:
                     sources.prefetch(*ref)  # the disk reads ahead while earlier tensors compute
-                pending.append((task, pool.submit(_compute_from_disk, task, plan.method, sources, seed, tie_break)))
+                pending.append(
+                    (task, pool.submit(_compute_from_disk, task, plan.method, sources, seed, tie_break))
+                )
                 held += _out_bytes(task)
             while pending:
                 done, future = pending.popleft()

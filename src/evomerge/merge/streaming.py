@@ -26,7 +26,6 @@ import math
 import os
 from functools import cache
 from types import ModuleType
-from typing import Any
 
 import numpy as np
 import torch
@@ -90,6 +89,7 @@ def merge_tensor(
     if counts is None:
         return None
     trims = [job.trim(jit, i, counts[i], d, tie_break) for i, d in enumerate(task.params["density"])]
+    job.codes = None  # the replay's buffer goes before the output is allocated
     if any(trim is None for trim in trims):
         return None
     return job.consensus(jit, [trim for trim in trims if trim is not None])
@@ -106,6 +106,7 @@ class _Job:
         self.base_block = np.empty(self.block, dtype=np.int16)
         self.input_blocks = np.empty((self.models, self.block), dtype=np.int16)
         self.deltas = np.empty((self.models, self.n), dtype=np.int16) if keep else None
+        self.codes: np.ndarray | None = None
 
     def _spans(self) -> range:
         return range(0, self.n, self.block)
@@ -131,7 +132,9 @@ class _Job:
             if blocks is None:
                 return None
             base, inputs = blocks
-            out = scratch[:, : base.size] if self.deltas is None else self.deltas[:, start : start + base.size]
+            out = (
+                scratch[:, : base.size] if self.deltas is None else self.deltas[:, start : start + base.size]
+            )
             if not jit.histogram_deltas(base, inputs, counts, out):
                 return None  # NaN/inf: the torch path names the tensor and the model
         return counts.sum(axis=1)
@@ -171,7 +174,9 @@ class _Job:
         return threshold, chosen
 
     def _replay(self, jit: ModuleType, model: int, k: int, threshold: int, chosen: np.ndarray) -> bool:
-        codes = np.empty(self.n, dtype=np.int32 if self.n < (1 << 31) - _KEYS else np.int64)
+        if self.codes is None:  # one buffer for every model of the tensor (fresh pages cost faults)
+            self.codes = np.empty(self.n, dtype=np.int32 if self.n < (1 << 31) - _KEYS else np.int64)
+        codes = self.codes
         rank = 0
         for start in self._spans():
             deltas = self.deltas_of(jit, start, range(model, model + 1))
@@ -183,7 +188,9 @@ class _Job:
     def consensus(self, jit: ModuleType, trims: list[tuple[int, np.ndarray]]) -> torch.Tensor | None:
         """The merged tensor from the trimming thresholds and chosen ties, block by block."""
         params = self.task.params
-        stored = torch.tensor(params["weight"], dtype=torch.bfloat16).float().numpy()  # as mergekit holds them
+        stored = (
+            torch.tensor(params["weight"], dtype=torch.bfloat16).float().numpy()
+        )  # as mergekit holds them
         thresholds = np.array([threshold for threshold, _ in trims], dtype=np.int64)
         chosen = _stacked([row for _, row in trims])
         scratch = np.empty((3 + self.models, jit.TILE), dtype=np.float32)
@@ -200,7 +207,9 @@ class _Job:
                 assert self.task.base is not None
                 self.sources.read_range(*self.task.base, start, base)
             end = start + size
-            jit.consensus_block(base, deltas, thresholds, chosen, ranks, stored, normalize, scratch, out[start:end])
+            jit.consensus_block(
+                base, deltas, thresholds, chosen, ranks, stored, normalize, scratch, out[start:end]
+            )
         self.deltas = None
         return torch.from_numpy(out).view(torch.bfloat16).reshape(self.task.shape)
 
