@@ -158,10 +158,10 @@ def benchmark(args: argparse.Namespace, work: Path) -> tuple[list[Run], list[str
         timed_child("evomerge merge", [str(BIN / "evomerge"), "merge", str(config), str(ours_dir)], env)
     )
     print(_line(runs[-1]), flush=True)
+    ours = tensor_hashes(ours_dir) if not runs[1].note else {}
+    shutil.rmtree(ours_dir, ignore_errors=True)  # before the next output: the disk holds one at a time
     runs.append(floor_run(inputs, work, "I/O floor (after)"))
     print(_line(runs[-1]), flush=True)
-    ours = tensor_hashes(ours_dir) if not runs[1].note else {}
-    shutil.rmtree(ours_dir, ignore_errors=True)
     if not args.skip_mergekit:
         theirs_dir = work / "out_mergekit"
         env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}

@@ -48,13 +48,13 @@ def _bits_of_f32(typingctx: Any, value: Any) -> Any:
 @njit(inline="always")
 def _f32(bf16: Any) -> Any:
     """bf16 bits (int16) -> float32, exact."""
-    return _f32_of_bits(np.uint32(np.int32(bf16) << 16))
+    return _f32_of_bits(np.uint32(np.int32(bf16) << 16))  # type: ignore[call-arg]  # numba intrinsic
 
 
 @njit(inline="always")
 def _to_bf16(value: Any) -> Any:
     """float32 -> bf16 bits (int16), rounded to nearest even as torch's c10::BFloat16 does."""
-    bits = _bits_of_f32(value)
+    bits: Any = _bits_of_f32(value)  # type: ignore[call-arg]  # numba intrinsic
     bias = ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
     return np.int16((bits + bias) >> np.uint32(16)) if value == value else np.int16(0x7FC0)
 
