@@ -3,7 +3,9 @@
 `merge_to_dir` computes the tensors of a plan on a small thread pool (torch and the reader release the
 GIL, so reading, computing and writing overlap across cores) and hands them to the writer in plan order.
 At most `threads + 1` tensors are in flight, each holding its inputs (one tensor per source) and its
-result, so peak memory is a few tensors per source whatever the model size.
+result, so peak memory is a few tensors per source whatever the model size. A plain TIES merge of bf16
+safetensors runs the compiled streaming path (`merge/streaming.py`: blocks read from the files, the same
+bits) instead of the torch kernel.
 
 `merge_into` computes the same tensors from a `SourceSet.load`-ed set and copies them into a live model's
 parameters in place: the inner loop of evolution, with no disk I/O and no model re-instantiation.
