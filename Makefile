@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU build lies on local disk here; override for a GPU machine, e.g. TORCH_SPEC='torch==2.13.0 --index-url ...'
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= test,oracle,lm-eval,search,serve,ray
+EXTRAS ?= test,oracle,lm-eval,search,serve,ray,fast
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: install demo test test-slow test-ray lint format bench clean

@@ -89,10 +89,11 @@ def timed_child(tool: str, command: list[str], env: dict[str, str]) -> Run:
     return Run(tool, seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024 / 1e9)
 
 
-def run_evomerge(config: Path, out: Path, *options: str) -> Run:
+def run_evomerge(config: Path, out: Path, *options: str, jit: bool = True) -> Run:
     shutil.rmtree(out, ignore_errors=True)
     command = [str(BIN / "evomerge"), "merge", str(config), str(out), *options]
-    return timed_child(" ".join(["evomerge merge", *options]), command, dict(os.environ))
+    label = " ".join(["evomerge merge", *options]) + ("" if jit else " (torch kernel: EVOMERGE_JIT=0)")
+    return timed_child(label, command, dict(os.environ, EVOMERGE_JIT="1" if jit else "0"))
 
 
 def run_mergekit(config: Path, out: Path) -> Run:
@@ -183,6 +184,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeat", type=int, default=2, help="evomerge runs (mergekit runs once)")
     parser.add_argument("--skip-mergekit", action="store_true")
+    parser.add_argument("--torch-kernel", action="store_true", help="also run without the compiled path")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "merge.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -192,10 +194,16 @@ def main() -> None:
     floor = [io_floor_seconds(models)]  # also warms the page cache for both tools
     runs = [run_evomerge(config, BENCH / "out_evomerge") for _ in range(args.repeat)]
     runs.append(run_evomerge(config, BENCH / "out_evomerge_stable", "--tie-break", "stable"))
+    if args.torch_kernel:
+        runs.append(run_evomerge(config, BENCH / "out_evomerge_torch", jit=False))
     if not args.skip_mergekit:
         runs.append(run_mergekit(config, BENCH / "out_mergekit"))
         runs[0].versus_mergekit = compare(BENCH / "out_evomerge", BENCH / "out_mergekit")
-        runs[-2].versus_mergekit = compare(BENCH / "out_evomerge_stable", BENCH / "out_mergekit")
+        runs[args.repeat].versus_mergekit = compare(BENCH / "out_evomerge_stable", BENCH / "out_mergekit")
+        if args.torch_kernel:
+            runs[args.repeat + 1].versus_mergekit = compare(
+                BENCH / "out_evomerge_torch", BENCH / "out_mergekit"
+            )
     floor.append(io_floor_seconds(models))
     for run in runs:
         print(json.dumps(run.__dict__))

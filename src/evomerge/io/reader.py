@@ -27,6 +27,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, cast
 
+import numpy as np
 import torch
 
 from evomerge.errors import SourceError, TensorMismatchError, UnsafeCheckpointError
@@ -141,6 +142,28 @@ class _SafetensorsFile:
             else self._copy(location)
         )
         return raw.view(info.dtype).reshape(info.shape)
+
+    def read_range(self, name: str, start: int, out: np.ndarray) -> None:
+        """Copy entries [start, start + out.size) of the flattened tensor into `out` (same item size)."""
+        info, location = self.infos[name], self.locations[name]
+        itemsize = info.dtype.itemsize
+        if out.itemsize != itemsize or start < 0 or start + out.size > info.numel:
+            raise ValueError(
+                f"{self.path}: tensor '{name}' ({info.numel} x {itemsize} bytes) cannot fill "
+                f"[{start}, {start + out.size}) x {out.itemsize} bytes."
+            )
+        if out.size:
+            self._read_into(
+                torch.from_numpy(out.reshape(-1).view(np.uint8)), location.start + start * itemsize
+            )
+
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading the tensor's bytes into the page cache (returns at once)."""
+        location = self.locations[name]
+        if hasattr(os, "posix_fadvise") and location.end > location.start:
+            os.posix_fadvise(
+                self._descriptor(), location.start, location.end - location.start, os.POSIX_FADV_WILLNEED
+            )
 
     def _map(self, location: _Location) -> torch.Tensor:
         """A private (copy-on-write) mapping of just this tensor's bytes, unmapped when the tensor dies."""
@@ -381,6 +404,24 @@ class ModelDir:
         if isinstance(weights_file, _PickleFile):
             return weights_file.read(name).clone()  # the loaded state dict is shared: hand out a copy
         return weights_file.read(name, use_mmap=self.use_mmap)
+
+    def read_range(self, name: str, start: int, out: np.ndarray) -> bool:
+        """Copy entries [start, start + out.size) of the flattened tensor into `out` (an array of the
+        tensor's item size), without mapping the file: memory stays at `out` whatever the tensor's size.
+        False (nothing read) for pickle checkpoints, which have no byte ranges."""
+        self._check_name(name)
+        weights_file = self._files[self._where[name]]
+        if isinstance(weights_file, _PickleFile):
+            return False
+        weights_file.read_range(name, start, out)
+        return True
+
+    def prefetch(self, name: str) -> None:
+        """Start reading the tensor into the page cache in the background (a hint; safetensors only)."""
+        self._check_name(name)
+        weights_file = self._files[self._where[name]]
+        if isinstance(weights_file, _SafetensorsFile):
+            weights_file.prefetch(name)
 
     def _check_name(self, name: str) -> None:
         if name not in self._infos:

@@ -3,7 +3,9 @@
 `merge_to_dir` computes the tensors of a plan on a small thread pool (torch and the reader release the
 GIL, so reading, computing and writing overlap across cores) and hands them to the writer in plan order.
 At most `threads + 1` tensors are in flight, each holding its inputs (one tensor per source) and its
-result, so peak memory is a few tensors per source whatever the model size.
+result, so peak memory is a few tensors per source whatever the model size. A plain TIES merge of bf16
+safetensors runs the compiled streaming path (`merge/streaming.py`: blocks read from the files, the same
+bits) instead of the torch kernel.
 
 `merge_into` computes the same tensors from a `SourceSet.load`-ed set and copies them into a live model's
 parameters in place: the inner loop of evolution, with no disk I/O and no model re-instantiation.
@@ -30,6 +32,7 @@ from typing import Any
 import torch
 
 from evomerge.errors import EvomergeError, SourceError
+from evomerge.merge import streaming
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.plan import MergePlan, TensorTask, build_plan
 from evomerge.merge.registry import MergeMethod
@@ -191,8 +194,11 @@ def stream_tensors(
                     done, future = pending.popleft()
                     held -= _out_bytes(done)
                     yield done.name, future.result()
-                compute = functools.partial(compute_tensor, tie_break=tie_break)
-                pending.append((task, pool.submit(compute, task, plan.method, sources.get, seed)))
+                for ref in task.refs:
+                    sources.prefetch(*ref)  # the disk reads ahead while earlier tensors compute
+                pending.append(
+                    (task, pool.submit(_compute_from_disk, task, plan.method, sources, seed, tie_break))
+                )
                 held += _out_bytes(task)
             while pending:
                 done, future = pending.popleft()
@@ -200,6 +206,17 @@ def stream_tensors(
         finally:
             for _, future in pending:
                 future.cancel()
+
+
+def _compute_from_disk(
+    task: TensorTask, method: MergeMethod, sources: SourceSet, seed: int | None, tie_break: TieBreak
+) -> torch.Tensor:
+    """One tensor of a merge to disk: the compiled streaming TIES where it applies, else the kernel."""
+    if streaming.supported(task, method, sources, tie_break):
+        merged = streaming.merge_tensor(task, sources, tie_break)
+        if merged is not None:
+            return merged.to(task.out_dtype)
+    return compute_tensor(task, method, sources.get, seed, tie_break=tie_break)
 
 
 def _must_wait(

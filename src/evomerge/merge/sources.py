@@ -13,6 +13,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from evomerge.errors import SourceError
@@ -155,6 +156,18 @@ class SourceSet:
     def read(self, model: str, name: str) -> torch.Tensor:
         """A fresh tensor read from disk in its stored dtype."""
         return self._dir(model).get(name)
+
+    def read_range(self, model: str, name: str, start: int, out: np.ndarray) -> bool:
+        """Entries [start, start + out.size) of a flattened tensor, copied from disk into `out`; False
+        where the model is held in memory or stored as a pickle (read the whole tensor with `get`)."""
+        if self._memory is not None:
+            return False
+        return self._dir(model).read_range(name, start, out)
+
+    def prefetch(self, model: str, name: str) -> None:
+        """Hint that a tensor will be read soon: the kernel starts reading it into the page cache."""
+        if self._memory is None:
+            self._dir(model).prefetch(name)
 
     def task_vector(self, model: TensorKey, base: TensorKey) -> torch.Tensor:
         """`model - base` in float32 (e.g. for controls that scale one source's delta), cached."""

@@ -454,6 +454,11 @@ def key_threshold(keys: np.ndarray, k: int) -> tuple[int, int, int] | None:
     """(t, above, tied): the k-th largest key, how many keys exceed it and how many equal it, exactly,
     from a histogram of all 2^15 keys; None where a NaN key (above +inf) is present."""
     counts = torch.bincount(torch.from_numpy(keys), minlength=_KEY_COUNT).numpy()  # (2^15,)
+    return threshold_of_counts(counts, k)
+
+
+def threshold_of_counts(counts: np.ndarray, k: int) -> tuple[int, int, int] | None:
+    """`key_threshold` from the histogram (2^15,) of the keys, e.g. one gathered block by block."""
     if counts[_INF_KEY + 1 :].any():
         return None
     at_least = np.cumsum(counts[::-1])  # at_least[j]: keys >= 2^15 - 1 - j

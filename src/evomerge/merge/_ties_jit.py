@@ -1,0 +1,301 @@
+"""Compiled (numba) inner loops of the streaming TIES merge: bf16 bit patterns in, bf16 bit patterns out.
+
+Each function restates, entry by entry, the arithmetic the torch/numpy path performs, so the bits agree:
+bf16 operands are widened to float32 exactly, every operation runs in float32 and rounds to bf16 the way
+torch does (round to nearest even, `_to_bf16`). The sort replay is `sparsify._tied_in_prefix` as one
+loop: libstdc++'s introsort, followed only down the segment that holds position k.
+
+Imported only when numba is installed (`pip install evomerge[fast]`); `merge.streaming` falls back to
+the torch kernel otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from llvmlite import ir
+from numba import njit, types
+from numba.extending import intrinsic
+
+TIED = 1 << 15  # codes at or above this are tied entries: TIED + their rank among the tied, in index order
+_INSERTION_BLOCK = 16
+
+
+@intrinsic
+def _f32_of_bits(typingctx: Any, bits: Any) -> Any:
+    """The float32 whose bit pattern is the uint32 `bits`."""
+    signature = types.float32(types.uint32)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return signature, codegen
+
+
+@intrinsic
+def _bits_of_f32(typingctx: Any, value: Any) -> Any:
+    """The bit pattern (uint32) of the float32 `value`."""
+    signature = types.uint32(types.float32)
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return signature, codegen
+
+
+@njit(inline="always")
+def _f32(bf16: Any) -> Any:
+    """bf16 bits (int16) -> float32, exact."""
+    return _f32_of_bits(np.uint32(np.int32(bf16) << 16))  # type: ignore[call-arg]  # numba intrinsic
+
+
+@njit(inline="always")
+def _to_bf16(value: Any) -> Any:
+    """float32 -> bf16 bits (int16), rounded to nearest even as torch's c10::BFloat16 does."""
+    bits: Any = _bits_of_f32(value)  # type: ignore[call-arg]  # numba intrinsic
+    bias = ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+    return np.int16((bits + bias) >> np.uint32(16)) if value == value else np.int16(0x7FC0)
+
+
+@njit(inline="always")
+def _delta(tensor: Any, base: Any) -> Any:
+    """bf16(tensor - base): torch's bf16 subtraction."""
+    return _to_bf16(_f32(tensor) - _f32(base))
+
+
+# ---- pass 1: deltas, their magnitude histograms, finiteness ----------------------------------------
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def histogram_deltas(base: Any, tensors: Any, counts: Any, deltas: Any) -> bool:
+    """deltas[i] = bf16(tensors[i] - base) over a block (tensors (M, m), base (m,), bf16 bits as int16)
+    and counts[i, j % 4, |delta_i| key] += 1 (counts (M, 4, 2^15); sum over axis 1). False if an input is NaN or inf (then nothing is counted: the
+    caller falls back to the path that names the tensor)."""
+    models, size = tensors.shape
+    bad = 0
+    for j in range(size):
+        bad |= (base[j] & 0x7FFF) >= 0x7F80
+    for i in range(models):
+        for j in range(size):
+            bad |= (tensors[i, j] & 0x7FFF) >= 0x7F80
+    if bad:
+        return False
+    for i in range(models):
+        row = deltas[i]
+        for j in range(size):
+            row[j] = _delta(tensors[i, j], base[j])
+        # four interleaved histograms: runs of equal keys (common in bf16 deltas) would otherwise
+        # wait on each other's increment of one counter
+        for j in range(0, size - 3, 4):
+            counts[i, 0, row[j] & 0x7FFF] += 1
+            counts[i, 1, row[j + 1] & 0x7FFF] += 1
+            counts[i, 2, row[j + 2] & 0x7FFF] += 1
+            counts[i, 3, row[j + 3] & 0x7FFF] += 1
+        for j in range(size - size % 4, size):
+            counts[i, 0, row[j] & 0x7FFF] += 1
+    return True
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def deltas_block(base: Any, tensors: Any, deltas: Any) -> None:
+    """deltas[i] = bf16(tensors[i] - base) over a block (inputs checked finite before)."""
+    models, size = tensors.shape
+    for i in range(models):
+        for j in range(size):
+            deltas[i, j] = _delta(tensors[i, j], base[j])
+
+
+# ---- the sort replay -------------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def tie_codes(deltas: Any, boundary: int, codes: Any, first_rank: int) -> int:
+    """codes[j] = |delta_j| key, or TIED + rank for keys equal to `boundary`; returns the next rank."""
+    rank = first_rank
+    for j in range(deltas.size):
+        key = deltas[j] & 0x7FFF
+        tied = key == boundary
+        codes[j] = TIED + rank if tied else key
+        rank += tied
+    return rank
+
+
+@njit(inline="always")
+def _key(code: Any, boundary: int) -> Any:
+    return code if code < TIED else boundary
+
+
+_SCAN = 128  # positions per block of stops (BlockQuicksort's idea: find stops without branches)
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def _partition(codes: Any, low: int, high: int, boundary: int, left_stops: Any, right_stops: Any) -> int:
+    """std::__unguarded_partition(first + 1, last, first) of codes[low:high] (descending keys), exactly:
+    returns the cut. The i-th left stop (an entry not greater than the pivot, scanning up) swaps with the
+    i-th right stop (not less, scanning down) while they have not crossed. Stops are listed a block at a
+    time without branches while the scanned blocks cannot meet; the last stretch runs the plain loop
+    from the state the swaps left."""
+    pivot = _key(codes[low], boundary)
+    left_scan, right_scan = low + 1, high  # unscanned: [left_scan, right_scan)
+    n_left = used_left = n_right = used_right = 0
+    left, right = low + 1, high  # the plain loop's state: next left candidate, last right stop
+    while True:
+        if used_left == n_left:
+            if right_scan - left_scan < _SCAN:
+                break
+            n_left = used_left = 0
+            for t in range(_SCAN):
+                left_stops[n_left] = left_scan + t
+                n_left += _key(codes[left_scan + t], boundary) <= pivot
+            left_scan += _SCAN
+        if used_right == n_right:
+            if right_scan - left_scan < _SCAN:
+                break
+            n_right = used_right = 0
+            for t in range(1, _SCAN + 1):
+                right_stops[n_right] = right_scan - t
+                n_right += _key(codes[right_scan - t], boundary) >= pivot
+            right_scan -= _SCAN
+        pairs = min(n_left - used_left, n_right - used_right)
+        for t in range(pairs):
+            a, b = left_stops[used_left + t], right_stops[used_right + t]
+            codes[a], codes[b] = codes[b], codes[a]
+        if pairs:
+            used_left += pairs
+            used_right += pairs
+            left, right = left_stops[used_left - 1] + 1, right_stops[used_right - 1]
+    while True:
+        while _key(codes[left], boundary) > pivot:
+            left += 1
+        right -= 1
+        while pivot > _key(codes[right], boundary):
+            right -= 1
+        if left >= right:
+            return left
+        codes[left], codes[right] = codes[right], codes[left]
+        left += 1
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def replay_top_k(codes: Any, k: int, boundary: int, chosen: Any) -> bool:
+    """Mark chosen[rank] for the tied entries that a descending std::sort of the keys puts first k.
+
+    `codes` (from `tie_codes`) is permuted in place as the sort would permute the keys. False where the
+    sort would switch to heap sort (depth limit): the caller then lets torch.sort answer.
+    """
+    n = codes.size
+    low, high = 0, n
+    depth = 2 * math.floor(math.log2(max(n, 1)))
+    left_stops = np.empty(_SCAN, dtype=np.int64)
+    right_stops = np.empty(_SCAN, dtype=np.int64)
+    while high - low > _INSERTION_BLOCK and low < k < high:
+        if depth == 0:
+            return False
+        depth -= 1
+        # std::__move_median_to_first(first, first + 1, mid, last - 1), comp = greater
+        a, b, c = low + 1, low + (high - low) // 2, high - 1
+        ka, kb, kc = _key(codes[a], boundary), _key(codes[b], boundary), _key(codes[c], boundary)
+        if ka > kb:
+            pick = b if kb > kc else (c if ka > kc else a)
+        elif ka > kc:
+            pick = a
+        else:
+            pick = c if kb > kc else b
+        codes[low], codes[pick] = codes[pick], codes[low]
+        cut = _partition(codes, low, high, boundary, left_stops, right_stops)
+        if cut <= k:  # the left part is all in; go on in the right part
+            low = cut
+        else:
+            high = cut
+    for j in range(low):  # everything before the segment is in
+        if codes[j] >= TIED:
+            chosen[codes[j] - TIED] = True
+    if low < k:  # the last block is insertion-sorted: stable, so ties keep their order
+        block = codes[low:high].copy()
+        for j in range(1, block.size):
+            item, key = block[j], _key(block[j], boundary)
+            i = j
+            while i > 0 and key > _key(block[i - 1], boundary):
+                block[i] = block[i - 1]
+                i -= 1
+            block[i] = item
+        for j in range(k - low):
+            if block[j] >= TIED:
+                chosen[block[j] - TIED] = True
+    return True
+
+
+# ---- pass 3: trim, elect, disjoint mean, add the base -------------------------------------------------
+
+
+@njit(inline="always")
+def _trim(deltas: Any, threshold: int, chosen: Any, rank: int, weight: Any, values: Any) -> int:
+    """values = delta as float32 where trimming keeps it, else delta * 0 (a signed zero, as mergekit's
+    mask product), times `weight` rounded to bf16 unless it is 1; returns the next tied rank.
+    Kept: key > threshold, or key == threshold and chosen[rank] (`chosen` has one spare entry)."""
+    for j in range(deltas.size):
+        key = deltas[j] & 0x7FFF
+        tied = key == threshold
+        keep = (key > threshold) | (tied & chosen[rank])
+        rank += tied
+        value = _f32(deltas[j])
+        values[j] = value if keep else value * np.float32(0)
+    if weight != 1:
+        for j in range(deltas.size):
+            values[j] = _f32(_to_bf16(values[j] * weight))
+    return rank
+
+
+TILE = _TILE = 2048  # entries per tile of `consensus_block`: its float32 rows stay in the L1 cache
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def consensus_block(
+    base: Any,
+    deltas: Any,
+    thresholds: Any,
+    chosen: Any,
+    ranks: Any,
+    weights: Any,
+    normalize: bool,
+    scratch: Any,
+    out: Any,
+) -> None:
+    """out = bf16(bf16(merged / divisor) + base) over one block of deltas (M, m), trimmed as `_trim`
+    says (thresholds (M,), chosen (M, T + 1), ranks (M,) advanced), weighted, elected and averaged with
+    the operations of `_ChunkScratch.disjoint` and `_disjoint_mean_chunked`, in their order. Tile by
+    tile, so the float32 rows stay in cache; the steps after trimming are loops the compiler vectorises."""
+    models, size = deltas.shape
+    for begin in range(0, size, _TILE):
+        end = min(size, begin + _TILE)
+        width = end - begin
+        for i in range(models):
+            ranks[i] = _trim(
+                deltas[i, begin:end], thresholds[i], chosen[i], ranks[i], weights[i], scratch[3 + i, :width]
+            )
+        total, merged, divisor = scratch[0, :width], scratch[1, :width], scratch[2, :width]
+        first = scratch[3, :width]
+        for j in range(width):
+            total[j] = first[j]
+        for i in range(1, models):
+            row = scratch[3 + i, :width]
+            for j in range(width):
+                total[j] = total[j] + row[j]
+        for j in range(width):  # the elected sign, +1 where the sum is >= 0
+            total[j] = np.float32(1) if total[j] >= 0 else np.float32(-1)
+            merged[j] = np.float32(0)
+            divisor[j] = np.float32(0)
+        for i in range(models):
+            row, weight = scratch[3 + i, :width], weights[i]
+            for j in range(width):
+                agree = np.float32(1) if row[j] * total[j] > 0 else np.float32(0)  # zero never agrees
+                merged[j] = merged[j] + row[j] * agree
+                divisor[j] = divisor[j] + agree * weight
+        for j in range(width):
+            result = _to_bf16(merged[j])
+            if normalize:
+                share = divisor[j] if divisor[j] != 0 else np.float32(1)
+                result = _to_bf16(_f32(result) / _f32(_to_bf16(share)))
+            out[begin + j] = _to_bf16(_f32(result) + _f32(base[begin + j]))

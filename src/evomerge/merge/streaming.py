@@ -1,0 +1,224 @@
+"""TIES on bfloat16 models, block by block from disk: the fast path of `merge_to_dir` at 7B scale.
+
+The torch kernel (`methods/task_arithmetic.py`) holds every input, delta, key and mask of a tensor at
+once and spends most of its time replaying mergekit's sort in numpy. Here one tensor is merged in three
+passes over blocks read straight from the files (no mapping, so memory is the blocks, the deltas and
+the output, never the inputs):
+
+    1. delta_i = bf16(x_i - base) for every model, and a histogram of |delta_i| as 15-bit keys
+       (the top-k threshold and its ties, as `sparsify.key_threshold` finds them);
+    2. where equal magnitudes straddle the threshold, which of them mergekit's argsort keeps: the sort
+       replay (`sparsify._tied_in_prefix`) as one compiled loop over the keys;
+    3. trim, elect the sign, disjoint (weighted) mean, add the base, one compiled pass per block.
+
+Every operation is the torch kernel's, in the same order and rounding, so the output bits are the same
+(tests/merge/test_streaming.py compares the two on tie-heavy tensors). It needs numba (the `fast`
+extra); without it, or for anything but plain TIES on bf16 safetensors (weights, densities and
+`normalize` free; `rescale` off, `lambda` 1), `merge_tensor` returns None and the engine runs the kernel.
+
+Deltas of a tensor are kept between the passes when they fit `keep_bytes`; larger tensors (a 7B
+model's embeddings) recompute them from the files (the page cache) instead.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from functools import cache
+from types import ModuleType
+
+import numpy as np
+import torch
+
+from evomerge.merge.plan import TensorTask
+from evomerge.merge.registry import MergeMethod
+from evomerge.merge.sources import SourceSet
+from evomerge.merge.sparsify import TieBreak, _replay_verified, threshold_of_counts
+
+BLOCK = 1 << 19  # entries per block: 1 MB of bf16 per model, so the blocks stay in cache
+KEEP_BYTES = 512_000_000  # deltas kept in memory between passes up to this size (per tensor)
+_KEYS = 1 << 15
+_KEEP_ALL = -1  # a threshold below every key: nothing is trimmed
+
+
+@cache
+def _jit() -> ModuleType | None:
+    """The compiled loops, or None without numba (or with EVOMERGE_JIT=0, to compare the two paths)."""
+    if os.environ.get("EVOMERGE_JIT", "1") == "0":
+        return None
+    try:
+        from evomerge.merge import _ties_jit
+    except ImportError:
+        return None
+    return _ties_jit
+
+
+def available() -> bool:
+    return _jit() is not None
+
+
+def supported(task: TensorTask, method: MergeMethod, sources: SourceSet, tie_break: TieBreak) -> bool:
+    """Can `merge_tensor` compute this task (else the engine runs the torch kernel)?"""
+    params = task.params
+    if method.name != "ties" or task.base is None or not task.inputs or not task.floating:
+        return False
+    if task.vocab is not None:  # rows re-indexed to another vocabulary (tokenizer_source): the kernel's path
+        return False
+    if task.compute_dtype != torch.bfloat16 or math.prod(task.shape) == 0:
+        return False
+    if params.get("rescale") or params.get("lambda_", 1.0) != 1.0 or min(params["density"]) <= 0:
+        return False
+    if any(sources.info(*ref).dtype != torch.bfloat16 for ref in task.refs):
+        return False
+    return available() and (tie_break == "stable" or _replay_verified())
+
+
+def merge_tensor(
+    task: TensorTask,
+    sources: SourceSet,
+    tie_break: TieBreak = "mergekit",
+    *,
+    block: int = BLOCK,
+    keep_bytes: int = KEEP_BYTES,
+) -> torch.Tensor | None:
+    """The TIES merge of one `supported` task in bf16, read block by block from `sources`; None where
+    the compiled path cannot answer (a NaN/inf input, the sort's heap-sort fallback, a pickle source)
+    and the torch kernel must run (and name the problem)."""
+    jit = _jit()
+    assert jit is not None
+    job = _Job(task, sources, block, keep=2 * len(task.inputs) * math.prod(task.shape) <= keep_bytes)
+    counts = job.first_pass(jit)
+    if counts is None:
+        return None
+    trims = [job.trim(jit, i, counts[i], d, tie_break) for i, d in enumerate(task.params["density"])]
+    job.codes = None  # the replay's buffer goes before the output is allocated
+    if any(trim is None for trim in trims):
+        return None
+    return job.consensus(jit, [trim for trim in trims if trim is not None])
+
+
+class _Job:
+    """One tensor's inputs as block readers, its buffers, and the deltas when they are kept."""
+
+    def __init__(self, task: TensorTask, sources: SourceSet, block: int, keep: bool) -> None:
+        self.task, self.sources = task, sources
+        self.n = math.prod(task.shape)
+        self.models = len(task.inputs)
+        self.block = min(block, self.n)
+        self.base_block = np.empty(self.block, dtype=np.int16)
+        self.input_blocks = np.empty((self.models, self.block), dtype=np.int16)
+        self.deltas = np.empty((self.models, self.n), dtype=np.int16) if keep else None
+        self.codes: np.ndarray | None = None
+
+    def _spans(self) -> range:
+        return range(0, self.n, self.block)
+
+    def _read(self, start: int, models: range) -> tuple[np.ndarray, np.ndarray] | None:
+        """Base and input blocks at `start` (rows of `models` filled), or None for a pickle source."""
+        size = min(self.block, self.n - start)
+        base = self.base_block[:size]
+        assert self.task.base is not None
+        if not self.sources.read_range(*self.task.base, start, base):
+            return None
+        for i in models:
+            if not self.sources.read_range(*self.task.inputs[i], start, self.input_blocks[i, :size]):
+                return None
+        return base, self.input_blocks[:, :size]
+
+    def first_pass(self, jit: ModuleType) -> np.ndarray | None:
+        """Histograms (M, 2^15) of the deltas' magnitude keys; the deltas kept if there is room."""
+        counts = np.zeros((self.models, 4, _KEYS), dtype=np.int64)
+        scratch = np.empty((self.models, self.block), dtype=np.int16)
+        for start in self._spans():
+            blocks = self._read(start, range(self.models))
+            if blocks is None:
+                return None
+            base, inputs = blocks
+            out = (
+                scratch[:, : base.size] if self.deltas is None else self.deltas[:, start : start + base.size]
+            )
+            if not jit.histogram_deltas(base, inputs, counts, out):
+                return None  # NaN/inf: the torch path names the tensor and the model
+        return counts.sum(axis=1)
+
+    def deltas_of(self, jit: ModuleType, start: int, models: range) -> np.ndarray | None:
+        """The deltas (rows `models`) of the block at `start`: kept ones, or recomputed from the files."""
+        size = min(self.block, self.n - start)
+        if self.deltas is not None:
+            return self.deltas[:, start : start + size]
+        blocks = self._read(start, models)
+        if blocks is None:
+            return None
+        base, inputs = blocks
+        out = np.empty((self.models, size), dtype=np.int16)
+        jit.deltas_block(base, inputs[models.start : models.stop], out[models.start : models.stop])
+        return out
+
+    def trim(
+        self, jit: ModuleType, model: int, counts: np.ndarray, density: float, tie_break: TieBreak
+    ) -> tuple[int, np.ndarray] | None:
+        """(threshold, chosen): delta `model` keeps keys above the threshold and the tied ones whose
+        rank (among the tied, in index order) `chosen` marks; `magnitude_keep`'s set exactly."""
+        k = max(1, int(density * self.n))
+        if density >= 1 or k >= self.n:
+            return _KEEP_ALL, np.zeros(1, dtype=bool)
+        found = threshold_of_counts(counts, k)
+        if found is None:
+            return None
+        threshold, above, tied = found
+        chosen = np.zeros(tied + 1, dtype=bool)  # one spare: the trimming pass reads chosen[rank] ahead
+        if above + tied == k:
+            chosen[:tied] = True
+        elif tie_break == "stable":
+            chosen[: k - above] = True
+        elif not self._replay(jit, model, k, threshold, chosen):
+            return None
+        return threshold, chosen
+
+    def _replay(self, jit: ModuleType, model: int, k: int, threshold: int, chosen: np.ndarray) -> bool:
+        if self.codes is None:  # one buffer for every model of the tensor (fresh pages cost faults)
+            self.codes = np.empty(self.n, dtype=np.int32 if self.n < (1 << 31) - _KEYS else np.int64)
+        codes = self.codes
+        rank = 0
+        for start in self._spans():
+            deltas = self.deltas_of(jit, start, range(model, model + 1))
+            if deltas is None:
+                return False
+            rank = jit.tie_codes(deltas[model], threshold, codes[start : start + deltas.shape[1]], rank)
+        return bool(jit.replay_top_k(codes, k, threshold, chosen))
+
+    def consensus(self, jit: ModuleType, trims: list[tuple[int, np.ndarray]]) -> torch.Tensor | None:
+        """The merged tensor from the trimming thresholds and chosen ties, block by block."""
+        params = self.task.params
+        stored = (
+            torch.tensor(params["weight"], dtype=torch.bfloat16).float().numpy()
+        )  # as mergekit holds them
+        thresholds = np.array([threshold for threshold, _ in trims], dtype=np.int64)
+        chosen = _stacked([row for _, row in trims])
+        scratch = np.empty((3 + self.models, jit.TILE), dtype=np.float32)
+        out = np.empty(self.n, dtype=np.int16)
+        ranks = np.zeros(self.models, dtype=np.int64)
+        normalize = bool(params["normalize"])
+        for start in self._spans():
+            deltas = self.deltas_of(jit, start, range(self.models))
+            if deltas is None:
+                return None
+            size = deltas.shape[1]
+            base = self.base_block[:size]
+            if self.deltas is not None:
+                assert self.task.base is not None
+                self.sources.read_range(*self.task.base, start, base)
+            end = start + size
+            jit.consensus_block(
+                base, deltas, thresholds, chosen, ranks, stored, normalize, scratch, out[start:end]
+            )
+        self.deltas = None
+        return torch.from_numpy(out).view(torch.bfloat16).reshape(self.task.shape)
+
+
+def _stacked(rows: list[np.ndarray]) -> np.ndarray:
+    """Rows of different lengths as one (M, longest) bool array (the compiled loop takes one 2-D array)."""
+    stacked = np.zeros((len(rows), max(row.size for row in rows)), dtype=bool)
+    for index, row in enumerate(rows):
+        stacked[index, : row.size] = row
+    return stacked
