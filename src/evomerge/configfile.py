@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -36,6 +37,25 @@ def format_validation_error(error: ValidationError, *, unknown_field_hint: str) 
             message = f"unknown field '{item['loc'][-1]}'; {unknown_field_hint}"
         lines.append(f"{where}: {message}" if where and where not in message else message)
     return "; ".join(dict.fromkeys(lines))
+
+
+def settings_block_message(
+    error: ValidationError, *, block: str, name: str, settings: Mapping[str, type[BaseModel]], docs: str
+) -> str:
+    """One line for a settings block chosen by `name` (an optimiser's, a backend's) that failed to
+    validate: each problem located (`block.field: ...`), and a setting unknown to `name` named with the
+    entries that do have it (`'random' has no setting 'sigma0'; it is a setting of cma-es`)."""
+    clauses = []
+    for item in error.errors():
+        where = ".".join([block, *(str(part) for part in item["loc"])])
+        message = str(item["msg"]).removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            field = str(item["loc"][-1])
+            owners = sorted(n for n, model in settings.items() if field in model.model_fields)
+            belongs = f"; it is a setting of {', '.join(owners)}" if owners else ""
+            message = f"'{name}' has no setting '{field}'{belongs} (see {docs})"
+        clauses.append(f"{where}: {message}")
+    return "; ".join(dict.fromkeys(clauses))
 
 
 def _read_source(source: str | Path) -> tuple[str, str]:

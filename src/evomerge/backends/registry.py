@@ -22,6 +22,7 @@ from pydantic import ValidationError, create_model
 
 from evomerge.backends.base import Backend, BackendSettings
 from evomerge.backends.ray import RaySettings  # settings only: Ray itself is imported when one is built
+from evomerge.configfile import settings_block_message
 from evomerge.errors import ConfigError
 
 
@@ -127,17 +128,8 @@ def parse_backend_settings(data: Any) -> BackendSettings:
 
 
 def _settings_message(error: ValidationError, name: str) -> str:
-    clauses = []
-    for item in error.errors():
-        where = ".".join(["backend", *(str(part) for part in item["loc"])])
-        message = str(item["msg"]).removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            field_name = str(item["loc"][-1])
-            owners = [n for n, entry in _BACKENDS.items() if field_name in entry.settings.model_fields]
-            belongs = f"; it is a setting of {', '.join(sorted(owners))}" if owners else ""
-            message = f"'{name}' has no setting '{field_name}'{belongs} (see docs/ray.md)"
-        clauses.append(f"{where}: {message}")
-    return "; ".join(dict.fromkeys(clauses))
+    settings = {n: entry.settings for n, entry in _BACKENDS.items()}
+    return settings_block_message(error, block="backend", name=name, settings=settings, docs="docs/ray.md")
 
 
 def make_backend(settings: BackendSettings | str, request: BackendRequest) -> Backend:

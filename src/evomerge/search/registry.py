@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from evomerge.configfile import settings_block_message
 from evomerge.errors import ConfigError
 from evomerge.search.base import Optimizer, OptimizerSettings, SearchSpace, Seeds
 from evomerge.search.ga import GAOptimizer, GASettings
@@ -94,17 +95,10 @@ def parse_settings(data: Any) -> OptimizerSettings:
 
 
 def _settings_message(error: ValidationError, name: str) -> str:
-    clauses = []
-    for item in error.errors():
-        where = ".".join(["optimizer", *(str(part) for part in item["loc"])])
-        message = str(item["msg"]).removeprefix("Value error, ")
-        if item["type"] == "extra_forbidden":
-            field = str(item["loc"][-1])
-            owners = [n for n, entry in _OPTIMIZERS.items() if field in entry.settings.model_fields]
-            belongs = f"; it is a setting of {', '.join(sorted(owners))}" if owners else ""
-            message = f"'{name}' has no setting '{field}'{belongs} (see docs/evolve.md)"
-        clauses.append(f"{where}: {message}")
-    return "; ".join(dict.fromkeys(clauses))
+    settings = {n: entry.settings for n, entry in _OPTIMIZERS.items()}
+    return settings_block_message(
+        error, block="optimizer", name=name, settings=settings, docs="docs/evolve.md"
+    )
 
 
 def make_optimizer(
