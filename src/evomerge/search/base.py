@@ -24,8 +24,8 @@ from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from evomerge.errors import ConfigError
 from evomerge.eval.result import EvalResult
+from evomerge.extras import check_extra
 
 
 # --- search spaces ------------------------------------------------------------------------------------
@@ -233,10 +233,7 @@ SEARCH_EXTRA = "install it with `pip install 'evomerge[search]'`"
 
 def require_extra(module: str, who: str) -> None:
     """A ConfigError (a ValueError, so pydantic locates it) when `module` of the `search` extra is missing."""
-    import importlib.util
-
-    if importlib.util.find_spec(module) is None:
-        raise ConfigError(f"{who} needs {module}, which is not installed; {SEARCH_EXTRA}")
+    check_extra(module, who=who, extra="search")
 
 
 def as_genome(x: np.ndarray, dim: int) -> np.ndarray:
