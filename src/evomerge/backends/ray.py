@@ -28,10 +28,10 @@ import torch
 from pydantic import Field, field_validator, model_validator
 
 from evomerge.backends.base import Backend, BackendSettings
-from evomerge.errors import ConfigError, EvaluationError
+from evomerge.errors import EvaluationError
 from evomerge.eval.result import EvalResult
+from evomerge.extras import check_extra, import_extra
 
-RAY_EXTRA = "install it with `pip install 'evomerge[ray]'`"
 log = logging.getLogger(__name__)
 
 # Recipe keys whose values are model dirs (what `paths` rewrites for the workers).
@@ -66,20 +66,13 @@ class RaySettings(BackendSettings):
 
     @model_validator(mode="after")
     def _ray_installed(self) -> RaySettings:
-        import importlib.util
-
-        if importlib.util.find_spec("ray") is None:
-            raise ValueError(f"backend 'ray' needs Ray, which is not installed; {RAY_EXTRA}")
+        check_extra("ray", who="backend 'ray'", extra="ray")
         return self
 
 
 def import_ray() -> Any:
     """The `ray` module, or a ConfigError naming the extra to install."""
-    try:
-        import ray
-    except ImportError as error:
-        raise ConfigError(f"backend: 'ray' needs Ray ({error}); {RAY_EXTRA}") from None
-    return ray
+    return import_extra("ray", who="backend 'ray'", extra="ray")
 
 
 # --- per-node paths -------------------------------------------------------------------------------------
