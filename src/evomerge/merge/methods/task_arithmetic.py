@@ -19,7 +19,7 @@ stacked `(M, ...).sum(dim=0)`, so the results agree to the bit without building 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ from evomerge.merge.sparsify import (
     magnitude_keep,
     sparsify_,
 )
+from evomerge.merge.task_vectors import BoundTaskVectors
 
 
 def _sparse_deltas(
@@ -54,20 +55,40 @@ def _sparse_deltas(
     rescale: bool,
     tie_break: TieBreak,
     defer_trim: bool = False,
+    task_vectors: BoundTaskVectors | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
     """sparsify(x_i - base), each a fresh tensor owned by the caller (not yet weighted), and the TIES
-    keep masks left to the caller (`defer_trim`, where the weight is 1: mergekit masks before weighting)."""
+    keep masks left to the caller (`defer_trim`, where the weight is 1: mergekit masks before weighting).
+
+    `task_vectors` (the in-memory loop's cache, see merge/task_vectors.py) supplies the raw deltas and the
+    deterministically sparsified ones computed for an earlier candidate; the result is the same bits."""
     deltas: list[torch.Tensor] = []
     keeps: list[torch.Tensor | None] = []
     for index, tensor in enumerate(tensors):
-        delta, keep = tensor - base, None
         density = per_model["density"][index]
+        extra = {key: values[index] for key, values in per_model.items() if key in ("gamma", "epsilon")}
+        if sparsification == "della_magprune":
+            check_della(density, extra["epsilon"], f"{method} (model {index})")
+        if task_vectors is not None and sparsification in _DETERMINISTIC and 0 < density < 1:
+            # trimmed once per (tensor, model, density, ...): the weights do not change it
+            params = (sparsification, density, rescale, tie_break, *sorted(extra.items()))
+            delta = task_vectors.sparse(
+                index,
+                params,
+                _trimmer(
+                    task_vectors, index, tensor, base, sparsification, density, rescale, tie_break, extra
+                ),
+            )
+            deltas.append(delta)
+            keeps.append(None)
+            continue
+        if task_vectors is not None:
+            delta, keep = task_vectors.delta(index, _difference(tensor, base)), None
+        else:
+            delta, keep = tensor - base, None
         if defer_trim and 0 < density < 1 and delta.numel() > 0 and per_model["weight"][index] == 1:
             keep = magnitude_keep(delta, density, tie_break)
         elif sparsification is not None:
-            extra = {key: values[index] for key, values in per_model.items() if key in ("gamma", "epsilon")}
-            if sparsification == "della_magprune":
-                check_della(density, extra["epsilon"], f"{method} (model {index})")
             sparsify_(
                 delta, sparsification, density=density, rescale=rescale, generator=generator,
                 tie_break=tie_break, **extra,
@@ -75,6 +96,41 @@ def _sparse_deltas(
         deltas.append(delta)
         keeps.append(keep)
     return deltas, keeps
+
+
+_DETERMINISTIC = ("magnitude", "magnitude_outliers")  # sparsifiers that draw nothing: cacheable results
+
+
+def _difference(tensor: torch.Tensor, base: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: tensor - base
+
+
+def _trimmer(
+    task_vectors: BoundTaskVectors,
+    index: int,
+    tensor: torch.Tensor,
+    base: torch.Tensor,
+    sparsification: SparsificationName,
+    density: float,
+    rescale: bool,
+    tie_break: TieBreak,
+    extra: dict[str, float],
+) -> Callable[[], torch.Tensor]:
+    """Computes the sparsified delta from the (cached) raw one, as the uncached path does in place."""
+
+    def trim() -> torch.Tensor:
+        delta = task_vectors.delta(index, _difference(tensor, base))
+        return sparsify_(
+            delta,
+            sparsification,
+            density=density,
+            rescale=rescale,
+            generator=None,
+            tie_break=tie_break,
+            **extra,
+        )
+
+    return trim
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -270,13 +326,14 @@ def generalized_task_arithmetic(
     gamma: Sequence[float] | None = None,
     epsilon: Sequence[float] | None = None,
     tie_break: TieBreak = "mergekit",
+    task_vectors: BoundTaskVectors | None = None,
 ) -> torch.Tensor:
     """The shared kernel; see the module docstring for the equations.
 
     `tie_break` is not a mergekit parameter: how equal magnitudes at the TIES / Breadcrumbs threshold are
     chosen. "mergekit" reproduces mergekit's choice exactly (by replaying its sort, only when such a tie
     exists); "stable" keeps the lowest indices first in linear time. The engine may pass it; configs
-    cannot.
+    cannot. Nor can they pass `task_vectors`, the in-memory loop's task-vector cache for this tensor.
     """
     base = require_base(method, base)
     check_models(method, tensors, base)
@@ -287,8 +344,9 @@ def generalized_task_arithmetic(
     per_model = {k: check_per_model(method, k, v, count) for k, v in named.items() if v is not None}
     defer_trim = consensus and sparsification == "magnitude" and not rescale and _blockwise(base)
     deltas, keeps = _sparse_deltas(
-        method, tensors, base, sparsification, generator, per_model, rescale, tie_break, defer_trim
-    )
+        method, tensors, base, sparsification, generator, per_model, rescale, tie_break, defer_trim,
+        task_vectors,
+    )  # fmt: skip
     if consensus:
         merged = _consensus_sum(deltas, per_model["weight"], normalize, keeps)
     else:
@@ -364,6 +422,6 @@ for _name, _sparse, _consensus, _normalize, _rescale, _about in _FAMILY:
             min_models=0,  # mergekit accepts the base alone and returns it
             randomized=_sparse in ("random", "della_magprune"),
             description=_about,
-            options=("tie_break",),
+            options=("tie_break", "task_vectors"),
         )
     )
