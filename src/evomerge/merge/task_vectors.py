@@ -11,8 +11,8 @@ same tensors candidate after candidate. `TaskVectorCache` keeps them, keyed by
     (tensor, model, base, "magnitude_outliers", density, gamma, rescale, tie_break)   a Breadcrumbs one
 
 What is exact: a cached tensor is the very tensor the kernel would compute (the same ops on the same
-inputs), and the kernel gets a fresh copy it may overwrite, so the merge is bit-identical with and
-without the cache (tests/merge/test_task_vectors.py checks that per method). Random sparsification (DARE,
+inputs), and the kernel gets a fresh copy where it writes in place, or else reads the cached tensor and
+makes the same products out of place, so the merge is bit-identical with and without the cache (tests/merge/test_task_vectors.py checks that per method). Random sparsification (DARE,
 DELLA) draws from a per-candidate seed, so only its raw delta is cached and the draw is made as before.
 
 Memory: entries are kept while their bytes fit `budget_bytes`. Raw deltas are never evicted (every
@@ -81,9 +81,11 @@ class TaskVectorCache:
         """The view the kernel of one tensor uses: source `i` of the kernel is `models[i]`."""
         return BoundTaskVectors(self, tensor, tuple(models), base)
 
-    def get(self, key: Hashable, compute: Callable[[], torch.Tensor], *, raw: bool) -> torch.Tensor:
-        """A tensor the caller owns (it may write to it): a copy of the cached one, or `compute()`'s
-        result (kept, as a copy, if it fits)."""
+    def get(
+        self, key: Hashable, compute: Callable[[], torch.Tensor], *, raw: bool, copy: bool = True
+    ) -> torch.Tensor:
+        """The tensor under `key`, computed by `compute()` and kept if it fits. `copy`: one the caller
+        owns (it may write to it); else possibly the cached tensor itself, which the caller only reads."""
         with self._lock:
             table = self._raw if raw else self._sparse
             cached = table.get(key)
@@ -92,12 +94,12 @@ class TaskVectorCache:
                 if not raw:
                     self._sparse.move_to_end(key)
         if cached is not None:
-            return cached.clone()
+            return cached.clone() if copy else cached
         value = compute()
-        self._keep(key, value, raw)
+        self._keep(key, value, raw, copy)
         return value
 
-    def _keep(self, key: Hashable, value: torch.Tensor, raw: bool) -> None:
+    def _keep(self, key: Hashable, value: torch.Tensor, raw: bool, copy: bool) -> None:
         size = value.numel() * value.element_size()
         with self._lock:
             self.misses += 1
@@ -108,7 +110,8 @@ class TaskVectorCache:
                 self.bytes -= old.numel() * old.element_size()
             if self.bytes + size > self.budget_bytes:
                 return
-            (self._raw if raw else self._sparse)[key] = value.clone()
+            # the caller may write to its tensor only when it asked for a copy
+            (self._raw if raw else self._sparse)[key] = value.clone() if copy else value
             self.bytes += size
 
     def clear(self) -> None:
@@ -130,14 +133,18 @@ class BoundTaskVectors:
     def __init__(self, cache: TaskVectorCache, tensor: str, models: tuple[str, ...], base: str) -> None:
         self.cache, self.tensor, self.models, self.base = cache, tensor, models, base
 
-    def delta(self, index: int, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Source `index`'s raw task vector `x - base` (an owned copy)."""
+    def delta(self, index: int, compute: Callable[[], torch.Tensor], copy: bool = True) -> torch.Tensor:
+        """Source `index`'s raw task vector `x - base` (an owned copy, or with copy=False read-only)."""
         key = (self.tensor, self.models[index], self.base, "delta")
-        return self.cache.get(key, compute, raw=True)
+        return self.cache.get(key, compute, raw=True, copy=copy)
 
     def sparse(
-        self, index: int, params: tuple[Any, ...], compute: Callable[[], torch.Tensor]
+        self,
+        index: int,
+        params: tuple[Any, ...],
+        compute: Callable[[], torch.Tensor],
+        copy: bool = True,
     ) -> torch.Tensor:
         """Source `index`'s task vector after a deterministic sparsification described by `params`."""
         key = (self.tensor, self.models[index], self.base, *params)
-        return self.cache.get(key, compute, raw=False)
+        return self.cache.get(key, compute, raw=False, copy=copy)

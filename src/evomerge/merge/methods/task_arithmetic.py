@@ -56,14 +56,17 @@ def _sparse_deltas(
     tie_break: TieBreak,
     defer_trim: bool = False,
     task_vectors: BoundTaskVectors | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[bool]]:
     """sparsify(x_i - base), each a fresh tensor owned by the caller (not yet weighted), and the TIES
     keep masks left to the caller (`defer_trim`, where the weight is 1: mergekit masks before weighting).
 
     `task_vectors` (the in-memory loop's cache, see merge/task_vectors.py) supplies the raw deltas and the
-    deterministically sparsified ones computed for an earlier candidate; the result is the same bits."""
+    deterministically sparsified ones computed for an earlier candidate; those that need no further
+    writing are the cache's own tensors, flagged in the third list (shared: the caller must not write to
+    them). The result is the same bits."""
     deltas: list[torch.Tensor] = []
     keeps: list[torch.Tensor | None] = []
+    shared: list[bool] = []
     for index, tensor in enumerate(tensors):
         density = per_model["density"][index]
         extra = {key: values[index] for key, values in per_model.items() if key in ("gamma", "epsilon")}
@@ -78,12 +81,15 @@ def _sparse_deltas(
                 _trimmer(
                     task_vectors, index, tensor, base, sparsification, density, rescale, tie_break, extra
                 ),
+                copy=False,
             )
             deltas.append(delta)
             keeps.append(None)
+            shared.append(True)
             continue
+        written = sparsification is not None and density < 1  # sparsified in place below
         if task_vectors is not None:
-            delta, keep = task_vectors.delta(index, _difference(tensor, base)), None
+            delta, keep = task_vectors.delta(index, _difference(tensor, base), copy=written), None
         else:
             delta, keep = tensor - base, None
         if defer_trim and 0 < density < 1 and delta.numel() > 0 and per_model["weight"][index] == 1:
@@ -95,7 +101,8 @@ def _sparse_deltas(
             )  # fmt: skip
         deltas.append(delta)
         keeps.append(keep)
-    return deltas, keeps
+        shared.append(task_vectors is not None and not written)
+    return deltas, keeps, shared
 
 
 _DETERMINISTIC = ("magnitude", "magnitude_outliers")  # sparsifiers that draw nothing: cacheable results
@@ -143,13 +150,19 @@ def _as_stored(weights: list[float], dtype: torch.dtype) -> list[float]:
     return torch.tensor(weights, dtype=dtype).tolist()
 
 
-def _plain_sum(deltas: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
-    """sum_i w_i delta_i, divided by sum_i w_i (summed in the deltas' dtype, ~0 -> 1) when normalizing."""
+def _plain_sum(
+    deltas: list[torch.Tensor], weights: list[float], normalize: bool, shared: list[bool] | None = None
+) -> torch.Tensor:
+    """sum_i w_i delta_i, divided by sum_i w_i (summed in the deltas' dtype, ~0 -> 1) when normalizing.
+
+    `shared` deltas (the task-vector cache's) are read, not written: the same products, out of place."""
     dtype = deltas[0].dtype
     stored = _as_stored(weights, dtype)
-    merged = deltas[0].mul_(stored[0]).to(_accumulator(dtype))  # no copy for float32
-    for delta, weight in zip(deltas[1:], stored[1:], strict=True):
-        merged.add_(delta.mul_(weight))
+    shared = shared or [False] * len(deltas)
+    first = torch.mul(deltas[0], stored[0]) if shared[0] else deltas[0].mul_(stored[0])
+    merged = first.to(_accumulator(dtype))  # no copy for float32
+    for delta, weight, read_only in zip(deltas[1:], stored[1:], shared[1:], strict=True):
+        merged.add_(torch.mul(delta, weight) if read_only else delta.mul_(weight))
     merged = merged.to(dtype)
     if normalize:
         divisor = torch.tensor(weights, dtype=dtype, device=merged.device).reshape(-1, 1).sum(dim=0)
@@ -196,21 +209,29 @@ def _consensus_sum(
     weights: list[float],
     normalize: bool,
     keeps: list[torch.Tensor | None] | None = None,
+    shared: list[bool] | None = None,
 ) -> torch.Tensor:
     """TIES disjoint merge: keep each entry's weighted deltas that agree in sign with their sum; add them.
 
-    `keeps` are trimming masks not yet applied (only where the blocks apply them, and the weight is 1)."""
+    `keeps` are trimming masks not yet applied (only where the blocks apply them, and the weight is 1).
+    `shared` deltas (the task-vector cache's) are read, not written: the same products, out of place;
+    the blocks copy what they overwrite, and elsewhere a shared delta of weight 1 is copied."""
     dtype, accumulator = deltas[0].dtype, _accumulator(deltas[0].dtype)
     stored = _as_stored(weights, dtype)
+    shared = shared or [False] * len(deltas)
     # w_i delta_i rounded in the work dtype (times 1 is exact: skipped)
     weighted = [
-        delta if weight == 1 else delta.mul_(weight) for delta, weight in zip(deltas, stored, strict=True)
+        delta if weight == 1 else torch.mul(delta, weight) if read_only else delta.mul_(weight)
+        for delta, weight, read_only in zip(deltas, stored, shared, strict=True)
     ]
+    still_shared = [read_only and weight == 1 for read_only, weight in zip(shared, stored, strict=True)]
     del deltas[:]
     if _blockwise(weighted[0]):
         return _disjoint_mean_chunked(weighted, stored, normalize, keeps=keeps)
     assert keeps is None or all(keep is None for keep in keeps)  # deferred only to the blocks
-    exact = [delta.to(accumulator) for delta in weighted]  # held exactly in the accumulator dtype
+    exact = [  # held exactly in the accumulator dtype (the disjoint sum writes to them)
+        delta.to(accumulator, copy=read_only) for delta, read_only in zip(weighted, still_shared, strict=True)
+    ]
     merged, divisor = _disjoint_sum(exact, _elected_signs(exact, dtype), stored, normalize)
     return _divided_(merged.to(dtype), None if divisor is None else divisor.to(dtype))
 
@@ -343,14 +364,14 @@ def generalized_task_arithmetic(
     named = {"weight": weight, "density": density, "gamma": gamma, "epsilon": epsilon}
     per_model = {k: check_per_model(method, k, v, count) for k, v in named.items() if v is not None}
     defer_trim = consensus and sparsification == "magnitude" and not rescale and _blockwise(base)
-    deltas, keeps = _sparse_deltas(
+    deltas, keeps, shared = _sparse_deltas(
         method, tensors, base, sparsification, generator, per_model, rescale, tie_break, defer_trim,
         task_vectors,
     )  # fmt: skip
     if consensus:
-        merged = _consensus_sum(deltas, per_model["weight"], normalize, keeps)
+        merged = _consensus_sum(deltas, per_model["weight"], normalize, keeps, shared)
     else:
-        merged = _plain_sum(deltas, per_model["weight"], normalize)
+        merged = _plain_sum(deltas, per_model["weight"], normalize, shared)
     if lambda_ != 1:
         merged.mul_(lambda_)
     return merged.add_(base)
