@@ -88,9 +88,9 @@ def _sparse_deltas(
             shared.append(True)
             continue
         written = sparsification is not None and density < 1  # sparsified in place below
-        if task_vectors is not None:
-            delta, keep = task_vectors.delta(index, _difference(tensor, base), copy=written), None
-        else:
+        if task_vectors is not None and not written:  # read as it is: no subtraction, no copy
+            delta, keep = task_vectors.delta(index, _difference(tensor, base), copy=False), None
+        else:  # a random drop writes to it: a copy of a cached delta would cost what this does
             delta, keep = tensor - base, None
         if defer_trim and 0 < density < 1 and delta.numel() > 0 and per_model["weight"][index] == 1:
             keep = magnitude_keep(delta, density, tie_break)
