@@ -71,6 +71,9 @@ def _assert_same_bits(left: list[dict[str, torch.Tensor]], right: list[dict[str,
 def test_bit_identical_with_and_without_the_cache(fam: dict[str, Path], method: str) -> None:
     cache = TaskVectorCache(1 << 30)
     _assert_same_bits(_states(fam, method, cache, torch.float32), _states(fam, method, None, torch.float32))
+    if method.startswith(("dare", "della")):  # random drops: x - base afresh (a copy costs the same)
+        assert len(cache) == 0
+        return
     assert cache.hits > 0 and len(cache) > 0
     if method in ("ties", "breadcrumbs", "breadcrumbs_ties"):  # trimmed deltas cached per density
         assert any(len(key) > 4 for key in cache._sparse)
