@@ -5,6 +5,11 @@ what a loop built on `mergekit-yaml` does (merge to a dir, load it with transfor
 Also reports the share of a candidate's time spent merging versus evaluating in memory.
 
     nice .venv/bin/python benchmarks/evolve_speed.py --zoo runs/demo/zoo --candidates 20
+
+`--no-cache` adds the in-memory loop with its task-vector cache off (the same backend, its cache
+switched off for that path: same sources, same live model), to time what the cache saves; `--method`
+and `--density` pick the merge method (the density fixed, so the cache's TIES/Breadcrumbs trims are
+reused while the weights evolve).
 """
 
 from __future__ import annotations
@@ -41,19 +46,30 @@ def main() -> None:
     parser.add_argument(
         "--mergekit", action="store_true", help="also time the disk path through mergekit-yaml"
     )
+    parser.add_argument("--method", default="task_arithmetic", help="merge method of every candidate")
+    parser.add_argument("--density", type=float, default=None, help="fixed density (sparsifying methods)")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="also time the in-memory loop without the task-vector cache"
+    )
+    parser.add_argument("--no-disk", action="store_true", help="skip evomerge's merge-to-disk path")
     args = parser.parse_args()
     torch.set_num_threads(1)
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     if args.random_family:
-        config = _family_config(args.random_family, args.limit)
+        config = _family_config(args.random_family, args.limit, args.method, args.density)
     else:
-        config = _config(args.zoo, args.size, args.limit)
+        config = _config(args.zoo, args.size, args.limit, args.method, args.density)
     space = config.search_space()
     genomes = np.random.default_rng(0).uniform(size=(args.candidates, space.dim))  # (N, D)
     recipes = [space.decode(genome) for genome in genomes]
-    paths = ["memory", "disk", *(["mergekit"] if args.mergekit else [])]
+    paths = [
+        "memory",
+        *(["nocache"] if args.no_cache else []),
+        *([] if args.no_disk else ["disk"]),
+        *(["mergekit"] if args.mergekit else []),
+    ]
     _print(args, _interleaved(config, space, recipes, paths))
 
 
@@ -70,7 +86,13 @@ def _interleaved(config, space, recipes, paths: list[str]) -> dict[str, dict[str
         result = backend.evaluate(recipe, 0)  # type: ignore[attr-defined]
         _add(times["memory"], result.cost["merge_s"] + result.cost["eval_s"], result.score)
         times["memory"]["merge_s"] += result.cost["merge_s"]
-        for path in paths[1:]:
+        if "nocache" in paths:  # the same backend with its cache switched off for this candidate
+            cache, backend.task_vectors, backend._merged = backend.task_vectors, None, None  # type: ignore[attr-defined]
+            plain = backend.evaluate(recipe, 0)  # type: ignore[attr-defined]
+            backend.task_vectors, backend._merged = cache, None  # type: ignore[attr-defined]
+            _add(times["nocache"], plain.cost["merge_s"] + plain.cost["eval_s"], plain.score)
+            times["nocache"]["merge_s"] += plain.cost["merge_s"]
+        for path in [p for p in paths[1:] if p != "nocache"]:
             tick = time.perf_counter()
             score = _via_disk(tasks, recipe, scratch / f"{path}{index}", path)
             _add(times[path], time.perf_counter() - tick, score)
@@ -82,15 +104,24 @@ def _add(entry: dict, seconds: float, score: float) -> None:  # type: ignore[typ
     entry["scores"].append(score)
 
 
-def _config(zoo_dir: Path, size: str, limit: int):  # type: ignore[no-untyped-def]
+def _config(zoo_dir: Path, size: str, limit: int, method: str, density: float | None):  # type: ignore[no-untyped-def]
     from evomerge.cli.demo import demo_config
     from evomerge.runs.config import EvolveConfig
 
     zoo = load_or_build(zoo_dir, size)
-    return EvolveConfig.from_dict(demo_config(zoo, Path(tempfile.mkdtemp()), 1, 8, limit, 0))
+    return EvolveConfig.from_dict(
+        _with_method(demo_config(zoo, Path(tempfile.mkdtemp()), 1, 8, limit, 0), method, density)
+    )
 
 
-def _family_config(hidden: int, limit: int):  # type: ignore[no-untyped-def]
+def _with_method(config: dict, method: str, density: float | None) -> dict:  # type: ignore[type-arg]
+    config["merge_method"] = method
+    if density is not None:
+        config["search"]["fixed"] = {**config["search"].get("fixed", {}), "density": density}
+    return config
+
+
+def _family_config(hidden: int, limit: int, method: str, density: float | None):  # type: ignore[no-untyped-def]
     """A random Llama family (base + 2 fine-tunes) with the zoo tokenizer and a perplexity task."""
     import json
 
@@ -112,14 +143,18 @@ def _family_config(hidden: int, limit: int):  # type: ignore[no-untyped-def]
     lines = [{"prompt": f"{a}+{b}=", "answer": str(a + b)} for a in range(10) for b in range(10)][:limit]
     task.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return EvolveConfig.from_dict(
-        {
-            "base_model": str(family["base"]),
-            "models": [str(family["ft0"]), str(family["ft1"])],
-            "merge_method": "task_arithmetic",
-            "search": {"granularity": "layer", "parameters": {"weight": [0.0, 1.0]}},
-            "fitness": [{"name": "ppl", "dev": str(task), "metric": "perplexity"}],
-            "out": str(root / "run"),
-        }
+        _with_method(
+            {
+                "base_model": str(family["base"]),
+                "models": [str(family["ft0"]), str(family["ft1"])],
+                "merge_method": "task_arithmetic",
+                "search": {"granularity": "layer", "parameters": {"weight": [0.0, 1.0]}},
+                "fitness": [{"name": "ppl", "dev": str(task), "metric": "perplexity"}],
+                "out": str(root / "run"),
+            },
+            method,
+            density,
+        )
     )
 
 
@@ -165,12 +200,18 @@ def _print(args: argparse.Namespace, times: dict[str, dict]) -> None:  # type: i
         if args.random_family
         else f"zoo {args.zoo} ({args.size})"
     )
-    print(f"candidates: {n}, examples each: {args.limit}, {source}")
+    print(f"candidates: {n}, examples each: {args.limit}, {source}, {args.method}, density {args.density}")
     print(
         f"in memory      : {60 * n / memory['total_s']:8.1f} candidates/min (one-off set-up {memory['setup_s']:.1f} s)"
     )
     for path in [p for p in times if p != "memory"]:
         entry = times[path]
+        if path == "nocache":
+            same_bits = memory["scores"] == entry["scores"]
+            print(f"no cache       : {60 * n / entry['total_s']:8.1f} candidates/min; the cache is "
+                  f"{entry['total_s'] / memory['total_s']:.2f}x faster per candidate, "
+                  f"{entry['merge_s'] / memory['merge_s']:.2f}x per merge; identical scores: {same_bits}")  # fmt: skip
+            continue
         same = np.allclose(memory["scores"], entry["scores"], atol=1e-6)
         print(f"via {path:<11}: {60 * n / entry['total_s']:8.1f} candidates/min; in memory is "
               f"{entry['total_s'] / memory['total_s']:.1f}x faster; same scores: {same}")  # fmt: skip

@@ -191,3 +191,19 @@ def test_a_selected_subset_scores_like_the_whole_set_at_those_examples(
     assert part.tasks["sums"].per_example == [whole.tasks["sums"].per_example[i] for i in (7, 2, 9)]
     local.select_examples(None)
     assert local.evaluate(candidate, seed=6).tasks["sums"].n_examples == 12 and merges["n"] == 1
+
+
+def test_the_task_vector_cache_is_on_by_default_and_scores_the_same_off(
+    backend: LocalBackend, scoreable_family: dict[str, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    assert backend.task_vectors is not None and backend.task_vectors.budget_bytes > 0
+    tasks = [load_task(scoreable_family["dev"], metric="perplexity", name="sums")]
+    sample = recipe(scoreable_family, "ties", (0.5, 0.5), density=0.5)
+    with caplog.at_level("INFO", logger="evomerge.backends.local"):
+        plain = LocalBackend.create(scoreable_family["base"], sample, tasks, task_vector_cache="off")
+    assert plain.task_vectors is None
+    assert "task-vector cache: off" in caplog.text
+    for weights in [(0.9, 0.2), (0.3, 0.6)]:
+        config = recipe(scoreable_family, "ties", weights, density=0.5)
+        assert backend.evaluate(config, seed=3).score == plain.evaluate(config, seed=3).score
+    assert backend.task_vectors.hits > 0

@@ -5,12 +5,15 @@ parameters, then the Evaluator scores it. A candidate that is a whole model (the
 `WeightsCandidate`, anything with `write_into(model)`) writes its own tensors into the live model
 instead. This is what makes a laptop-CPU search of hundreds of candidates practical (see
 benchmarks/evolve_speed.py). Sources, model and evaluation live on one device
-(the CPU, or a GPU: `device`). Task vectors are not cached: each candidate's kernel takes
-`source - base` again (one pass per source), which keeps the sources' memory at one copy each.
+(the CPU, or a GPU: `device`). For the task-arithmetic family the sources' task vectors
+(`source - base`, and TIES / Breadcrumbs trimmings of them per density) are cached across candidates
+within a memory budget (`task_vector_cache`: "auto" takes half the free memory, stated in the log;
+"off" or 0 turns it off; see merge/task_vectors.py). The merged weights are the same bits either way.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,6 +33,8 @@ class WholeModel(Protocol):
     def write_into(self, model: torch.nn.Module) -> None: ...
 
 
+log = logging.getLogger(__name__)
+
 MEASURES = ("sparsity",)  # behaviour measures this backend can add to results
 
 
@@ -47,8 +52,10 @@ class LocalBackend:
         *,
         merge_threads: int | None = None,
         sparsity_against: str | None = None,
+        task_vector_cache: Any = "auto",
     ) -> None:
         from evomerge.merge.engine import default_threads
+        from evomerge.merge.task_vectors import TaskVectorCache, resolve_budget
 
         self.model = model
         self.sources = sources
@@ -61,6 +68,21 @@ class LocalBackend:
         self.merge_threads = merge_threads or default_threads()
         evaluator.check_model(model)  # a metric that does not fit the model fails before any work
         self.full_evaluator = evaluator
+        # `source - base` per tensor (and its deterministic trimmings) kept across candidates
+        device = next(model.parameters(), torch.empty(0)).device  # where the sources live too
+        budget = resolve_budget(task_vector_cache, device=device)
+        self.task_vectors = TaskVectorCache(budget) if budget > 0 else None
+        log.info(
+            "task-vector cache: %s",
+            f"up to {budget / 2**30:.2f} GiB"
+            + (
+                " (half the free memory; set task_vector_cache to cap it)"
+                if task_vector_cache == "auto"
+                else ""
+            )
+            if budget
+            else "off",
+        )
         self._merged: tuple[Any, int] | None = None  # the (recipe, seed) the live model holds now
 
     @classmethod
@@ -74,11 +96,13 @@ class LocalBackend:
         max_new_tokens: int | None = None,
         device: str | torch.device = "cpu",
         measures: Sequence[str] = (),
+        task_vector_cache: Any = "auto",
     ) -> LocalBackend:
         """Load the sources of `sample_recipe` into RAM and the base's architecture as the live model.
 
         `measures`: behaviour measures to add to every result; "sparsity" is the fraction of the merged
-        model's weights equal to the base's (1 - the density of its task vector)."""
+        model's weights equal to the base's (1 - the density of its task vector).
+        `task_vector_cache`: "auto" (half the free memory once the sources are loaded), "off", or bytes."""
         from evomerge.allocator import retain_freed_memory
         from evomerge.eval.lm_eval_fitness import make_evaluator
         from evomerge.eval.loading import load_model
@@ -96,7 +120,13 @@ class LocalBackend:
                 f"behaviour measures {unknown} are not computed by the local backend; known: {MEASURES}."
             )
         sparsity_against = str(base_model) if "sparsity" in measures else None
-        return cls(model, sources, evaluator, sparsity_against=sparsity_against)
+        return cls(
+            model,
+            sources,
+            evaluator,
+            sparsity_against=sparsity_against,
+            task_vector_cache=task_vector_cache,
+        )
 
     def evaluate_batch(self, recipes: Sequence[Any], seeds: Sequence[int]) -> list[EvalResult]:
         return [self.evaluate(recipe, seed) for recipe, seed in zip(recipes, seeds, strict=True)]
@@ -122,7 +152,14 @@ class LocalBackend:
                 if isinstance(recipe, WholeModel):
                     recipe.write_into(self.model)
                 else:
-                    merge_into(self.model, recipe, self.sources, seed=seed, threads=self.merge_threads)
+                    merge_into(
+                        self.model,
+                        recipe,
+                        self.sources,
+                        seed=seed,
+                        threads=self.merge_threads,
+                        task_vectors=self.task_vectors,
+                    )
                 _check_finite(self.model)
                 self._merged = (recipe, seed)
         except Exception as error:  # a candidate that cannot be merged is a failed result, not a crash
@@ -147,6 +184,9 @@ class LocalBackend:
         return same / total if total else 0.0
 
     def close(self) -> None:
+        if self.task_vectors is not None:
+            log.info("%s", self.task_vectors.describe())
+            self.task_vectors.clear()
         self.sources.close()
 
 

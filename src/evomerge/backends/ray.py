@@ -135,6 +135,8 @@ def local_backend(request: Any, paths: dict[str, str], use_gpu: bool) -> Backend
         max_new_tokens=request.max_new_tokens,
         device=device,
         measures=request.measures,
+        # several workers on one host would each claim half the free memory: no task-vector cache
+        task_vector_cache="off",
     )
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from pydantic import ValidationError, create_model
+from pydantic import ByteSize, ValidationError, create_model
 
 from evomerge.backends.base import Backend, BackendSettings
 from evomerge.backends.ray import RaySettings  # settings only: Ray itself is imported when one is built
@@ -40,10 +40,14 @@ class BackendRequest:
 
 
 class LocalSettings(BackendSettings):
-    """`local`: this process, one candidate at a time (no settings of its own)."""
+    """`local`: this process, one candidate at a time.
+
+    `task_vector_cache`: keep the task-arithmetic family's task vectors across candidates ("auto": up to
+    half the free memory; "off"; or a cap such as "2GiB" or a byte count). The merge is the same bits."""
 
     name: Literal["local"] = "local"
     schedule: Literal["synchronous"] = "synchronous"
+    task_vector_cache: Literal["auto", "off"] | ByteSize = "auto"
 
 
 BackendFactory = Callable[[Any, BackendRequest], Backend]  # (settings, request) -> Backend
@@ -66,6 +70,7 @@ def _local(settings: LocalSettings, request: BackendRequest) -> Backend:
         max_new_tokens=request.max_new_tokens,
         device=request.device,
         measures=request.measures,
+        task_vector_cache=settings.task_vector_cache,
     )
 
 

@@ -38,6 +38,7 @@ from evomerge.merge.plan import MergePlan, TensorTask, build_plan
 from evomerge.merge.registry import MergeMethod
 from evomerge.merge.sources import SourceSet, all_finite, check_finite  # noqa: F401 (re-exported)
 from evomerge.merge.sparsify import TieBreak
+from evomerge.merge.task_vectors import TaskVectorCache
 from evomerge.merge.tokenizer import tokenizer_dir, write_tokenizer
 
 
@@ -69,13 +70,15 @@ def compute_tensor(
     compute_dtype: torch.dtype | None = None,
     check_finite: bool = True,
     tie_break: TieBreak = "mergekit",
+    task_vectors: TaskVectorCache | None = None,
 ) -> torch.Tensor:
     """Read a task's inputs, run the kernel in the compute dtype and cast to the output dtype.
 
     `compute_dtype` overrides the plan's (merge_into computes in the dtype the sources were loaded in);
     `check_finite=False` skips the NaN/inf check for inputs checked once already. `tie_break="stable"`
     lets top-k sparsification keep the lowest indices among equal magnitudes at the threshold, in linear
-    time, instead of replaying mergekit's sort (see `_extra_params`).
+    time, instead of replaying mergekit's sort (see `_extra_params`). `task_vectors` (merge_into's cache)
+    hands kernels that take it this tensor's cached task vectors.
     """
     dtype = compute_dtype or task.compute_dtype
     inputs = [_input(fetch, model, name, dtype, check_finite) for model, name in task.inputs]
@@ -93,9 +96,14 @@ def compute_tensor(
     if method.kernel is None:  # passthrough without a kernel: copy the single input
         result = inputs[0]
     else:
-        result = method.kernel(
-            inputs, base=base, generator=generator, **task.params, **_extra_params(method, tie_break)
-        )
+        extra = _extra_params(method, tie_break)
+        cacheable = task_vectors is not None and "task_vectors" in method.options
+        # re-indexed rows (tokenizer_source) are not the sources' own: computed afresh
+        if cacheable and task.base is not None and task.vocab is None:
+            assert task_vectors is not None
+            models = [model for model, _ in task.inputs]
+            extra["task_vectors"] = task_vectors.bound(task.name, models, task.base[0])
+        result = method.kernel(inputs, base=base, generator=generator, **task.params, **extra)
     return result if compute_dtype is not None else result.to(task.out_dtype)
 
 
@@ -321,12 +329,15 @@ def merge_into(
     seed: int | None = None,
     tie_break: TieBreak = "mergekit",
     threads: int = 1,
+    task_vectors: TaskVectorCache | None = None,
 ) -> None:
     """Write the merge of `config` over `sources` into `model`'s parameters and buffers, in place.
 
     Tied weights (one tensor under two names) are written once, from the first name the plan reaches
     (the input embedding), as transformers does when it loads tied weights. `threads` > 1 computes that
     many tensors at once (each result is copied in as soon as it is ready, in plan order).
+    `task_vectors` keeps the task-arithmetic family's task vectors across calls (merge/task_vectors.py);
+    the result is the same bits with or without it.
     """
     plan = build_plan(config, sources)
     chosen = _distinct_targets(plan.tasks, model.state_dict(keep_vars=True))
@@ -338,6 +349,7 @@ def merge_into(
         compute_dtype=sources.dtype,
         tie_break=tie_break,
         check_finite=not sources.in_memory,
+        task_vectors=task_vectors,
     )
     with torch.no_grad():
         for (_, target), merged in zip(

@@ -19,7 +19,7 @@ stacked `(M, ...).sum(dim=0)`, so the results agree to the bit without building 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ from evomerge.merge.sparsify import (
     magnitude_keep,
     sparsify_,
 )
+from evomerge.merge.task_vectors import BoundTaskVectors
 
 
 def _sparse_deltas(
@@ -54,27 +55,89 @@ def _sparse_deltas(
     rescale: bool,
     tie_break: TieBreak,
     defer_trim: bool = False,
-) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+    task_vectors: BoundTaskVectors | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor | None], list[bool]]:
     """sparsify(x_i - base), each a fresh tensor owned by the caller (not yet weighted), and the TIES
-    keep masks left to the caller (`defer_trim`, where the weight is 1: mergekit masks before weighting)."""
+    keep masks left to the caller (`defer_trim`, where the weight is 1: mergekit masks before weighting).
+
+    `task_vectors` (the in-memory loop's cache, see merge/task_vectors.py) supplies the raw deltas and the
+    deterministically sparsified ones computed for an earlier candidate; those that need no further
+    writing are the cache's own tensors, flagged in the third list (shared: the caller must not write to
+    them). The result is the same bits."""
     deltas: list[torch.Tensor] = []
     keeps: list[torch.Tensor | None] = []
+    shared: list[bool] = []
     for index, tensor in enumerate(tensors):
-        delta, keep = tensor - base, None
         density = per_model["density"][index]
+        extra = {key: values[index] for key, values in per_model.items() if key in ("gamma", "epsilon")}
+        if sparsification == "della_magprune":
+            check_della(density, extra["epsilon"], f"{method} (model {index})")
+        if task_vectors is not None and sparsification in _DETERMINISTIC and 0 < density < 1:
+            # trimmed once per (tensor, model, density, ...): the weights do not change it
+            params = (sparsification, density, rescale, tie_break, *sorted(extra.items()))
+            delta = task_vectors.sparse(
+                index,
+                params,
+                _trimmer(
+                    task_vectors, index, tensor, base, sparsification, density, rescale, tie_break, extra
+                ),
+                copy=False,
+            )
+            deltas.append(delta)
+            keeps.append(None)
+            shared.append(True)
+            continue
+        written = sparsification is not None and density < 1  # sparsified in place below
+        if task_vectors is not None and not written:  # read as it is: no subtraction, no copy
+            delta, keep = task_vectors.delta(index, _difference(tensor, base), copy=False), None
+        else:  # a random drop writes to it: a copy of a cached delta would cost what this does
+            delta, keep = tensor - base, None
         if defer_trim and 0 < density < 1 and delta.numel() > 0 and per_model["weight"][index] == 1:
             keep = magnitude_keep(delta, density, tie_break)
         elif sparsification is not None:
-            extra = {key: values[index] for key, values in per_model.items() if key in ("gamma", "epsilon")}
-            if sparsification == "della_magprune":
-                check_della(density, extra["epsilon"], f"{method} (model {index})")
             sparsify_(
                 delta, sparsification, density=density, rescale=rescale, generator=generator,
                 tie_break=tie_break, **extra,
             )  # fmt: skip
         deltas.append(delta)
         keeps.append(keep)
-    return deltas, keeps
+        shared.append(task_vectors is not None and not written)
+    return deltas, keeps, shared
+
+
+_DETERMINISTIC = ("magnitude", "magnitude_outliers")  # sparsifiers that draw nothing: cacheable results
+
+
+def _difference(tensor: torch.Tensor, base: torch.Tensor) -> Callable[[], torch.Tensor]:
+    return lambda: tensor - base
+
+
+def _trimmer(
+    task_vectors: BoundTaskVectors,
+    index: int,
+    tensor: torch.Tensor,
+    base: torch.Tensor,
+    sparsification: SparsificationName,
+    density: float,
+    rescale: bool,
+    tie_break: TieBreak,
+    extra: dict[str, float],
+) -> Callable[[], torch.Tensor]:
+    """Computes the sparsified delta from the (cached) raw one, as the uncached path does in place."""
+
+    def trim() -> torch.Tensor:
+        delta = task_vectors.delta(index, _difference(tensor, base))
+        return sparsify_(
+            delta,
+            sparsification,
+            density=density,
+            rescale=rescale,
+            generator=None,
+            tie_break=tie_break,
+            **extra,
+        )
+
+    return trim
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -87,13 +150,19 @@ def _as_stored(weights: list[float], dtype: torch.dtype) -> list[float]:
     return torch.tensor(weights, dtype=dtype).tolist()
 
 
-def _plain_sum(deltas: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
-    """sum_i w_i delta_i, divided by sum_i w_i (summed in the deltas' dtype, ~0 -> 1) when normalizing."""
+def _plain_sum(
+    deltas: list[torch.Tensor], weights: list[float], normalize: bool, shared: list[bool] | None = None
+) -> torch.Tensor:
+    """sum_i w_i delta_i, divided by sum_i w_i (summed in the deltas' dtype, ~0 -> 1) when normalizing.
+
+    `shared` deltas (the task-vector cache's) are read, not written: the same products, out of place."""
     dtype = deltas[0].dtype
     stored = _as_stored(weights, dtype)
-    merged = deltas[0].mul_(stored[0]).to(_accumulator(dtype))  # no copy for float32
-    for delta, weight in zip(deltas[1:], stored[1:], strict=True):
-        merged.add_(delta.mul_(weight))
+    shared = shared or [False] * len(deltas)
+    first = torch.mul(deltas[0], stored[0]) if shared[0] else deltas[0].mul_(stored[0])
+    merged = first.to(_accumulator(dtype))  # no copy for float32
+    for delta, weight, read_only in zip(deltas[1:], stored[1:], shared[1:], strict=True):
+        merged.add_(torch.mul(delta, weight) if read_only else delta.mul_(weight))
     merged = merged.to(dtype)
     if normalize:
         divisor = torch.tensor(weights, dtype=dtype, device=merged.device).reshape(-1, 1).sum(dim=0)
@@ -140,21 +209,29 @@ def _consensus_sum(
     weights: list[float],
     normalize: bool,
     keeps: list[torch.Tensor | None] | None = None,
+    shared: list[bool] | None = None,
 ) -> torch.Tensor:
     """TIES disjoint merge: keep each entry's weighted deltas that agree in sign with their sum; add them.
 
-    `keeps` are trimming masks not yet applied (only where the blocks apply them, and the weight is 1)."""
+    `keeps` are trimming masks not yet applied (only where the blocks apply them, and the weight is 1).
+    `shared` deltas (the task-vector cache's) are read, not written: the same products, out of place;
+    the blocks copy what they overwrite, and elsewhere a shared delta of weight 1 is copied."""
     dtype, accumulator = deltas[0].dtype, _accumulator(deltas[0].dtype)
     stored = _as_stored(weights, dtype)
+    shared = shared or [False] * len(deltas)
     # w_i delta_i rounded in the work dtype (times 1 is exact: skipped)
     weighted = [
-        delta if weight == 1 else delta.mul_(weight) for delta, weight in zip(deltas, stored, strict=True)
+        delta if weight == 1 else torch.mul(delta, weight) if read_only else delta.mul_(weight)
+        for delta, weight, read_only in zip(deltas, stored, shared, strict=True)
     ]
+    still_shared = [read_only and weight == 1 for read_only, weight in zip(shared, stored, strict=True)]
     del deltas[:]
     if _blockwise(weighted[0]):
         return _disjoint_mean_chunked(weighted, stored, normalize, keeps=keeps)
     assert keeps is None or all(keep is None for keep in keeps)  # deferred only to the blocks
-    exact = [delta.to(accumulator) for delta in weighted]  # held exactly in the accumulator dtype
+    exact = [  # held exactly in the accumulator dtype (the disjoint sum writes to them)
+        delta.to(accumulator, copy=read_only) for delta, read_only in zip(weighted, still_shared, strict=True)
+    ]
     merged, divisor = _disjoint_sum(exact, _elected_signs(exact, dtype), stored, normalize)
     return _divided_(merged.to(dtype), None if divisor is None else divisor.to(dtype))
 
@@ -270,13 +347,14 @@ def generalized_task_arithmetic(
     gamma: Sequence[float] | None = None,
     epsilon: Sequence[float] | None = None,
     tie_break: TieBreak = "mergekit",
+    task_vectors: BoundTaskVectors | None = None,
 ) -> torch.Tensor:
     """The shared kernel; see the module docstring for the equations.
 
     `tie_break` is not a mergekit parameter: how equal magnitudes at the TIES / Breadcrumbs threshold are
     chosen. "mergekit" reproduces mergekit's choice exactly (by replaying its sort, only when such a tie
     exists); "stable" keeps the lowest indices first in linear time. The engine may pass it; configs
-    cannot.
+    cannot. Nor can they pass `task_vectors`, the in-memory loop's task-vector cache for this tensor.
     """
     base = require_base(method, base)
     check_models(method, tensors, base)
@@ -286,13 +364,14 @@ def generalized_task_arithmetic(
     named = {"weight": weight, "density": density, "gamma": gamma, "epsilon": epsilon}
     per_model = {k: check_per_model(method, k, v, count) for k, v in named.items() if v is not None}
     defer_trim = consensus and sparsification == "magnitude" and not rescale and _blockwise(base)
-    deltas, keeps = _sparse_deltas(
-        method, tensors, base, sparsification, generator, per_model, rescale, tie_break, defer_trim
-    )
+    deltas, keeps, shared = _sparse_deltas(
+        method, tensors, base, sparsification, generator, per_model, rescale, tie_break, defer_trim,
+        task_vectors,
+    )  # fmt: skip
     if consensus:
-        merged = _consensus_sum(deltas, per_model["weight"], normalize, keeps)
+        merged = _consensus_sum(deltas, per_model["weight"], normalize, keeps, shared)
     else:
-        merged = _plain_sum(deltas, per_model["weight"], normalize)
+        merged = _plain_sum(deltas, per_model["weight"], normalize, shared)
     if lambda_ != 1:
         merged.mul_(lambda_)
     return merged.add_(base)
@@ -364,6 +443,6 @@ for _name, _sparse, _consensus, _normalize, _rescale, _about in _FAMILY:
             min_models=0,  # mergekit accepts the base alone and returns it
             randomized=_sparse in ("random", "della_magprune"),
             description=_about,
-            options=("tie_break",),
+            options=("tie_break", "task_vectors"),
         )
     )
