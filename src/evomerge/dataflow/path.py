@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from evomerge.errors import ConfigError
+from evomerge.search.base import is_space_text
 
 TEXT_KIND = "dataflow"  # the "space" field of a stored path
 
@@ -99,10 +100,4 @@ class LayerPath:
 
 def is_path_text(text: str) -> bool:
     """Whether `text` is a stored LayerPath (and not a merge recipe's YAML)."""
-    if not text.startswith("{"):
-        return False
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return isinstance(payload, dict) and payload.get("space") == TEXT_KIND
+    return is_space_text(text, TEXT_KIND)

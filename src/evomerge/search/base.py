@@ -15,6 +15,7 @@ black-box space, MAP-Elites or NSGA-II plug in without touching them.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -234,6 +235,18 @@ SEARCH_EXTRA = "install it with `pip install 'evomerge[search]'`"
 def require_extra(module: str, who: str) -> None:
     """A ConfigError (a ValueError, so pydantic locates it) when `module` of the `search` extra is missing."""
     check_extra(module, who=who, extra="search")
+
+
+def is_space_text(text: str, kind: str) -> bool:
+    """Whether `text` is a candidate stored by the space whose JSON texts carry `"space": kind` (and not,
+    say, a merge recipe's YAML): how a space that stores JSON tells its own candidates apart."""
+    if not text.startswith("{"):
+        return False
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(payload, dict) and payload.get("space") == kind
 
 
 def as_genome(x: np.ndarray, dim: int) -> np.ndarray:

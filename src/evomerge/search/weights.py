@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from evomerge.errors import ConfigError, TensorMismatchError
-from evomerge.search.base import as_genome
+from evomerge.search.base import as_genome, is_space_text
 from evomerge.search.space import source_alone
 
 BOUND_SCALE = 4.0  # bounds: this many times the largest |value| a tensor holds in any source
@@ -272,7 +272,7 @@ class WeightsSpace:
 
     def from_text(self, text: str) -> Any:
         """The WeightsCandidate stored as `text`, or the MergeConfig of a recipe's YAML."""
-        if not _is_weights_text(text):
+        if not is_space_text(text, TEXT_KIND):
             from evomerge.merge.config import MergeConfig
 
             return MergeConfig.from_yaml(text)
@@ -329,11 +329,3 @@ class WeightsSpace:
 
 
 # --- helpers ------------------------------------------------------------------------------------------
-def _is_weights_text(text: str) -> bool:
-    if not text.startswith("{"):
-        return False
-    try:
-        payload = json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return isinstance(payload, dict) and payload.get("space") == TEXT_KIND
