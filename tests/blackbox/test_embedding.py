@@ -68,3 +68,11 @@ def test_the_router_reads_embedding_genes(embedder: Path, tmp_path: Path) -> Non
 def test_an_embedding_model_that_is_not_a_model_dir_is_refused(embedder: Path, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"combine.embedding.model.*not a model dir"):
         _config(tmp_path, tmp_path / "nowhere")
+
+
+def test_an_embedding_model_without_a_tokenizer_is_refused(embedder: Path, tmp_path: Path) -> None:
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.json").write_text((embedder / "config.json").read_text())
+    with pytest.raises(ConfigError, match=r"combine.embedding.model.*has no tokenizer files"):
+        _config(tmp_path, bare)

@@ -152,6 +152,11 @@ class EmbeddingFeature(_Strict):
             raise ValueError(
                 f"{value} is not a model dir (no config.json); name a causal LM dir evomerge can load"
             )
+        if not any((value / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+            raise ValueError(
+                f"{value} has no tokenizer files (tokenizer.json, tokenizer_config.json) to read prompts with; "
+                "save the model's tokenizer beside it"
+            )
         return value.resolve()
 
 
