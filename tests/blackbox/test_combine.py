@@ -97,3 +97,27 @@ def test_genome_round_trips_and_sources_are_members_alone(config: BlackBoxConfig
     for m, genome in enumerate(space.source_genomes()):
         alone = answer(config, space.decode(genome), prompt)
         assert alone.text == "ABC"[m] and m in alone.asked
+
+
+def test_served_answers_read_only_the_members_each_operator_asks(config: BlackBoxConfig) -> None:
+    """`blackbox serve` asks a member when the operator reads its answer: what is read is what the
+    evolve loop bills (Choice.asked), for every operator."""
+    from evomerge.blackbox.serve import LazyAnswers
+
+    space = BlackBoxSpace(config)
+    recorded = [[said("A", -3.0)], [said("B", -0.5)], [said("C", -0.1)]]
+    combinations = [
+        combo(space, "vote", vote=[0.4, 0.0, 0.5]),
+        combo(space, "pool", pool=[0.0, 0.0, 1.0], floor=-5.0),
+        combo(space, "router", router=[[2.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0], [0.0, 0.0, 4.0, -2.0]]),
+        combo(space, "cascade", thresholds=[0.9, 0.5]),
+        combo(space, "cascade", thresholds=[0.1, 0.5]),
+    ]
+    for c in combinations:
+        lazy = LazyAnswers(3, lambda m: recorded[m])
+        chosen = answer(config, c, Prompt("up x: ", lazy))
+        assert chosen == answer(config, c, Prompt("up x: ", recorded))
+        assert sorted(lazy.asked) == sorted(chosen.asked), c.operator
+    assert len(lazy.asked) == 1  # the last cascade: b (the cheapest) is sure enough
+    with pytest.raises(IndexError):
+        LazyAnswers(3, lambda m: recorded[m])[3]

@@ -67,7 +67,7 @@ class Prompt:
     """One prompt's recorded answers: `answers[m]` holds member m's k samples."""
 
     text: str
-    answers: list[list[Response]]
+    answers: Sequence[Sequence[Response]]  # serve reads them lazily: a member is asked when read
     aggregated: dict[Slot, Response] = field(default_factory=dict)  # propose-then-aggregate's answers
     embedding: tuple[float, ...] = ()  # combine.embedding's features of `text` (blackbox.embed)
 

@@ -1,9 +1,10 @@
 """`blackbox serve RUN_DIR`: the run's best combination as one OpenAI-compatible model.
 
-POST /v1/completions asks each member the prompt as `record` would (the same request, so a recorded
-prompt is answered from the cache with no call, and a new answer is cached), then answers with the
-combination's choice. Every member is asked, whatever the operator would need (simple; a cascade or a
-router pays for more calls than it must: noted in docs/blackbox.md). GET /v1/models lists the one model.
+POST /v1/completions answers with the combination's choice, asking a member only when the operator reads
+its answer (a router: the routed member and the confidence member; a cascade: members cheapest first
+until one is confident; a vote or pool: the members it weighs; an aggregate: its proposers and the
+aggregator). Each member is asked as `record` asks it (the same request, so a recorded prompt is
+answered from the cache with no call, and a new answer is cached). GET /v1/models lists the one model.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ from evomerge.blackbox.cache import Response, ResponseCache, request_key
 from evomerge.blackbox.combine import Combination, Prompt, answer, proposers_of
 from evomerge.blackbox.config import BlackBoxConfig, MemberConfig
 from evomerge.blackbox.evolve import CONFIG_NAME, RESULT_NAME
-from evomerge.blackbox.record import aggregate_requests, ask, base_request, max_tokens, open_clients
+from evomerge.blackbox.record import ask, base_request, max_tokens, open_clients, render
 from evomerge.errors import ConfigError
 from evomerge.extras import import_extra
 
@@ -37,6 +38,28 @@ def load_combination(run_dir: Path) -> tuple[BlackBoxConfig, Combination]:
     return BlackBoxConfig.from_yaml(config_path), Combination.from_text(best)
 
 
+class LazyAnswers(Sequence[Sequence[Response]]):
+    """`answers[m]`: member m's k samples, asked on first read (so a member the operator never reads is
+    never asked); `asked` lists the members read, in order."""
+
+    def __init__(self, n: int, fetch: Callable[[int], list[Response]]) -> None:
+        self._n, self._fetch = n, fetch
+        self._got: dict[int, list[Response]] = {}
+        self.asked: list[int] = []
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, m: int) -> list[Response]:  # type: ignore[override]
+        if not isinstance(m, int) or not -self._n <= m < self._n:
+            raise IndexError(m)
+        m %= self._n
+        if m not in self._got:
+            self._got[m] = self._fetch(m)
+            self.asked.append(m)
+        return self._got[m]
+
+
 class CombinationModel:
     """Answers prompts with the combination, members reached through their clients and the cache."""
 
@@ -47,8 +70,14 @@ class CombinationModel:
         self.budget = max_tokens(config)
 
     def complete(self, text: str) -> str:
-        members = range(len(self.config.members))
-        answers = [[self._answer(m, text, s) for s in range(self.config.sampling.k)] for m in members]
+        return self.choose(text)[0]
+
+    def choose(self, text: str) -> tuple[str, list[int]]:
+        """The combination's answer to `text`, and the members whose answers it read (in order)."""
+        k = self.config.sampling.k
+        answers = LazyAnswers(
+            len(self.config.members), lambda m: [self._answer(m, text, s) for s in range(k)]
+        )
         spec = self.config.combine.embedding
         embedding: tuple[float, ...] = ()
         if spec is not None:
@@ -59,11 +88,13 @@ class CombinationModel:
         if self.combination.operator == "aggregate":  # ask the chosen aggregation only
             c = self.combination
             slot = (c.aggregator, c.template, proposers_of(c.proposers))
-            greedy = [samples[0].text for samples in answers]
-            for wanted, member, request, key in aggregate_requests(self.config, text, greedy, self.budget):
-                if wanted == slot:
-                    prompt.aggregated[slot] = self._ask(member, request, key)
-        return answer(self.config, self.combination, prompt).text
+            member = self.config.members[c.aggregator]
+            filled = render(
+                self.config.combine.templates[c.template], text, [answers[m][0].text for m in slot[2]]
+            )
+            request = {**base_request(self.config, member, filled, 0, self.budget), "operator": "aggregate"}
+            prompt.aggregated[slot] = self._ask(member, request, request_key(member.identity(), request))
+        return answer(self.config, self.combination, prompt).text, list(answers.asked)
 
     def _answer(self, m: int, text: str, sample: int) -> Response:
         member = self.config.members[m]
