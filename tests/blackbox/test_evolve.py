@@ -82,3 +82,32 @@ def test_cli_names_the_unpriced_member(recorded: dict[str, Any], tmp_path: Path)
     path.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(app, ["blackbox", "record", str(path)])
     assert result.exit_code == 2 and "upper" in result.output and "price" in result.output
+
+
+def test_cli_elites_and_export_read_a_blackbox_run(recorded: dict[str, Any], tmp_path: Path) -> None:
+    from evomerge.blackbox.combine import EXPORT_NAME, Combination
+    from evomerge.blackbox.serve import load_combination
+
+    register_commands()
+    config = _with(recorded, tmp_path / "run")
+    evolve(config)
+    runner = CliRunner()
+    listed = runner.invoke(app, ["elites", str(tmp_path / "run")])
+    assert listed.exit_code == 0, listed.output
+    best = listed.output.splitlines()[1].split("\t")
+    assert best[1] == "best on dev" and float(best[3]) == 1.0, listed.output
+    for elite in (best[0], "w1"):  # the best, and any evaluation by its id (w1: the second member alone)
+        out = tmp_path / f"export-{elite}"
+        exported = runner.invoke(app, ["export", str(tmp_path / "run"), str(out), "--elite", elite])
+        assert exported.exit_code == 0, exported.output
+        with RunStore.in_dir(tmp_path / "run") as store:
+            chosen = next(e for e in store.evaluations() if e.key == elite)
+        served_config, served = load_combination(out)
+        assert (
+            served
+            == Combination.from_text(chosen.recipe)
+            == Combination.from_text((out / EXPORT_NAME).read_text())
+        )
+        assert served_config.identity() == config.identity()
+    unknown = runner.invoke(app, ["export", str(tmp_path / "run"), str(tmp_path / "x"), "--elite", "g99c0"])
+    assert unknown.exit_code != 0 and "g99c0" in unknown.output and not (tmp_path / "x").exists()

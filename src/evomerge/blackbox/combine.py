@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from evomerge.blackbox.cache import Response
-from evomerge.blackbox.config import BlackBoxConfig, MemberConfig, Operator
+from evomerge.blackbox.config import CONFIG_NAME, BlackBoxConfig, MemberConfig, Operator
 from evomerge.blackbox.record import Slot
 from evomerge.eval.metrics import normalize_answer
 from evomerge.io.atomic import atomic_write_text
@@ -36,7 +36,8 @@ from evomerge.io.atomic import atomic_write_text
 DROP = 0.01  # vote/pool weight under which a member is not asked
 FLOOR_RANGE = (-20.0, 0.0)
 ROUTER_RANGE = (-3.0, 3.0)
-ALONE_BIAS = 0.3  # a member alone, as a router: small, so one mutation step can route elsewhere
+ALONE_BIAS = 0.3
+EXPORT_NAME = "combination.json"  # an exported combination (BlackBoxSpace.export), next to blackbox.yaml  # a member alone, as a router: small, so one mutation step can route elsewhere
 
 
 @dataclass(frozen=True)
@@ -318,12 +319,17 @@ class BlackBoxSpace:
         return {}
 
     def export(self, text: str, out_dir: Path, *, seed: int, force: bool = False) -> Path:
-        """Write the combination as `combination.json` (with the config that recorded its members)."""
+        """Write the combination as `combination.json` with the config that recorded its members
+        (`blackbox.yaml`): `evomerge blackbox serve OUT_DIR` serves it."""
+        import yaml
+
         out_dir = Path(out_dir)
         if out_dir.exists() and any(out_dir.iterdir()) and not force:
             from evomerge.errors import OutputExistsError
 
             raise OutputExistsError(f"{out_dir} exists; pass force to replace it")
         out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out_dir / "combination.json", text)
+        config = self.config.model_dump(mode="json", exclude_none=True)
+        atomic_write_text(out_dir / CONFIG_NAME, yaml.safe_dump(config, sort_keys=False))
+        atomic_write_text(out_dir / EXPORT_NAME, text)  # last: its presence marks a whole export
         return out_dir

@@ -29,6 +29,9 @@ NEEDS_LOGPROBS = ("pool", "cascade")  # operators that read each member's token 
 COST_OBJECTIVE = "behaviour:thrift"  # minus the cost per example: NSGA-II maximises it beside `score`
 
 
+CONFIG_NAME = "blackbox.yaml"  # the config as a run dir (or an exported combination) keeps it
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

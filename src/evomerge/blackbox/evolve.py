@@ -21,14 +21,13 @@ from typing import Any, cast
 
 from evomerge.blackbox.cache import ResponseCache
 from evomerge.blackbox.combine import BlackBoxSpace, Combination, Prompt, answer
-from evomerge.blackbox.config import BlackBoxConfig, check_config
+from evomerge.blackbox.config import CONFIG_NAME, BlackBoxConfig, check_config
 from evomerge.blackbox.record import CacheMissError, aggregate_requests, load_split, max_tokens, plan
 from evomerge.eval.evaluator import combine_scores, exact_match_scores, mean_task_score
 from evomerge.eval.result import EvalResult
 from evomerge.eval.tasks import Task
 from evomerge.io.atomic import atomic_write_text
 
-CONFIG_NAME = "blackbox.yaml"
 RESULT_NAME = "result.json"
 
 
@@ -238,3 +237,18 @@ def write_result(
     result = {"rows": table, "best": rows["evolved"].to_text() if best is not None else None}
     atomic_write_text(run_dir / RESULT_NAME, json.dumps(result, indent=2))
     return result
+
+
+def export_elite(run_dir: Path, elite_id: str, out_dir: Path, *, force: bool = False) -> Path:
+    """Write the black-box run's evaluation `elite_id` (an id `evomerge elites` lists) as an exported
+    combination (combination.json + blackbox.yaml) that `evomerge blackbox serve OUT_DIR` serves."""
+    from evomerge.runs.outputs import NoResultError, find_evaluation
+
+    run_dir = Path(run_dir)
+    evaluation = find_evaluation(run_dir, elite_id)
+    if not evaluation.result.ok:
+        raise NoResultError(
+            f"{run_dir}: {elite_id} failed on dev ({evaluation.result.error}); nothing to export."
+        )
+    space = BlackBoxSpace(BlackBoxConfig.from_yaml(run_dir / CONFIG_NAME))
+    return space.export(evaluation.recipe, Path(out_dir), seed=evaluation.seed, force=force)

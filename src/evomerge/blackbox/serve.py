@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from evomerge.blackbox.cache import Response, ResponseCache, request_key
-from evomerge.blackbox.combine import Combination, Prompt, answer, proposers_of
+from evomerge.blackbox.combine import EXPORT_NAME, Combination, Prompt, answer, proposers_of
 from evomerge.blackbox.config import BlackBoxConfig, MemberConfig
 from evomerge.blackbox.evolve import CONFIG_NAME, RESULT_NAME
 from evomerge.blackbox.record import ask, base_request, max_tokens, open_clients, render
@@ -26,11 +26,17 @@ from evomerge.extras import import_extra
 
 
 def load_combination(run_dir: Path) -> tuple[BlackBoxConfig, Combination]:
-    """The run's config and its best combination; ConfigError when the dir holds no finished run."""
+    """The config and the combination to serve: a run's best (RUN_DIR/result.json) or an exported elite
+    (OUT_DIR/combination.json, from `evomerge export RUN_DIR OUT_DIR --elite ID`); ConfigError when the
+    dir holds neither."""
     config_path, result_path = Path(run_dir) / CONFIG_NAME, Path(run_dir) / RESULT_NAME
+    exported = Path(run_dir) / EXPORT_NAME
+    if config_path.is_file() and exported.is_file():
+        return BlackBoxConfig.from_yaml(config_path), Combination.from_text(exported.read_text())
     if not config_path.is_file() or not result_path.is_file():
         raise ConfigError(
-            f"{run_dir}: no {CONFIG_NAME} and {RESULT_NAME}; run `evomerge blackbox evolve CONFIG` first"
+            f"{run_dir}: no {CONFIG_NAME} with {RESULT_NAME} (a finished run) or {EXPORT_NAME} (an exported "
+            "elite); run `evomerge blackbox evolve CONFIG` first"
         )
     best = json.loads(result_path.read_text())["best"]
     if best is None:

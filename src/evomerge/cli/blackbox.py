@@ -73,12 +73,15 @@ def evolve_command(
 
 @blackbox_app.command("serve")
 def serve_command(
-    run_dir: Annotated[Path, typer.Argument(help="A `blackbox evolve` run dir.")],
+    run_dir: Annotated[
+        Path, typer.Argument(help="A `blackbox evolve` run dir, or an elite written by `evomerge export`.")
+    ],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
     model_name: Annotated[str, typer.Option(help="The name clients ask for.")] = "blackbox",
 ) -> None:
-    """Serve the run's best combination as one OpenAI-compatible model (/v1/completions)."""
+    """Serve the run's best combination (or an exported elite) as one OpenAI-compatible model
+    (/v1/completions)."""
     from evomerge.blackbox.serve import create_combination_app
     from evomerge.serve.server import serve_forever
 

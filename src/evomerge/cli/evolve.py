@@ -100,7 +100,9 @@ def report(
 
 
 @app.command()
-def elites(run_dir: Path = typer.Argument(..., help="A run dir written by `evomerge evolve`.")) -> None:
+def elites(
+    run_dir: Path = typer.Argument(..., help="A run dir written by `evomerge evolve` or `blackbox evolve`."),
+) -> None:
     """List the run's elites (the best on dev first, then the optimiser's archive or front) with dev scores,
     tab-separated (`| column -t -s $'\\t'` aligns them)."""
     from evomerge.runs.outputs import run_elites
@@ -127,12 +129,19 @@ def export(
     elite: str = typer.Option(..., "--elite", help="The id `evomerge elites` lists (g3c5, w2, ...)."),
     force: bool = typer.Option(False, "--force", help="Overwrite OUT_DIR."),
 ) -> None:
-    """Write one elite as a model dir, with its recipe (mergekit_config.yml) and a model card."""
+    """Write one elite as a model dir, with its recipe (mergekit_config.yml) and a model card (for a
+    black-box run: the combination and its config, which `evomerge blackbox serve OUT_DIR` serves)."""
+    from evomerge.blackbox.report import is_blackbox_run
     from evomerge.runs.outputs import export_elite
 
     setup_process()
     with user_errors():
-        written = export_elite(run_dir, elite, out_dir, force=force)
+        if is_blackbox_run(run_dir):
+            from evomerge.blackbox.evolve import export_elite as export_combination
+
+            written = export_combination(run_dir, elite, out_dir, force=force)
+        else:
+            written = export_elite(run_dir, elite, out_dir, force=force)
     console.print(f"wrote {written}", markup=False, highlight=False)
 
 
