@@ -216,3 +216,35 @@ def test_a_ps_dfs_run_killed_in_either_phase_resumes_like_an_uninterrupted_one(
     for run in ("ps", "."):
         assert scores(tmp_path / "killed" / run) == scores(tmp_path / "straight" / run)
     assert len(scores(tmp_path / "killed" / "ps")) == 10 and len(scores(tmp_path / "killed")) == 10
+
+
+@pytest.mark.slow
+def test_the_guard_judges_the_path_search_best_on_held_out_dev_lines_and_pays_for_them(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    from evomerge.dataflow.guard import HELD_OUT, GuardVerdict
+
+    fitness = [{"name": "sums", "dev": str(family["dev"]), "metric": "perplexity", "limit": 6}]
+    search = {"space": "ps+dfs", "granularity": "model", "dataflow": {"repeats": 2, "ps_share": 0.5}}
+    both = config(
+        family,
+        tmp_path / "both",
+        merge_method="linear",
+        search=search,
+        fitness=fitness,
+        budget={"max_evaluations": 20},
+    )
+    summary = evolve(both)
+    # The path search's 10 evaluations less the guard's two scorings of 6 held-out lines (2 candidates' worth).
+    assert summary.evaluations == 8 and len(scores(both.out / "ps")) == 10
+    with RunStore.in_dir(both.out) as store:
+        raw, chosen = store.best_on_dev(), store.chosen()
+        reference = next(e for e in store.evaluations() if e.label == "source ps-best")
+    assert raw is not None and summary.best is not None
+    if raw.key == reference.key:  # ps-best alone is the best on dev: nothing to judge
+        assert chosen is None and summary.best.key == reference.key
+        return
+    assert chosen is not None
+    verdict = GuardVerdict.from_dict(chosen[1])
+    assert verdict.examples == HELD_OUT and verdict.n == 6 and verdict.reference == reference.key
+    assert summary.best.key == verdict.chosen == (raw.key if verdict.accepted else reference.key)

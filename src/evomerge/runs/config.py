@@ -46,7 +46,11 @@ class DataflowSettings(_Strict):
     parameter-space phase's best merge, which joins the pool); `repeats`: r, the times each layer may
     appear; `scales`: W evolved or fixed to 1; `encoding`: mixed (scales only for kept layers) or joint
     (the whole M x M matrix); `ps_share`: under ps+dfs, the share of the budget the parameter-space phase
-    spends (evaluations and wall time alike), the path search getting the rest.
+    spends (evaluations and wall time alike), the path search getting the rest. `guard` (ps+dfs): the
+    path search's best replaces ps-best as the run's result only if it beats it in a one-sided paired
+    sign test with p < `guard_alpha` on up to `guard_examples` dev examples after each task's `limit`
+    (None: as many as `limit`), scored after the search; their cost comes off the path search's budget
+    (dataflow/guard.py; docs/dataflow.md).
     """
 
     models: list[Path] | None = None
@@ -57,6 +61,9 @@ class DataflowSettings(_Strict):
     max_path_length: int | None = Field(default=None, ge=1)
     scale_range: tuple[float, float] = (0.5, 1.5)
     ps_share: float = Field(default=0.75, gt=0, lt=1)
+    guard: bool = True
+    guard_examples: int | None = Field(default=None, ge=1)
+    guard_alpha: float = Field(default=0.05, gt=0, lt=1)
 
     @field_validator("repeats")
     @classmethod
@@ -466,10 +473,14 @@ class EvolveConfig(YamlConfig):
         budget = _scaled_budget(self.budget, share)
         return self.model_copy(update={"search": search, "budget": budget, "out": self.out / PS_DIR})
 
-    def dfs_phase(self) -> EvolveConfig:
-        """ps+dfs: this config with the path search's share of the budget (1 - ps_share)."""
+    def dfs_phase(self, *, reserve: int = 0) -> EvolveConfig:
+        """ps+dfs: this config with the path search's share of the budget (1 - ps_share), less `reserve`
+        evaluations (what the guard's scoring is worth; at least one evaluation stays)."""
         share = 1 - self.search.dataflow.ps_share
-        return self.model_copy(update={"budget": _scaled_budget(self.budget, share)})
+        budget = _scaled_budget(self.budget, share)
+        if reserve and budget.max_evaluations is not None:
+            budget = budget.model_copy(update={"max_evaluations": max(1, budget.max_evaluations - reserve)})
+        return self.model_copy(update={"budget": budget})
 
 
 def _scaled_budget(budget: BudgetConfig, share: float) -> BudgetConfig:

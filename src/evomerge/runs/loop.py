@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import numpy as np
 from evomerge.backends.base import Backend, Pool
 from evomerge.backends.registry import BackendRequest
 from evomerge.backends.registry import make_backend as build_backend
+from evomerge.dataflow.guard import HELD_OUT, SEARCHED, guard_cost, held_out_tasks, judge
 from evomerge.errors import ConfigError, EvomergeError, OutputExistsError
 from evomerge.eval.result import EvalResult
 from evomerge.io.atomic import atomic_write_text
@@ -167,9 +168,62 @@ def _ps_then_dfs(
                 f"{phase.out}: the parameter-space phase has no successful candidate to merge."
             )
         phase.search_space().export(best.recipe, best_dir, seed=best.seed, force=True)
-    dfs = config.dfs_phase()
+    flow = config.search.dataflow
+    held_out = held_out_tasks(config.fitness, flow.guard_examples) if flow.guard else []
+    dfs = config.dfs_phase(reserve=guard_cost(config.fitness, held_out))
     with _backend(dfs, backend) as built:
-        return _run(run_dir, dfs, space, built, progress)
+        with RunStore.in_dir(run_dir) as store:
+            store.choose(None)  # a resumed run searches on: the guard judges its new best afterwards
+        summary = _run(run_dir, dfs, space, built, progress)
+        if not flow.guard or summary.best is None:
+            return summary
+        return replace(summary, best=_guard(run_dir, dfs, space, built, held_out))
+
+
+def _guard(
+    run_dir: Path, config: EvolveConfig, space: SearchSpace, backend: Backend, held_out: list[Any]
+) -> Evaluation:
+    """The ps+dfs guard (dataflow/guard.py): the path search's best stays the run's result only if it
+    beats ps-best alone (the warm start's identity path) beyond the noise; the verdict goes in the store."""
+    with RunStore.in_dir(run_dir) as store:
+        best = store.best_on_dev()
+        reference = next(
+            (e for e in store.evaluations() if e.label == f"source {PS_BEST}" and e.result.ok), None
+        )
+        assert best is not None
+        if reference is None or reference.key == best.key:
+            return best
+        if held_out:
+            scored = _score_on(config, space, backend, held_out, [reference, best])
+            results, examples = scored, HELD_OUT
+        else:
+            results, examples = [reference.result, best.result], SEARCHED
+        verdict = judge(
+            (reference.key, results[0]),
+            (best.key, results[1]),
+            alpha=config.search.dataflow.guard_alpha,
+            examples=examples,
+        )
+        chosen = best if verdict.accepted else reference
+        store.choose((chosen.generation, chosen.index), verdict.to_dict())
+    return chosen
+
+
+def _score_on(
+    config: EvolveConfig, space: SearchSpace, backend: Backend, tasks: list[Any], picked: list[Evaluation]
+) -> list[EvalResult]:
+    """`picked`'s candidates scored on `tasks` (the guard's held-out dev examples), with their own seeds."""
+    from evomerge.dataflow.backend import PathBackend
+
+    candidates = [space.from_text(e.recipe) for e in picked]
+    seeds = [e.seed for e in picked]
+    if isinstance(backend, PathBackend):
+        return backend.on_tasks(tasks).evaluate_batch(candidates, seeds)
+    built = make_backend(config, tasks=tasks)
+    try:
+        return built.evaluate_batch(candidates, seeds)
+    finally:
+        built.close()
 
 
 def _run(
@@ -459,16 +513,17 @@ def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def make_backend(config: EvolveConfig, *, split: str = "dev") -> Backend:
+def make_backend(config: EvolveConfig, *, split: str = "dev", tasks: list[Any] | None = None) -> Backend:
     """The backend the config names (backends.registry), scoring on the `split` ("dev" or "test") of
-    each fitness task; it holds the base and every source, so any default merge evaluates too."""
+    each fitness task (or on `tasks`, when given); it holds the base and every source, so any default
+    merge evaluates too."""
     from evomerge.merge.config import MergeConfig
 
     settings = config.evaluation
     request = BackendRequest(
         base_model=config.base_model,
         sample_recipe=MergeConfig.from_dict(union_recipe(config)),
-        tasks=load_tasks(config, split=split),
+        tasks=load_tasks(config, split=split) if tasks is None else tasks,
         batch_size=settings.batch_size,
         max_new_tokens=settings.max_new_tokens,
         device=settings.torch_device(),
