@@ -78,7 +78,7 @@ class RunSummary:
     evaluations: int
     generations: int
     best: Evaluation | None
-    stopped_by: str  # "max_evaluations" or "max_wall_seconds"
+    stopped_by: str  # "max_evaluations", "max_wall_seconds" or "patience"
 
 
 @dataclass(frozen=True)
@@ -158,8 +158,8 @@ def _ps_then_dfs(
     into `out/ps-best`, then the path search over the pool with that merge in it (this run dir's store).
     Resumable at any point: a finished merge marks the first phase done."""
     best_dir = run_dir / PS_BEST
+    phase = config.ps_phase()
     if not best_dir.is_dir():
-        phase = config.ps_phase()
         evolve(phase, force=force, progress=progress)
         with RunStore.in_dir(phase.out) as store:
             best = store.best()
@@ -168,9 +168,12 @@ def _ps_then_dfs(
                 f"{phase.out}: the parameter-space phase has no successful candidate to merge."
             )
         phase.search_space().export(best.recipe, best_dir, seed=best.seed, force=True)
+    with RunStore.in_dir(phase.out) as store:
+        ps_spent, ps_seconds = store.count_evaluations(), store.elapsed()
     flow = config.search.dataflow
     held_out = held_out_tasks(config.fitness, flow.guard_examples) if flow.guard else []
-    dfs = config.dfs_phase(reserve=guard_cost(config.fitness, held_out))
+    reserve = guard_cost(config.fitness, held_out)
+    dfs = config.dfs_phase(ps_spent=ps_spent, ps_seconds=ps_seconds, reserve=reserve)
     with _backend(dfs, backend) as built:
         with RunStore.in_dir(run_dir) as store:
             store.choose(None)  # a resumed run searches on: the guard judges its new best afterwards
@@ -243,7 +246,7 @@ def _run(
             reason = clock.stop_reason(store.count_evaluations()) or "max_evaluations"
             return RunSummary(run_dir, store.count_evaluations(), generation, store.best(), reason)
         optimizer, generation = _restore_or_start(store, backend, space, config, clock, checkpoint)
-        while (stop := clock.stop_reason(store.count_evaluations())) is None:
+        while (stop := clock.stop_reason(store.count_evaluations()) or _stagnated(store, config)) is None:
             genomes = optimizer.ask()  # (population, dim)
             points = [Point(genome, space.decode(genome)) for genome in genomes]
             results = _evaluate(store, backend, space, config, generation, points, clock)
@@ -253,6 +256,14 @@ def _run(
             generation += 1
             _save_checkpoint(store, generation, optimizer, clock)
         return RunSummary(run_dir, store.count_evaluations(), generation, store.best(), stop)
+
+
+def _stagnated(store: RunStore, config: EvolveConfig) -> str | None:
+    """ "patience" once the best on dev is `budget.patience` evaluations old or more, else None."""
+    patience = config.budget.patience
+    if patience is None:
+        return None
+    return "patience" if store.evaluations_since_best() >= patience else None
 
 
 def _fitness_layer(config: EvolveConfig, space: SearchSpace, backend: Backend, store: RunStore) -> Backend:
@@ -421,7 +432,8 @@ def _clear(run_dir: Path, *, is_run: bool) -> None:
 def _write_config(run_dir: Path, config: EvolveConfig) -> None:
     import yaml
 
-    atomic_write_text(run_dir / CONFIG_NAME, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    data = config.model_dump(mode="json", exclude=config.unused_fields())
+    atomic_write_text(run_dir / CONFIG_NAME, yaml.safe_dump(data, sort_keys=False))
 
 
 def load_run_config(run_dir: Path) -> EvolveConfig:

@@ -289,6 +289,17 @@ class RunStore:
         ).fetchone()
         return None if row is None else _row_to_evaluation(row)
 
+    def evaluations_since_best(self) -> int:
+        """How many evaluations were asked after the best on dev (all of them when none succeeded yet)."""
+        best = self.best_on_dev()
+        if best is None:
+            return self.count_evaluations()
+        row = self._db.execute(
+            'SELECT COUNT(*) FROM evaluations WHERE generation > ? OR (generation = ? AND "index" > ?)',
+            (best.generation, best.generation, best.index),
+        ).fetchone()
+        return int(row[0])
+
     def choose(self, key: tuple[int, int] | None, note: dict[str, Any] | None = None) -> None:
         """Make evaluation `key` (generation, index) the run's result whatever its dev score, with `note`
         (why: a guard's verdict); None clears the choice (the best on dev is the result again)."""
