@@ -1,19 +1,27 @@
 """Data-flow-space merging on the lm zoo (issue 11): paths against parameter-space merges at one budget.
 
-Variants, each run for `--evaluations` evaluations in all (warm start included), 3 seeds, on each target
-(`multi`: the three skills mixed; `compose`: add then reverse, which no single specialist does):
+Variants, each run for `--evaluations` evaluations in all (warm start and the guard included), 3 seeds,
+on each target (`multi`: the three skills mixed; `compose`: add then reverse, which no single specialist
+does):
 - `ps`: per-layer task-arithmetic weights of the three specialists (the demo's search), CMA-ES;
 - `dfs`: a layer path over the three specialists (owner `add`, r = 2, at most 12 layers, mixed encoding,
   scales evolved in [0.5, 1.5]), CMA-ES;
-- `ps+dfs`: `ps` for three quarters of the budget (the default `ps_share`), its best merge joins the
-  pool (and owns the path), `dfs` for the rest (`ps+dfs-50`: half each);
+- `ps+dfs-90` / `-75` / `-50`: `ps` for that share of the budget (`ps_share` 0.9, the default; 0.75;
+  0.5), its best merge joins the pool (and owns the path), `dfs` for the rest, then the guard (the path
+  search's best replaces ps-best only if it wins a paired sign test on held-out dev lines; their two
+  scorings come off the path search's budget). `ps+dfs`: the config's defaults. Each ps+dfs row also
+  reports its PS phase's own best (`ps-best`) and the path search's best on dev without the guard;
 - ablations of `dfs`: `dfs-w1` (scales fixed to 1) and `dfs-joint` (the joint M x M encoding of W).
 Every variant runs CMA-ES (population 8, sigma0 0.25, IPOP restarts from the best so far: a restart
-from a random point of the path space lands on paths that break the model). Each run's best on dev
-(among everything it evaluated, warm start included) is scored once on the target's test split.
+from a random point of the path space lands on paths that break the model). Each run's result (its best
+on dev; under ps+dfs, what the guard kept) is scored once on the target's test split.
 
     nice /work/main/.venv/bin/python benchmarks/dataflow.py --zoo /work/main/runs/demo/zoo \
-        --out /tmp/df/benchF --evaluations 96 --limit 60 --seeds 0 1 2 --workers 2
+        --out /tmp/dfs/main240 --evaluations 240 --limit 60 --seeds 0 1 2 --workers 2
+
+Also: `--switch-rules PS_RUN_DIR...` replays when ps+dfs would hand over to the path search (a budget
+share, or a plateau of `ps_patience` evaluations) on finished `ps` runs; `--probe [--probe-owner DIR]`
+scores hand-made paths that insert, swap or stack specialists' layers; `--overhead` times a path model.
 """
 
 from __future__ import annotations
@@ -26,8 +34,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("ps", "dfs", "ps+dfs", "ps+dfs-75", "dfs-w1", "dfs-joint", "ps+dfs-50")
-SHARES = {"ps+dfs": 0.9, "ps+dfs-75": 0.75, "ps+dfs-50": 0.5}  # ps+dfs: the default ps_share
+VARIANTS = ("ps", "dfs", "ps+dfs-90", "ps+dfs-75", "ps+dfs-50", "dfs-w1", "dfs-joint", "ps+dfs")
+SHARES = {"ps+dfs-90": 0.9, "ps+dfs-75": 0.75, "ps+dfs-50": 0.5}  # ps+dfs: the default (0.9 today)
 TARGETS = ("multi", "compose")
 SKILLS = ("add", "reverse", "translate")
 
@@ -65,10 +73,9 @@ def config_for(zoo: Path, out: Path, target: str, variant: str, seed: int, args:
             "parameters": {"weight": [0.0, 1.5]},
         }
     if variant.startswith("ps+dfs"):
-        share = SHARES[variant]
         config["merge_method"] = "task_arithmetic"
         config["search"] = {"space": "ps+dfs", "granularity": "layer", "parameters": {"weight": [0.0, 1.5]}}
-        config["search"]["dataflow"] = flow | {"ps_share": share}
+        config["search"]["dataflow"] = flow | ({"ps_share": SHARES[variant]} if variant in SHARES else {})
     if variant.startswith("dfs"):
         flow |= {"scales": "fixed"} if variant == "dfs-w1" else {}
         flow |= {"encoding": "joint"} if variant == "dfs-joint" else {}
@@ -114,6 +121,7 @@ def run_one(job: tuple[str, str, int, str, str, Any]) -> dict[str, Any]:
         "best": best.label or ("path " + describe() if callable(describe) else "evolved recipe"),
         "evaluations": evaluations,
         "search_s": search_s,
+        "run_dir": str(config.out),
         **row,
     }
 
@@ -185,7 +193,7 @@ def main() -> None:
             print(insertion_probe(args.zoo, target, args.limit, args.probe_owner))
         return
     if args.tables_only:
-        rows = _read(args.out / "runs.jsonl")
+        rows = [r for r in _read(args.out / "runs.jsonl") if r["seed"] in args.seeds]
         print(table(rows) + "\n\n" + guard_table(rows) + "\n\n" + search_table(args.out, rows))
         return
     args.out.mkdir(parents=True, exist_ok=True)
@@ -394,7 +402,7 @@ def search_table(out: Path, rows: list[dict[str, Any]]) -> str:
     for target in TARGETS:
         for variant in VARIANTS[1:]:
             found = [
-                path_search(out / f"{target}-{variant}-{r['seed']}")
+                path_search(Path(r.get("run_dir", out / f"{target}-{variant}-{r['seed']}")))
                 for r in sorted(rows, key=lambda r: r["seed"])
                 if r["target"] == target and r["variant"] == variant
             ]
