@@ -11,7 +11,8 @@ does):
   search's best replaces ps-best only if it wins a paired sign test on held-out dev lines; their two
   scorings come off the path search's budget). `ps+dfs`: the config's defaults. Each ps+dfs row also
   reports its PS phase's own best (`ps-best`) and the path search's best on dev without the guard;
-- ablations of `dfs`: `dfs-w1` (scales fixed to 1) and `dfs-joint` (the joint M x M encoding of W).
+- ablations of `dfs`: `dfs-w1` (scales fixed to 1), `dfs-joint` (the joint M x M encoding of W) and
+  `dfs-reset` (mixed, with the scale genes of dropped slots reset to scale 1 before each evaluation).
 Every variant runs CMA-ES (population 8, sigma0 0.25, IPOP restarts from the best so far: a restart
 from a random point of the path space lands on paths that break the model). Each run's result (its best
 on dev; under ps+dfs, what the guard kept) is scored once on the target's test split.
@@ -34,7 +35,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-VARIANTS = ("ps", "dfs", "ps+dfs-90", "ps+dfs-75", "ps+dfs-50", "dfs-w1", "dfs-joint", "ps+dfs")
+VARIANTS = ("ps", "dfs", "ps+dfs-90", "ps+dfs-75", "ps+dfs-50", "dfs-w1", "dfs-joint", "dfs-reset", "ps+dfs")
 SHARES = {"ps+dfs-90": 0.9, "ps+dfs-75": 0.75, "ps+dfs-50": 0.5}  # ps+dfs: the default (0.9 today)
 TARGETS = ("multi", "compose")
 SKILLS = ("add", "reverse", "translate")
@@ -79,6 +80,7 @@ def config_for(zoo: Path, out: Path, target: str, variant: str, seed: int, args:
     if variant.startswith("dfs"):
         flow |= {"scales": "fixed"} if variant == "dfs-w1" else {}
         flow |= {"encoding": "joint"} if variant == "dfs-joint" else {}
+        flow |= {"dropped_scales": "reset"} if variant == "dfs-reset" else {}
         config["search"] = {"space": "dataflow", "dataflow": flow}
     return config
 

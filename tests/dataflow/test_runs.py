@@ -245,6 +245,9 @@ def test_the_guard_judges_the_path_search_best_on_held_out_dev_lines_and_pays_fo
         raw, chosen = store.best_on_dev(), store.chosen()
         reference = next(e for e in store.evaluations() if e.label == "source ps-best")
     assert raw is not None and summary.best is not None
+    # The path search's warm start begins with ps-best alone, as the identity path inside the space.
+    space = both.search_space()
+    assert reference.key == "w0" and space.decode(reference.genome) == space.identity()  # type: ignore[attr-defined]
     if raw.key == reference.key:  # ps-best alone is the best on dev: nothing to judge
         assert chosen is None and summary.best.key == reference.key
         return

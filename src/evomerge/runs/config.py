@@ -48,7 +48,8 @@ class DataflowSettings(_Strict):
     embeddings, head and tokenizer frame every path (default: the first of the pool; under ps+dfs the
     parameter-space phase's best merge, which joins the pool); `repeats`: r, the times each layer may
     appear; `scales`: W evolved or fixed to 1; `encoding`: mixed (scales only for kept layers) or joint
-    (the whole M x M matrix); `ps_share`: under ps+dfs, the share of the budget the parameter-space phase
+    (the whole M x M matrix); `dropped_scales: reset` sets the scale genes of slots a candidate drops
+    back to scale 1 (mixed encoding; `DataflowSpace.repair`); `ps_share`: under ps+dfs, the share of the budget the parameter-space phase
     spends at most (evaluations and wall time alike), the path search getting the rest; `ps_patience`:
     the parameter-space phase also ends once its best on dev has not improved for this many evaluations
     (a plateau), handing what is left to the path search. `guard` (ps+dfs): the
@@ -65,6 +66,7 @@ class DataflowSettings(_Strict):
     encoding: Literal["mixed", "joint"] = "mixed"
     max_path_length: int | None = Field(default=None, ge=1)
     scale_range: tuple[float, float] = (0.5, 1.5)
+    dropped_scales: Literal["keep", "reset"] = "keep"
     ps_share: float = Field(default=0.9, gt=0, lt=1)
     ps_patience: int | None = Field(default=None, ge=1)
     guard: bool = True
@@ -492,6 +494,7 @@ class EvolveConfig(YamlConfig):
             max_path_length=flow.max_path_length,
             scale_range=flow.scale_range,
             dtype=self.dtype,
+            dropped_scales=flow.dropped_scales,
         )
 
     def ps_phase(self) -> EvolveConfig:

@@ -247,7 +247,7 @@ def _run(
             return RunSummary(run_dir, store.count_evaluations(), generation, store.best(), reason)
         optimizer, generation = _restore_or_start(store, backend, space, config, clock, checkpoint)
         while (stop := clock.stop_reason(store.count_evaluations()) or _stagnated(store, config)) is None:
-            genomes = optimizer.ask()  # (population, dim)
+            genomes = _repaired(space, optimizer.ask())  # (population, dim)
             points = [Point(genome, space.decode(genome)) for genome in genomes]
             results = _evaluate(store, backend, space, config, generation, points, clock)
             if results is None:  # the budget ran out inside this generation
@@ -256,6 +256,13 @@ def _run(
             generation += 1
             _save_checkpoint(store, generation, optimizer, clock)
         return RunSummary(run_dir, store.count_evaluations(), generation, store.best(), stop)
+
+
+def _repaired(space: SearchSpace, genomes: np.ndarray) -> np.ndarray:
+    """The asked genomes after the space's `repair` (a space whose genes can be meaningless in some
+    candidates: data-flow scales of dropped slots); evaluated and told as repaired."""
+    repair = getattr(space, "repair", None)
+    return genomes if repair is None else np.stack([repair(genome) for genome in genomes])
 
 
 def _stagnated(store: RunStore, config: EvolveConfig) -> str | None:
