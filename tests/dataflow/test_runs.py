@@ -255,9 +255,13 @@ def test_the_guard_judges_the_path_search_best_on_held_out_dev_lines_and_pays_fo
     verdict = GuardVerdict.from_dict(chosen[1])
     assert verdict.examples == HELD_OUT and verdict.n == 6 and verdict.reference == reference.key
     assert summary.best.key == verdict.chosen == (raw.key if verdict.accepted else reference.key)
+    from evomerge.runs.outputs import run_elites
     from evomerge.runs.report import write_report
 
     assert "guard: the path search" in write_report(both.out).read_text()
+    first, second = run_elites(both.out)[:2]
+    if not verdict.accepted:  # both listed: the result (ps-best) first, then the refused best on dev
+        assert (first.id, second.id) == (reference.key, raw.key) and "refused" in second.niche
 
 
 @pytest.mark.slow
