@@ -216,3 +216,84 @@ def test_a_ps_dfs_run_killed_in_either_phase_resumes_like_an_uninterrupted_one(
     for run in ("ps", "."):
         assert scores(tmp_path / "killed" / run) == scores(tmp_path / "straight" / run)
     assert len(scores(tmp_path / "killed" / "ps")) == 10 and len(scores(tmp_path / "killed")) == 10
+    with RunStore.in_dir(tmp_path / "killed") as killed, RunStore.in_dir(tmp_path / "straight") as straight:
+        assert killed.chosen() == straight.chosen()  # the guard's verdict (on the searched lines: no limit)
+        one, other = killed.best(), straight.best()
+        assert one is not None and other is not None and (one.key, one.score) == (other.key, other.score)
+
+
+@pytest.mark.slow
+def test_the_guard_judges_the_path_search_best_on_held_out_dev_lines_and_pays_for_them(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    from evomerge.dataflow.guard import HELD_OUT, GuardVerdict
+
+    fitness = [{"name": "sums", "dev": str(family["dev"]), "metric": "perplexity", "limit": 6}]
+    search = {"space": "ps+dfs", "granularity": "model", "dataflow": {"repeats": 2, "ps_share": 0.5}}
+    both = config(
+        family,
+        tmp_path / "both",
+        merge_method="linear",
+        search=search,
+        fitness=fitness,
+        budget={"max_evaluations": 20},
+    )
+    summary = evolve(both)
+    # The path search's 10 evaluations less the guard's two scorings of 6 held-out lines (2 candidates' worth).
+    assert summary.evaluations == 8 and len(scores(both.out / "ps")) == 10
+    with RunStore.in_dir(both.out) as store:
+        raw, chosen = store.best_on_dev(), store.chosen()
+        reference = next(e for e in store.evaluations() if e.label == "source ps-best")
+    assert raw is not None and summary.best is not None
+    # The path search's warm start begins with ps-best alone, as the identity path inside the space.
+    space = both.search_space()
+    assert reference.key == "w0" and space.decode(reference.genome) == space.identity()  # type: ignore[attr-defined]
+    if raw.key == reference.key:  # ps-best alone is the best on dev: nothing to judge
+        assert chosen is None and summary.best.key == reference.key
+        return
+    assert chosen is not None
+    verdict = GuardVerdict.from_dict(chosen[1])
+    assert verdict.examples == HELD_OUT and verdict.n == 6 and verdict.reference == reference.key
+    assert summary.best.key == verdict.chosen == (raw.key if verdict.accepted else reference.key)
+    from evomerge.runs.outputs import run_elites
+    from evomerge.runs.report import write_report
+
+    assert "guard: the path search" in write_report(both.out).read_text()
+    first, second = run_elites(both.out)[:2]
+    if not verdict.accepted:  # both listed: the result (ps-best) first, then the refused best on dev
+        assert (first.id, second.id) == (reference.key, raw.key) and "refused" in second.niche
+
+
+@pytest.mark.slow
+def test_a_plateaued_parameter_space_phase_hands_the_rest_of_the_budget_to_the_path_search(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    search = {
+        "space": "ps+dfs",
+        "granularity": "model",
+        "dataflow": {"repeats": 1, "ps_share": 0.8, "ps_patience": 1},
+    }
+    both = config(
+        family, tmp_path / "both", merge_method="linear", search=search, budget={"max_evaluations": 30}
+    )
+    summary = evolve(both)
+    spent = len(scores(both.out / "ps"))
+    assert spent < 24  # stopped by its patience before its share (24)
+    assert summary.evaluations == 30 - spent  # no limit on the task: the guard costs nothing
+
+
+def test_an_evolve_yaml_written_with_the_old_ps_share_default_still_loads(
+    family: dict[str, Path], tmp_path: Path
+) -> None:
+    from evomerge.runs.config import DataflowSettings
+    from evomerge.runs.loop import load_run_config, prepare_run_dir
+
+    old_dump = DataflowSettings().model_dump(mode="json") | {"ps_share": 0.75}  # every parameter run wrote it
+    search = {"space": "parameter", "dataflow": old_dump}
+    loaded = config(family, tmp_path / "run", merge_method="linear", search=search)
+    assert loaded.identity() == config(family, tmp_path / "run", merge_method="linear", search={}).identity()
+    with pytest.raises(ConfigError, match=r"search.dataflow: set"):  # a share the user set is still refused
+        config(family, tmp_path / "run", merge_method="linear", search={"dataflow": {"ps_share": 0.6}})
+    run_dir = prepare_run_dir(loaded, force=False)  # this version writes no data-flow block for it
+    assert "ps_share" not in (run_dir / "evolve.yaml").read_text()
+    assert load_run_config(run_dir).identity() == loaded.identity()

@@ -144,3 +144,20 @@ def test_the_report_draws_the_best_path_instead_of_a_heatmap(pool: list[PoolMode
     best = SimpleNamespace(genome=genome, recipe=space.to_text(space.decode(genome)), name="g0c0")
     view = _recipe_view(space, best)  # type: ignore[arg-type]
     assert view.count("<rect") == len(SCALED) + 2 and "ft1.1 (x0.8)" in view
+
+
+def test_reset_sets_the_scale_genes_of_dropped_slots_back_to_one_and_keeps_the_path(
+    pool: list[PoolModel],
+) -> None:
+    space = DataflowSpace(pool, repeats=2, dropped_scales="reset")
+    kept = [0, 1, 5, 15]  # ft0.0, ft0.1, ft1.1, ft0.3 (second repeat)
+    x = genome(space, [*kept, 20], scale_gene=0.9)  # slot 20 (base.0, after the last owner layer): cut
+    x[len(space.slots) + 13] = 0.7  # a slot in the second repeat (not kept)
+    repaired = space.repair(x)
+    offset = len(space.slots)
+    assert repaired[[offset + t for t in kept]].tolist() == [0.9] * 4  # kept slots: untouched
+    dropped = [offset + t for t in range(len(space.slots)) if t not in kept]
+    assert np.allclose(repaired[dropped], 0.5)  # scale 1 in [0.5, 1.5]
+    assert space.decode(repaired) == space.decode(x)  # the path itself never changes
+    assert np.array_equal(repaired[:offset], x[:offset])
+    assert np.array_equal(DataflowSpace(pool, repeats=2).repair(x), x)  # `keep`, the default: unchanged

@@ -52,6 +52,18 @@ def test_runs_to_budget_and_improves(tmp_path: Path, family: dict[str, Path]) ->
         assert all(e.seed == candidate_seed(3, e.generation, e.index) for e in store.evaluations())
 
 
+def test_patience_stops_a_run_whose_best_stopped_improving(tmp_path: Path, family: dict[str, Path]) -> None:
+    config = make_config(tmp_path, family, budget={"max_evaluations": 40, "patience": 8})
+    summary = evolve(config, backend=FunctionBackend(lambda recipe, seed: 0.5))  # a plateau from the start
+    # The first evaluation stays the best (ties go to the first asked): 11 evaluations after it by the
+    # end of generation 2, checked between generations.
+    assert summary.stopped_by == "patience" and summary.evaluations == 12
+    improving = make_config(tmp_path / "improving", family, budget={"max_evaluations": 40, "patience": 8})
+    calls = iter(range(1000))
+    summary = evolve(improving, backend=FunctionBackend(lambda recipe, seed: float(next(calls))))
+    assert summary.stopped_by == "max_evaluations" and summary.evaluations == 40
+
+
 def test_budget_can_end_inside_a_generation(tmp_path: Path, family: dict[str, Path]) -> None:
     config = make_config(tmp_path, family, budget={"max_evaluations": 6})
     summary = evolve(config, backend=quadratic_backend(config.search_space()))

@@ -65,6 +65,20 @@ class PathBackend:
             return self._score(lambda: self.models[alone])
         return self._score(lambda: path_model(self.models, self.space.check(candidate)))
 
+    def on_tasks(self, tasks: Sequence[Any]) -> PathBackend:
+        """This backend's live models scored on other tasks (the ps+dfs guard's held-out examples)."""
+        from evomerge.eval.evaluator import Evaluator
+
+        old = self.evaluator
+        evaluator = Evaluator(
+            list(tasks),
+            tokenizer=old.tokenizer,
+            batch_size=old.batch_size,
+            max_new_tokens=old.max_new_tokens,
+            device=old.device,
+        )
+        return PathBackend(self.space, self.models, evaluator, self._fallback_factory)
+
     def _score(self, build: Callable[[], torch.nn.Module]) -> EvalResult:
         start = time.perf_counter()
         try:

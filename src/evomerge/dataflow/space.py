@@ -38,6 +38,7 @@ from evomerge.search.base import as_genome
 
 Encoding = Literal["mixed", "joint"]
 ScaleMode = Literal["evolved", "fixed"]
+DroppedScales = Literal["keep", "reset"]
 # The indicator genes `encode` writes, 0.4 either side of the threshold: a search started there (CMA-ES,
 # sigma0 0.25) flips about 5% of the indicators per sample (one or two layers on a zoo path), a local
 # search around a working path; at 0.25 a sample flipped about 16% (four of 24 slots) and nearly every
@@ -59,6 +60,7 @@ class DataflowSpace:
         max_path_length: int | None = None,
         scale_range: tuple[float, float] = (0.5, 1.5),
         dtype: str = "float32",
+        dropped_scales: DroppedScales = "keep",
     ) -> None:
         if repeats < 1:
             raise ConfigError(
@@ -72,6 +74,7 @@ class DataflowSpace:
         self.pool, self.owner, self.repeats = tuple(pool), owner, repeats
         self.scales, self.encoding, self.max_path_length = scales, encoding, max_path_length
         self.scale_range, self.dtype = (float(scale_range[0]), float(scale_range[1])), dtype
+        self.dropped_scales = dropped_scales
         self.layers = [(m, layer) for m, model in enumerate(self.pool) for layer in range(model.n_layers)]
         self.index = {layer: i for i, layer in enumerate(self.layers)}  # (model, layer) -> 0..M-1
         self.slots = self.layers * repeats  # T = M * r
@@ -98,15 +101,32 @@ class DataflowSpace:
     def decode(self, x: np.ndarray) -> LayerPath:
         """The path of genome `x` (possibly empty: see the module doc)."""
         x = np.clip(as_genome(x, self.dim), 0.0, 1.0)
-        indicators, scale_genes = x[: len(self.slots)], x[len(self.slots) :]
+        kept, scale_genes = self._kept(x), x[len(self.slots) :]
+        steps = [Step(*self.slots[t], self._scale(kept, i, scale_genes)) for i, t in enumerate(kept)]
+        return LayerPath(self.models, self.owner, tuple(steps))
+
+    def _kept(self, x: np.ndarray) -> list[int]:
+        """The slots genome `x` (clipped) keeps, after the length limit and the owner cut."""
+        indicators = x[: len(self.slots)]
         kept = [t for t in range(len(self.slots)) if indicators[t] > 0.5]
         if self.max_path_length is not None and len(kept) > self.max_path_length:
             strongest = sorted(kept, key=lambda t: (-indicators[t], t))[: self.max_path_length]
             kept = sorted(strongest)
         owned = [t for t in kept if self.slots[t][0] == self.owner]
-        kept = [t for t in kept if owned and owned[0] <= t <= owned[-1]]
-        steps = [Step(*self.slots[t], self._scale(kept, i, scale_genes)) for i, t in enumerate(kept)]
-        return LayerPath(self.models, self.owner, tuple(steps))
+        return [t for t in kept if owned and owned[0] <= t <= owned[-1]]
+
+    def repair(self, x: np.ndarray) -> np.ndarray:
+        """`x` with, under `dropped_scales: reset` (mixed encoding), the scale gene of every slot the path
+        does not keep set back to scale 1: genes that change nothing would otherwise drift under the
+        optimiser, and a slot switched on later would start from wherever its gene drifted. The loop
+        evaluates and tells the optimiser the repaired genome. Unchanged otherwise."""
+        if self.dropped_scales != "reset" or self.scales == "fixed" or self.encoding != "mixed":
+            return x
+        repaired = np.array(x, dtype=float)
+        kept = set(self._kept(np.clip(repaired, 0.0, 1.0)))
+        dropped = [len(self.slots) + t for t in range(len(self.slots)) if t not in kept]
+        repaired[dropped] = self._unit_gene(1.0)
+        return repaired
 
     def _scale(self, kept: list[int], i: int, genes: np.ndarray) -> float:
         if self.scales == "fixed" or i == 0:

@@ -38,6 +38,9 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+_OLD_PS_SHARE = 0.75  # ps_share's default before 0.9 (benchmarks/results/dataflow.md)
+
+
 class DataflowSettings(_Strict):
     """`search.dataflow`: the data-flow space (dataflow/space.py; docs/dataflow.md).
 
@@ -45,8 +48,15 @@ class DataflowSettings(_Strict):
     embeddings, head and tokenizer frame every path (default: the first of the pool; under ps+dfs the
     parameter-space phase's best merge, which joins the pool); `repeats`: r, the times each layer may
     appear; `scales`: W evolved or fixed to 1; `encoding`: mixed (scales only for kept layers) or joint
-    (the whole M x M matrix); `ps_share`: under ps+dfs, the share of the budget the parameter-space phase
-    spends (evaluations and wall time alike), the path search getting the rest.
+    (the whole M x M matrix); `dropped_scales: reset` sets the scale genes of slots a candidate drops
+    back to scale 1 (mixed encoding; `DataflowSpace.repair`); `ps_share`: under ps+dfs, the share of the budget the parameter-space phase
+    spends at most (evaluations and wall time alike), the path search getting the rest; `ps_patience`:
+    the parameter-space phase also ends once its best on dev has not improved for this many evaluations
+    (a plateau), handing what is left to the path search. `guard` (ps+dfs): the
+    path search's best replaces ps-best as the run's result only if it beats it in a one-sided paired
+    sign test with p < `guard_alpha` on up to `guard_examples` dev examples after each task's `limit`
+    (None: as many as `limit`), scored after the search; their cost comes off the path search's budget
+    (dataflow/guard.py; docs/dataflow.md).
     """
 
     models: list[Path] | None = None
@@ -56,7 +66,12 @@ class DataflowSettings(_Strict):
     encoding: Literal["mixed", "joint"] = "mixed"
     max_path_length: int | None = Field(default=None, ge=1)
     scale_range: tuple[float, float] = (0.5, 1.5)
-    ps_share: float = Field(default=0.75, gt=0, lt=1)
+    dropped_scales: Literal["keep", "reset"] = "keep"
+    ps_share: float = Field(default=0.9, gt=0, lt=1)
+    ps_patience: int | None = Field(default=None, ge=1)
+    guard: bool = True
+    guard_examples: int | None = Field(default=None, ge=1)
+    guard_alpha: float = Field(default=0.05, gt=0, lt=1)
 
     @field_validator("repeats")
     @classmethod
@@ -93,8 +108,13 @@ class SearchConfig(_Strict):
 
 
 class BudgetConfig(_Strict):
+    """When a run stops: `max_evaluations`, `max_wall_seconds` (one at least), and `patience`: also stop
+    once the best on dev has not improved for this many evaluations (checked between generations; the
+    ps+dfs parameter-space phase uses it to hand a plateaued search's budget to the path search)."""
+
     max_evaluations: int | None = Field(default=None, ge=1)
     max_wall_seconds: float | None = Field(default=None, gt=0)
+    patience: int | None = Field(default=None, ge=1)
 
     @model_validator(mode="after")
     def _some_limit(self) -> BudgetConfig:
@@ -325,7 +345,11 @@ class EvolveConfig(YamlConfig):
     def _dataflow_fits(self) -> EvolveConfig:
         flow, space = self.search.dataflow, self.search.space
         if space not in DATAFLOW_SPACES:
-            if flow != DataflowSettings():
+            # A run dir's evolve.yaml written before this version holds the whole block, with ps_share
+            # at its default of then (0.75): that is not a block the user set.
+            if flow.model_copy(update={"ps_share": DataflowSettings().ps_share}) != DataflowSettings() or (
+                flow.ps_share not in (DataflowSettings().ps_share, _OLD_PS_SHARE)
+            ):
                 raise ValueError(
                     f"search.dataflow: set, but search.space is {space!r}; remove it or use dataflow"
                 )
@@ -382,6 +406,13 @@ class EvolveConfig(YamlConfig):
                 f"'{self.optimizer.name}' cannot take (it is told whole generations); use schedule: "
                 f"synchronous, or one of {able}"
             )
+        if self.backend.schedule == "steady-state" and (
+            self.budget.patience is not None or self.search.dataflow.ps_patience is not None
+        ):
+            raise ValueError(
+                "budget.patience / search.dataflow.ps_patience: checked between generations, which a "
+                "steady-state schedule does not have; remove it or use schedule: synchronous"
+            )
         return self
 
     @model_validator(mode="after")
@@ -409,10 +440,16 @@ class EvolveConfig(YamlConfig):
         """What makes two runs the same run: everything but where it is written, the budget and where it
         is evaluated (a run started locally may resume on Ray); the schedule counts, since steady-state
         changes what the optimiser is told."""
-        identity = self.model_dump(mode="json", exclude={"out", "budget", "backend"})
+        ignored: dict[str, Any] = {"out": True, "budget": True, "backend": True} | self.unused_fields()
+        identity = self.model_dump(mode="json", exclude=ignored)
         if self.backend.schedule != "synchronous":
             identity["schedule"] = self.backend.schedule
         return identity
+
+    def unused_fields(self) -> dict[str, Any]:
+        """Fields this run does not read (the data-flow block outside the data-flow spaces): left out of
+        its identity and of the evolve.yaml it writes, so a later default does not make it another run."""
+        return {} if self.search.space in DATAFLOW_SPACES else {"search": {"dataflow"}}
 
     # --- views --------------------------------------------------------------------------------------
     def optimizer_seed(self) -> int:
@@ -457,19 +494,34 @@ class EvolveConfig(YamlConfig):
             max_path_length=flow.max_path_length,
             scale_range=flow.scale_range,
             dtype=self.dtype,
+            dropped_scales=flow.dropped_scales,
         )
 
     def ps_phase(self) -> EvolveConfig:
-        """ps+dfs: the parameter-space phase as a run of its own (in `out/ps`, with its share of the budget)."""
-        share = self.search.dataflow.ps_share
+        """ps+dfs: the parameter-space phase as a run of its own (in `out/ps`, with its share of the budget
+        at most, and `ps_patience` as its patience)."""
+        flow = self.search.dataflow
         search = self.search.model_copy(update={"space": "parameter", "dataflow": DataflowSettings()})
-        budget = _scaled_budget(self.budget, share)
+        budget = _scaled_budget(self.budget, flow.ps_share).model_copy(update={"patience": flow.ps_patience})
         return self.model_copy(update={"search": search, "budget": budget, "out": self.out / PS_DIR})
 
-    def dfs_phase(self) -> EvolveConfig:
-        """ps+dfs: this config with the path search's share of the budget (1 - ps_share)."""
-        share = 1 - self.search.dataflow.ps_share
-        return self.model_copy(update={"budget": _scaled_budget(self.budget, share)})
+    def dfs_phase(
+        self, *, ps_spent: int | None = None, ps_seconds: float = 0.0, reserve: int = 0
+    ) -> EvolveConfig:
+        """ps+dfs: this config with what the parameter-space phase left of the budget: its evaluations
+        (`ps_spent`; None: its whole share) and seconds, less `reserve` evaluations (what the guard's
+        scoring is worth); at least one evaluation stays."""
+        budget, flow = self.budget, self.search.dataflow
+        ps_budget = _scaled_budget(budget, flow.ps_share)
+        evaluations = seconds = None
+        if budget.max_evaluations is not None:
+            spent = ps_spent if ps_spent is not None else ps_budget.max_evaluations
+            evaluations = max(1, budget.max_evaluations - int(spent or 0) - reserve)
+        if budget.max_wall_seconds is not None:
+            used = ps_seconds if ps_spent is not None else float(ps_budget.max_wall_seconds or 0.0)
+            seconds = max(1e-3, budget.max_wall_seconds - used)
+        update = BudgetConfig(max_evaluations=evaluations, max_wall_seconds=seconds)
+        return self.model_copy(update={"budget": update})
 
 
 def _scaled_budget(budget: BudgetConfig, share: float) -> BudgetConfig:

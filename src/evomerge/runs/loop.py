@@ -25,7 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +34,7 @@ import numpy as np
 from evomerge.backends.base import Backend, Pool
 from evomerge.backends.registry import BackendRequest
 from evomerge.backends.registry import make_backend as build_backend
+from evomerge.dataflow.guard import HELD_OUT, SEARCHED, guard_cost, held_out_tasks, judge
 from evomerge.errors import ConfigError, EvomergeError, OutputExistsError
 from evomerge.eval.result import EvalResult
 from evomerge.io.atomic import atomic_write_text
@@ -77,7 +78,7 @@ class RunSummary:
     evaluations: int
     generations: int
     best: Evaluation | None
-    stopped_by: str  # "max_evaluations" or "max_wall_seconds"
+    stopped_by: str  # "max_evaluations", "max_wall_seconds" or "patience"
 
 
 @dataclass(frozen=True)
@@ -157,8 +158,8 @@ def _ps_then_dfs(
     into `out/ps-best`, then the path search over the pool with that merge in it (this run dir's store).
     Resumable at any point: a finished merge marks the first phase done."""
     best_dir = run_dir / PS_BEST
+    phase = config.ps_phase()
     if not best_dir.is_dir():
-        phase = config.ps_phase()
         evolve(phase, force=force, progress=progress)
         with RunStore.in_dir(phase.out) as store:
             best = store.best()
@@ -167,9 +168,65 @@ def _ps_then_dfs(
                 f"{phase.out}: the parameter-space phase has no successful candidate to merge."
             )
         phase.search_space().export(best.recipe, best_dir, seed=best.seed, force=True)
-    dfs = config.dfs_phase()
+    with RunStore.in_dir(phase.out) as store:
+        ps_spent, ps_seconds = store.count_evaluations(), store.elapsed()
+    flow = config.search.dataflow
+    held_out = held_out_tasks(config.fitness, flow.guard_examples) if flow.guard else []
+    reserve = guard_cost(config.fitness, held_out)
+    dfs = config.dfs_phase(ps_spent=ps_spent, ps_seconds=ps_seconds, reserve=reserve)
     with _backend(dfs, backend) as built:
-        return _run(run_dir, dfs, space, built, progress)
+        with RunStore.in_dir(run_dir) as store:
+            store.choose(None)  # a resumed run searches on: the guard judges its new best afterwards
+        summary = _run(run_dir, dfs, space, built, progress)
+        if not flow.guard or summary.best is None:
+            return summary
+        return replace(summary, best=_guard(run_dir, dfs, space, built, held_out))
+
+
+def _guard(
+    run_dir: Path, config: EvolveConfig, space: SearchSpace, backend: Backend, held_out: list[Any]
+) -> Evaluation:
+    """The ps+dfs guard (dataflow/guard.py): the path search's best stays the run's result only if it
+    beats ps-best alone (the warm start's identity path) beyond the noise; the verdict goes in the store."""
+    with RunStore.in_dir(run_dir) as store:
+        best = store.best_on_dev()
+        reference = next(
+            (e for e in store.evaluations() if e.label == f"source {PS_BEST}" and e.result.ok), None
+        )
+        assert best is not None
+        if reference is None or reference.key == best.key:
+            return best
+        if held_out:
+            scored = _score_on(config, space, backend, held_out, [reference, best])
+            results, examples = scored, HELD_OUT
+        else:
+            results, examples = [reference.result, best.result], SEARCHED
+        verdict = judge(
+            (reference.key, results[0]),
+            (best.key, results[1]),
+            alpha=config.search.dataflow.guard_alpha,
+            examples=examples,
+        )
+        chosen = best if verdict.accepted else reference
+        store.choose((chosen.generation, chosen.index), verdict.to_dict())
+    return chosen
+
+
+def _score_on(
+    config: EvolveConfig, space: SearchSpace, backend: Backend, tasks: list[Any], picked: list[Evaluation]
+) -> list[EvalResult]:
+    """`picked`'s candidates scored on `tasks` (the guard's held-out dev examples), with their own seeds."""
+    from evomerge.dataflow.backend import PathBackend
+
+    candidates = [space.from_text(e.recipe) for e in picked]
+    seeds = [e.seed for e in picked]
+    if isinstance(backend, PathBackend):
+        return backend.on_tasks(tasks).evaluate_batch(candidates, seeds)
+    built = make_backend(config, tasks=tasks)
+    try:
+        return built.evaluate_batch(candidates, seeds)
+    finally:
+        built.close()
 
 
 def _run(
@@ -189,8 +246,8 @@ def _run(
             reason = clock.stop_reason(store.count_evaluations()) or "max_evaluations"
             return RunSummary(run_dir, store.count_evaluations(), generation, store.best(), reason)
         optimizer, generation = _restore_or_start(store, backend, space, config, clock, checkpoint)
-        while (stop := clock.stop_reason(store.count_evaluations())) is None:
-            genomes = optimizer.ask()  # (population, dim)
+        while (stop := clock.stop_reason(store.count_evaluations()) or _stagnated(store, config)) is None:
+            genomes = _repaired(space, optimizer.ask())  # (population, dim)
             points = [Point(genome, space.decode(genome)) for genome in genomes]
             results = _evaluate(store, backend, space, config, generation, points, clock)
             if results is None:  # the budget ran out inside this generation
@@ -199,6 +256,21 @@ def _run(
             generation += 1
             _save_checkpoint(store, generation, optimizer, clock)
         return RunSummary(run_dir, store.count_evaluations(), generation, store.best(), stop)
+
+
+def _repaired(space: SearchSpace, genomes: np.ndarray) -> np.ndarray:
+    """The asked genomes after the space's `repair` (a space whose genes can be meaningless in some
+    candidates: data-flow scales of dropped slots); evaluated and told as repaired."""
+    repair = getattr(space, "repair", None)
+    return genomes if repair is None else np.stack([repair(genome) for genome in genomes])
+
+
+def _stagnated(store: RunStore, config: EvolveConfig) -> str | None:
+    """ "patience" once the best on dev is `budget.patience` evaluations old or more, else None."""
+    patience = config.budget.patience
+    if patience is None:
+        return None
+    return "patience" if store.evaluations_since_best() >= patience else None
 
 
 def _fitness_layer(config: EvolveConfig, space: SearchSpace, backend: Backend, store: RunStore) -> Backend:
@@ -367,7 +439,8 @@ def _clear(run_dir: Path, *, is_run: bool) -> None:
 def _write_config(run_dir: Path, config: EvolveConfig) -> None:
     import yaml
 
-    atomic_write_text(run_dir / CONFIG_NAME, yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    data = config.model_dump(mode="json", exclude=config.unused_fields())
+    atomic_write_text(run_dir / CONFIG_NAME, yaml.safe_dump(data, sort_keys=False))
 
 
 def load_run_config(run_dir: Path) -> EvolveConfig:
@@ -459,16 +532,17 @@ def _jsonable(state: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def make_backend(config: EvolveConfig, *, split: str = "dev") -> Backend:
+def make_backend(config: EvolveConfig, *, split: str = "dev", tasks: list[Any] | None = None) -> Backend:
     """The backend the config names (backends.registry), scoring on the `split` ("dev" or "test") of
-    each fitness task; it holds the base and every source, so any default merge evaluates too."""
+    each fitness task (or on `tasks`, when given); it holds the base and every source, so any default
+    merge evaluates too."""
     from evomerge.merge.config import MergeConfig
 
     settings = config.evaluation
     request = BackendRequest(
         base_model=config.base_model,
         sample_recipe=MergeConfig.from_dict(union_recipe(config)),
-        tasks=load_tasks(config, split=split),
+        tasks=load_tasks(config, split=split) if tasks is None else tasks,
         batch_size=settings.batch_size,
         max_new_tokens=settings.max_new_tokens,
         device=settings.torch_device(),

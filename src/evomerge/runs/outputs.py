@@ -72,10 +72,19 @@ def best_evaluation(run_dir: Path) -> Evaluation:
 
 def run_elites(run_dir: Path) -> list[RunElite]:
     """The run's best on dev first (among everything evaluated, warm start included), then the
-    optimiser's elites as of its last checkpoint (an archive, a front; for CMA-ES its own best)."""
+    optimiser's elites as of its last checkpoint (an archive, a front; for CMA-ES its own best). When a
+    guard (ps+dfs) made another evaluation the run's result, that one comes first, then the best on dev."""
     with RunStore.in_dir(run_dir) as store:
-        best, stored = store.best(), store.elites()
-    elites = [RunElite(best.key, "best on dev", best)] if best is not None else []
+        best, stored, chosen, on_dev = store.best(), store.elites(), store.chosen(), store.best_on_dev()
+    if chosen is not None and best is not None and on_dev is not None and on_dev.key != best.key:
+        # A guard (ps+dfs) made another evaluation the run's result: both are listed, and say so.
+        elites = [
+            RunElite(best.key, "the run's result (the guard refused the best on dev)", best),
+            RunElite(on_dev.key, "best on dev (refused by the guard)", on_dev),
+        ]
+        stored = [(s, e) for s, e in stored if e.key != on_dev.key]
+    else:
+        elites = [RunElite(best.key, "best on dev", best)] if best is not None else []
     elites += [
         RunElite(e.key, s.niche, e, s.measures) for s, e in stored if best is None or e.key != best.key
     ]

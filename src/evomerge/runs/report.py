@@ -41,11 +41,12 @@ def write_report(run_dir: Path) -> Path:
     run_dir = Path(run_dir)
     config = load_run_config(run_dir)
     with RunStore.in_dir(run_dir) as store:
-        outcomes, best, stats = store.outcomes(), store.best(), store.stats()
+        outcomes, best, stats, chosen = store.outcomes(), store.best(), store.stats(), store.chosen()
     space = config.search_space()
     rows = read_results(run_dir)
     sections = [
         _warning(rows),
+        _guard_view(chosen),
         _section("Fitness against evaluations", _img(fitness_figure(outcomes))),
         _section("The optimiser's archive or front against evaluations", _img(stats_figure(stats)))
         if stats
@@ -57,6 +58,15 @@ def write_report(run_dir: Path) -> Path:
     ]
     page = _PAGE.format(title=html.escape(f"evomerge run {run_dir.name}"), body="\n".join(sections))
     return atomic_write_text(run_dir / REPORT, page)
+
+
+def _guard_view(chosen: tuple[tuple[int, int], dict[str, Any]] | None) -> str:
+    """The ps+dfs guard's verdict on the path search's best (dataflow/guard.py), when it judged one."""
+    if chosen is None or "p_value" not in chosen[1]:
+        return ""
+    from evomerge.dataflow.guard import GuardVerdict
+
+    return f"<p><strong>Result:</strong> {html.escape(GuardVerdict.from_dict(chosen[1]).describe())}.</p>"
 
 
 def _warning(rows: list[ResultRow] | None) -> str:

@@ -273,12 +273,50 @@ class RunStore:
         return int(self._db.execute("SELECT COUNT(*) FROM evaluations").fetchone()[0])
 
     def best(self) -> Evaluation | None:
+        """The run's result: the evaluation a guard chose (`choose`), else `best_on_dev`."""
+        chosen = self.chosen()
+        if chosen is not None:
+            found = self.evaluation(*chosen[0])
+            if found is not None:
+                return found
+        return self.best_on_dev()
+
+    def best_on_dev(self) -> Evaluation | None:
         """The highest-scoring successful evaluation; the first asked wins a tie."""
         row = self._db.execute(
             f"SELECT {_EVAL_COLUMNS} FROM evaluations WHERE error IS NULL AND score IS NOT NULL "
             'ORDER BY score DESC, generation, "index" LIMIT 1'
         ).fetchone()
         return None if row is None else _row_to_evaluation(row)
+
+    def evaluations_since_best(self) -> int:
+        """How many evaluations were asked after the best on dev (all of them when none succeeded yet)."""
+        best = self.best_on_dev()
+        if best is None:
+            return self.count_evaluations()
+        row = self._db.execute(
+            'SELECT COUNT(*) FROM evaluations WHERE generation > ? OR (generation = ? AND "index" > ?)',
+            (best.generation, best.generation, best.index),
+        ).fetchone()
+        return int(row[0])
+
+    def choose(self, key: tuple[int, int] | None, note: dict[str, Any] | None = None) -> None:
+        """Make evaluation `key` (generation, index) the run's result whatever its dev score, with `note`
+        (why: a guard's verdict); None clears the choice (the best on dev is the result again)."""
+        with self._transaction():
+            if key is None:
+                self._db.execute("DELETE FROM meta WHERE key = 'chosen'")
+                return
+            value = json.dumps({"generation": key[0], "index": key[1], "note": note or {}})
+            self._db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('chosen', ?)", (value,))
+
+    def chosen(self) -> tuple[tuple[int, int], dict[str, Any]] | None:
+        """((generation, index), note) of the evaluation `choose` made the result; None if none."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'chosen'").fetchone()
+        if row is None:
+            return None
+        value = json.loads(row[0])
+        return (int(value["generation"]), int(value["index"])), dict(value["note"])
 
     # --- wall clock ---------------------------------------------------------------------------------
     def save_elapsed(self, seconds: float) -> None:
