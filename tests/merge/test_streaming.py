@@ -87,9 +87,10 @@ def test_replay_matches_torch_sort(seed: int) -> None:
         expected[order[:k]] = True
         boundary = int(keys.float()[order[k - 1]])
         codes = np.empty(keys.numel(), dtype=np.int32)
-        tied = _ties_jit.tie_codes(keys.numpy(), boundary, codes, 0)
+        tied = int((keys == boundary).sum())
+        assert _ties_jit.tie_codes(keys.numpy(), boundary, tied, codes, 0) == tied
         chosen = np.zeros(tied + 1, dtype=bool)
-        assert _ties_jit.replay_top_k(codes, k, boundary, chosen)
+        assert _ties_jit.replay_top_k(codes, k, boundary, tied, chosen)
         got = keys.numpy() > boundary
         got[np.flatnonzero(keys.numpy() == boundary)[chosen[:tied]]] = True
         assert np.array_equal(got, expected.numpy()), k

@@ -19,7 +19,6 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-TIED = 1 << 15  # codes at or above this are tied entries: TIED + their rank among the tied, in index order
 _INSERTION_BLOCK = 16
 
 
@@ -59,33 +58,43 @@ def _to_bf16(value: Any) -> Any:
     return np.int16((bits + bias) >> np.uint32(16)) if value == value else np.int16(0x7FC0)
 
 
+# ---- pass 1: deltas, their magnitude histograms, finiteness ----------------------------------------
+
+
 @njit(inline="always")
 def _delta(tensor: Any, base: Any) -> Any:
-    """bf16(tensor - base): torch's bf16 subtraction."""
-    return _to_bf16(_f32(tensor) - _f32(base))
+    """bf16(tensor - base): torch's bf16 subtraction, for finite operands (no NaN to round)."""
+    bits: Any = _bits_of_f32(_f32(tensor) - _f32(base))  # type: ignore[call-arg]  # numba intrinsic
+    bias = ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+    return np.int16((bits + bias) >> np.uint32(16))
 
 
-# ---- pass 1: deltas, their magnitude histograms, finiteness ----------------------------------------
+@njit(nogil=True, cache=True, error_model="numpy")
+def _any_non_finite(base: Any, tensors: Any) -> bool:
+    """Does a bf16 entry (int16 bits) of `base` (m,) or `tensors` (M, m) hold NaN or inf? A max of the
+    magnitude bits: one vectorised pass."""
+    largest = np.int16(0)
+    for j in range(base.size):
+        largest = max(largest, np.int16(base[j] & 0x7FFF))
+    for i in range(tensors.shape[0]):
+        row = tensors[i]
+        for j in range(row.size):
+            largest = max(largest, np.int16(row[j] & 0x7FFF))
+    return largest >= 0x7F80
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def histogram_deltas(base: Any, tensors: Any, counts: Any, deltas: Any) -> bool:
     """deltas[i] = bf16(tensors[i] - base) over a block (tensors (M, m), base (m,), bf16 bits as int16)
-    and counts[i, j % 4, |delta_i| key] += 1 (counts (M, 4, 2^15); sum over axis 1). False if an input is NaN or inf (then nothing is counted: the
-    caller falls back to the path that names the tensor)."""
+    and counts[i, j % 4, |delta_i| key] += 1 (counts (M, 4, 2^15); sum over axis 1). False if an input
+    is NaN or inf (then nothing is counted: the caller falls back to the path that names the tensor)."""
     models, size = tensors.shape
-    bad = 0
-    for j in range(size):
-        bad |= (base[j] & 0x7FFF) >= 0x7F80
-    for i in range(models):
-        for j in range(size):
-            bad |= (tensors[i, j] & 0x7FFF) >= 0x7F80
-    if bad:
+    if _any_non_finite(base, tensors):
         return False
     for i in range(models):
-        row = deltas[i]
+        row, source = deltas[i], tensors[i]
         for j in range(size):
-            row[j] = _delta(tensors[i, j], base[j])
+            row[j] = _delta(source[j], base[j])
         # four interleaved histograms: runs of equal keys (common in bf16 deltas) would otherwise
         # wait on each other's increment of one counter
         for j in range(0, size - 3, 4):
@@ -103,41 +112,55 @@ def deltas_block(base: Any, tensors: Any, deltas: Any) -> None:
     """deltas[i] = bf16(tensors[i] - base) over a block (inputs checked finite before)."""
     models, size = tensors.shape
     for i in range(models):
+        row, source = deltas[i], tensors[i]
         for j in range(size):
-            deltas[i, j] = _delta(tensors[i, j], base[j])
+            row[j] = _delta(source[j], base[j])
 
 
 # ---- the sort replay -------------------------------------------------------------------------------
+#
+# The replay sorts codes, not keys: a code maps a magnitude key to an integer so that codes order as
+# their keys do while every entry tied at the boundary key stays recognisable by its rank. With T tied
+# entries, keys below the boundary keep their value, the tied ones take boundary + their rank (index
+# order), keys above it move up by T. The tied codes fill the band [boundary, boundary + T), and a
+# comparison with a pivot is one integer compare against the band's ends (a tied pivot) or the pivot's
+# code (any other): no decoding inside the partition loops.
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def tie_codes(deltas: Any, boundary: int, codes: Any, first_rank: int) -> int:
-    """codes[j] = |delta_j| key, or TIED + rank for keys equal to `boundary`; returns the next rank."""
+def tie_codes(deltas: Any, boundary: int, tied: int, codes: Any, first_rank: int) -> int:
+    """codes[j] for the |delta_j| keys (`tied` of them equal to `boundary` in the whole tensor, this
+    block's first one having rank `first_rank`); returns the next rank."""
     rank = first_rank
     for j in range(deltas.size):
         key = deltas[j] & 0x7FFF
-        tied = key == boundary
-        codes[j] = TIED + rank if tied else key
-        rank += tied
+        is_tied = key == boundary
+        codes[j] = key + rank if is_tied else key + (key > boundary) * tied
+        rank += is_tied
     return rank
 
 
 @njit(inline="always")
-def _key(code: Any, boundary: int) -> Any:
-    return code if code < TIED else boundary
+def _key(code: Any, boundary: int, tied: int) -> Any:
+    """The magnitude key of a code."""
+    if code < boundary:
+        return code
+    return boundary if code < boundary + tied else code - tied
 
 
 _SCAN = 128  # positions per block of stops (BlockQuicksort's idea: find stops without branches)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _partition(codes: Any, low: int, high: int, boundary: int, left_stops: Any, right_stops: Any) -> int:
-    """std::__unguarded_partition(first + 1, last, first) of codes[low:high] (descending keys), exactly:
-    returns the cut. The i-th left stop (an entry not greater than the pivot, scanning up) swaps with the
-    i-th right stop (not less, scanning down) while they have not crossed. Stops are listed a block at a
-    time without branches while the scanned blocks cannot meet; the last stretch runs the plain loop
-    from the state the swaps left."""
-    pivot = _key(codes[low], boundary)
+def _partition(
+    codes: Any, low: int, high: int, lowest: int, highest: int, left_stops: Any, right_stops: Any
+) -> int:
+    """std::__unguarded_partition(first + 1, last, first) of codes[low:high] (descending keys), exactly,
+    for a pivot whose codes span [lowest, highest] (one code, or the tied band): returns the cut. The
+    i-th left stop (an entry not greater than the pivot, scanning up) swaps with the i-th right stop (not
+    less, scanning down) while they have not crossed. Stops are listed a block at a time without
+    branches while the scanned blocks cannot meet; the last stretch runs the plain loop from the state
+    the swaps left."""
     left_scan, right_scan = low + 1, high  # unscanned: [left_scan, right_scan)
     n_left = used_left = n_right = used_right = 0
     left, right = low + 1, high  # the plain loop's state: next left candidate, last right stop
@@ -148,7 +171,7 @@ def _partition(codes: Any, low: int, high: int, boundary: int, left_stops: Any, 
             n_left = used_left = 0
             for t in range(_SCAN):
                 left_stops[n_left] = left_scan + t
-                n_left += _key(codes[left_scan + t], boundary) <= pivot
+                n_left += codes[left_scan + t] <= highest
             left_scan += _SCAN
         if used_right == n_right:
             if right_scan - left_scan < _SCAN:
@@ -156,7 +179,7 @@ def _partition(codes: Any, low: int, high: int, boundary: int, left_stops: Any, 
             n_right = used_right = 0
             for t in range(1, _SCAN + 1):
                 right_stops[n_right] = right_scan - t
-                n_right += _key(codes[right_scan - t], boundary) >= pivot
+                n_right += codes[right_scan - t] >= lowest
             right_scan -= _SCAN
         pairs = min(n_left - used_left, n_right - used_right)
         for t in range(pairs):
@@ -167,10 +190,10 @@ def _partition(codes: Any, low: int, high: int, boundary: int, left_stops: Any, 
             used_right += pairs
             left, right = left_stops[used_left - 1] + 1, right_stops[used_right - 1]
     while True:
-        while _key(codes[left], boundary) > pivot:
+        while codes[left] > highest:
             left += 1
         right -= 1
-        while pivot > _key(codes[right], boundary):
+        while lowest > codes[right]:
             right -= 1
         if left >= right:
             return left
@@ -179,7 +202,7 @@ def _partition(codes: Any, low: int, high: int, boundary: int, left_stops: Any, 
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def replay_top_k(codes: Any, k: int, boundary: int, chosen: Any) -> bool:
+def replay_top_k(codes: Any, k: int, boundary: int, tied: int, chosen: Any) -> bool:
     """Mark chosen[rank] for the tied entries that a descending std::sort of the keys puts first k.
 
     `codes` (from `tie_codes`) is permuted in place as the sort would permute the keys. False where the
@@ -190,13 +213,18 @@ def replay_top_k(codes: Any, k: int, boundary: int, chosen: Any) -> bool:
     depth = 2 * math.floor(math.log2(max(n, 1)))
     left_stops = np.empty(_SCAN, dtype=np.int64)
     right_stops = np.empty(_SCAN, dtype=np.int64)
+    band_end = boundary + tied - 1  # the tied codes: [boundary, band_end]
     while high - low > _INSERTION_BLOCK and low < k < high:
         if depth == 0:
             return False
         depth -= 1
         # std::__move_median_to_first(first, first + 1, mid, last - 1), comp = greater
         a, b, c = low + 1, low + (high - low) // 2, high - 1
-        ka, kb, kc = _key(codes[a], boundary), _key(codes[b], boundary), _key(codes[c], boundary)
+        ka, kb, kc = (
+            _key(codes[a], boundary, tied),
+            _key(codes[b], boundary, tied),
+            _key(codes[c], boundary, tied),
+        )
         if ka > kb:
             pick = b if kb > kc else (c if ka > kc else a)
         elif ka > kc:
@@ -204,26 +232,28 @@ def replay_top_k(codes: Any, k: int, boundary: int, chosen: Any) -> bool:
         else:
             pick = c if kb > kc else b
         codes[low], codes[pick] = codes[pick], codes[low]
-        cut = _partition(codes, low, high, boundary, left_stops, right_stops)
+        pivot = codes[low]
+        lowest, highest = (boundary, band_end) if boundary <= pivot <= band_end else (pivot, pivot)
+        cut = _partition(codes, low, high, lowest, highest, left_stops, right_stops)
         if cut <= k:  # the left part is all in; go on in the right part
             low = cut
         else:
             high = cut
     for j in range(low):  # everything before the segment is in
-        if codes[j] >= TIED:
-            chosen[codes[j] - TIED] = True
+        if boundary <= codes[j] <= band_end:
+            chosen[codes[j] - boundary] = True
     if low < k:  # the last block is insertion-sorted: stable, so ties keep their order
         block = codes[low:high].copy()
         for j in range(1, block.size):
-            item, key = block[j], _key(block[j], boundary)
+            item, key = block[j], _key(block[j], boundary, tied)
             i = j
-            while i > 0 and key > _key(block[i - 1], boundary):
+            while i > 0 and key > _key(block[i - 1], boundary, tied):
                 block[i] = block[i - 1]
                 i -= 1
             block[i] = item
         for j in range(k - low):
-            if block[j] >= TIED:
-                chosen[block[j] - TIED] = True
+            if boundary <= block[j] <= band_end:
+                chosen[block[j] - boundary] = True
     return True
 
 

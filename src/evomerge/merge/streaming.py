@@ -171,11 +171,13 @@ class _Job:
             chosen[:tied] = True
         elif tie_break == "stable":
             chosen[: k - above] = True
-        elif not self._replay(jit, model, k, threshold, chosen):
+        elif not self._replay(jit, model, k, threshold, tied, chosen):
             return None
         return threshold, chosen
 
-    def _replay(self, jit: ModuleType, model: int, k: int, threshold: int, chosen: np.ndarray) -> bool:
+    def _replay(
+        self, jit: ModuleType, model: int, k: int, threshold: int, tied: int, chosen: np.ndarray
+    ) -> bool:
         if self.codes is None:  # one buffer for every model of the tensor (fresh pages cost faults)
             self.codes = np.empty(self.n, dtype=np.int32 if self.n < (1 << 31) - _KEYS else np.int64)
         codes = self.codes
@@ -184,8 +186,8 @@ class _Job:
             deltas = self.deltas_of(jit, start, range(model, model + 1))
             if deltas is None:
                 return False
-            rank = jit.tie_codes(deltas[model], threshold, codes[start : start + deltas.shape[1]], rank)
-        return bool(jit.replay_top_k(codes, k, threshold, chosen))
+            rank = jit.tie_codes(deltas[model], threshold, tied, codes[start : start + deltas.shape[1]], rank)
+        return bool(jit.replay_top_k(codes, k, threshold, tied, chosen))
 
     def consensus(self, jit: ModuleType, trims: list[tuple[int, np.ndarray]]) -> torch.Tensor | None:
         """The merged tensor from the trimming thresholds and chosen ties, block by block."""
