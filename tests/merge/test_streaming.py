@@ -88,11 +88,13 @@ def test_replay_matches_torch_sort(seed: int) -> None:
         boundary = int(keys.float()[order[k - 1]])
         codes = np.empty(keys.numel(), dtype=np.int32)
         tied = int((keys == boundary).sum())
-        assert _ties_jit.tie_codes(keys.numpy(), boundary, tied, codes, 0) == tied
-        chosen = np.zeros(tied + 1, dtype=bool)
+        positions = np.empty(tied + 1, dtype=np.int64)
+        assert _ties_jit.tie_codes(keys.numpy(), boundary, tied, codes, 0, 0, positions) == tied
+        assert np.array_equal(positions[:tied], np.flatnonzero(keys.numpy() == boundary))
+        chosen = np.zeros(tied, dtype=bool)
         assert _ties_jit.replay_top_k(codes, k, boundary, tied, chosen)
         got = keys.numpy() > boundary
-        got[np.flatnonzero(keys.numpy() == boundary)[chosen[:tied]]] = True
+        got[positions[:tied][chosen]] = True
         assert np.array_equal(got, expected.numpy()), k
 
 

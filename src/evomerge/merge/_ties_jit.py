@@ -128,15 +128,31 @@ def deltas_block(base: Any, tensors: Any, deltas: Any) -> None:
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def tie_codes(deltas: Any, boundary: int, tied: int, codes: Any, first_rank: int) -> int:
-    """codes[j] for the |delta_j| keys (`tied` of them equal to `boundary` in the whole tensor, this
-    block's first one having rank `first_rank`); returns the next rank."""
+def tie_codes(
+    deltas: Any, boundary: int, tied: int, codes: Any, first_rank: int, start: int, positions: Any
+) -> int:
+    """codes[j] for the |delta_j| keys of a block at `start` (`tied` keys equal to `boundary` in the
+    whole tensor, this block's first one having rank `first_rank`), and positions[rank] = the tensor
+    position of each tied entry (`positions` has one spare entry); returns the next rank."""
     rank = first_rank
     for j in range(deltas.size):
         key = deltas[j] & 0x7FFF
         is_tied = key == boundary
         codes[j] = key + rank if is_tied else key + (key > boundary) * tied
+        positions[rank] = start + j  # overwritten by the next entry unless this one is tied
         rank += is_tied
+    return rank
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def tie_positions(deltas: Any, boundary: int, start: int, positions: Any, first_rank: int) -> int:
+    """positions[rank] = the tensor position of each entry whose key is `boundary`, in a block at
+    `start` (`positions` has one spare entry and may be shorter than the ties: ranks past its end are
+    not recorded); returns the next rank."""
+    rank, last = first_rank, positions.size - 1
+    for j in range(deltas.size):
+        positions[min(rank, last)] = start + j
+        rank += (deltas[j] & 0x7FFF) == boundary
     return rank
 
 
@@ -261,21 +277,12 @@ def replay_top_k(codes: Any, k: int, boundary: int, tied: int, chosen: Any) -> b
 
 
 @njit(inline="always")
-def _trim(deltas: Any, threshold: int, chosen: Any, rank: int, weight: Any, values: Any) -> int:
-    """values = delta as float32 where trimming keeps it, else delta * 0 (a signed zero, as mergekit's
-    mask product), times `weight` rounded to bf16 unless it is 1; returns the next tied rank.
-    Kept: key > threshold, or key == threshold and chosen[rank] (`chosen` has one spare entry)."""
+def _trim(deltas: Any, threshold: Any, values: Any) -> None:
+    """values = delta as float32 where its key is above `threshold`, else delta * 0 (a signed zero, as
+    mergekit's mask product): the sign bit alone."""
     for j in range(deltas.size):
-        key = deltas[j] & 0x7FFF
-        tied = key == threshold
-        keep = (key > threshold) | (tied & chosen[rank])
-        rank += tied
-        value = _f32(deltas[j])
-        values[j] = value if keep else value * np.float32(0)
-    if weight != 1:
-        for j in range(deltas.size):
-            values[j] = _f32(_to_bf16(values[j] * weight))
-    return rank
+        value = deltas[j]
+        values[j] = _f32(value if (value & 0x7FFF) > threshold else value & np.int16(-32768))
 
 
 TILE = _TILE = 2048  # entries per tile of `consensus_block`: its float32 rows stay in the L1 cache
@@ -285,26 +292,38 @@ TILE = _TILE = 2048  # entries per tile of `consensus_block`: its float32 rows s
 def consensus_block(
     base: Any,
     deltas: Any,
+    offset: int,
     thresholds: Any,
-    chosen: Any,
-    ranks: Any,
+    kept: Any,
+    kept_counts: Any,
+    cursors: Any,
     weights: Any,
     normalize: bool,
     scratch: Any,
     out: Any,
 ) -> None:
-    """out = bf16(bf16(merged / divisor) + base) over one block of deltas (M, m), trimmed as `_trim`
-    says (thresholds (M,), chosen (M, T + 1), ranks (M,) advanced), weighted, elected and averaged with
-    the operations of `_ChunkScratch.disjoint` and `_disjoint_mean_chunked`, in their order. Tile by
-    tile, so the float32 rows stay in cache; the steps after trimming are loops the compiler vectorises."""
+    """out = bf16(bf16(merged / divisor) + base) over one block of deltas (M, m) at tensor position
+    `offset`: delta i keeps the keys above thresholds[i] and the tied entries at the sorted positions
+    kept[i, :kept_counts[i]] (cursors (M,) point at the first not yet reached, advanced), then is
+    weighted, elected and averaged with the operations of `_ChunkScratch.disjoint` and
+    `_disjoint_mean_chunked`, in their order. Tile by tile, so the float32 rows stay in cache; the
+    steps are loops the compiler vectorises."""
     models, size = deltas.shape
     for begin in range(0, size, _TILE):
         end = min(size, begin + _TILE)
         width = end - begin
         for i in range(models):
-            ranks[i] = _trim(
-                deltas[i, begin:end], thresholds[i], chosen[i], ranks[i], weights[i], scratch[3 + i, :width]
-            )
+            values, row = scratch[3 + i, :width], deltas[i, begin:end]
+            _trim(row, np.int16(thresholds[i]), values)
+            cursor, stop = cursors[i], offset + end
+            while cursor < kept_counts[i] and kept[i, cursor] < stop:
+                values[kept[i, cursor] - offset - begin] = _f32(row[kept[i, cursor] - offset - begin])
+                cursor += 1
+            cursors[i] = cursor
+            weight = weights[i]
+            if weight != 1:  # times the weight rounded to bf16
+                for j in range(width):
+                    values[j] = _f32(_to_bf16(values[j] * weight))
         total, merged, divisor = scratch[0, :width], scratch[1, :width], scratch[2, :width]
         first = scratch[3, :width]
         for j in range(width):
@@ -323,9 +342,11 @@ def consensus_block(
                 agree = np.float32(1) if row[j] * total[j] > 0 else np.float32(0)  # zero never agrees
                 merged[j] = merged[j] + row[j] * agree
                 divisor[j] = divisor[j] + agree * weight
-        for j in range(width):
-            result = _to_bf16(merged[j])
-            if normalize:
+        if normalize:
+            for j in range(width):
                 share = divisor[j] if divisor[j] != 0 else np.float32(1)
-                result = _to_bf16(_f32(result) / _f32(_to_bf16(share)))
-            out[begin + j] = _to_bf16(_f32(result) + _f32(base[begin + j]))
+                result = _to_bf16(_f32(_to_bf16(merged[j])) / _f32(_to_bf16(share)))
+                out[begin + j] = _to_bf16(_f32(result) + _f32(base[begin + j]))
+        else:
+            for j in range(width):
+                out[begin + j] = _to_bf16(_f32(_to_bf16(merged[j])) + _f32(base[begin + j]))
