@@ -36,7 +36,7 @@ from evomerge.merge.registry import MergeMethod
 from evomerge.merge.sources import SourceSet
 from evomerge.merge.sparsify import TieBreak, _replay_verified, threshold_of_counts
 
-BLOCK = 1 << 19  # entries per block: 1 MB of bf16 per model, so the blocks stay in cache
+BLOCK = 1 << 17  # entries per block: 256 KB of bf16 per model, so the blocks of all models stay in L2
 KEEP_BYTES = 512_000_000  # deltas kept in memory between passes up to this size (per tensor)
 _KEYS = 1 << 15
 _KEEP_ALL = -1  # a threshold below every key: nothing is trimmed
