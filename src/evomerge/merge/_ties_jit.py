@@ -167,7 +167,7 @@ def _key(code: Any, boundary: int, tied: int) -> Any:
     return boundary if code < boundary + tied else code - tied
 
 
-_SCAN = 128  # positions per block of stops (BlockQuicksort's idea: find stops without branches)
+_SCAN = 256  # positions per block of stops (BlockQuicksort's idea: find stops without branches)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
