@@ -10,7 +10,9 @@ for both, so each output is hashed tensor by tensor and the hashes are compared)
 
     nice python -m benchmarks.merge_7b [--layers 32] [--mergekit-timeout 3600] [--skip-mergekit]
 
-and it writes `benchmarks/results/merge_7b.md` (`--results` to change).
+and it writes `benchmarks/results/merge_7b.md` (`--results` to change). Generating takes long on a busy
+disk (23 min on the shared machine): `python -m benchmarks.synthetic DIR --layers N` beforehand and
+`--models DIR` use those models instead (deleted at the end too).
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def _any_non_finite(base: Any, tensors: Any) -> bool:
         row = tensors[i]
         for j in range(row.size):
             largest = max(largest, np.int16(row[j] & 0x7FFF))
-    return largest >= 0x7F80
+    return bool(largest >= 0x7F80)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
