@@ -10,7 +10,9 @@ for both, so each output is hashed tensor by tensor and the hashes are compared)
 
     nice python -m benchmarks.merge_7b [--layers 32] [--mergekit-timeout 3600] [--skip-mergekit]
 
-and it writes `benchmarks/results/merge_7b.md` (`--results` to change).
+and it writes `benchmarks/results/merge_7b.md` (`--results` to change). Generating takes long on a busy
+disk (23 min on the shared machine): `python -m benchmarks.synthetic DIR --layers N` beforehand and
+`--models DIR` use those models instead (deleted at the end too).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Run:
     peak_rss_gb: float = float("nan")
     note: str = ""
     output: str = ""
+    load: float = float("nan")  # 1-minute load average when it started
 
 
 def free_bytes(path: Path) -> int:
@@ -72,6 +75,7 @@ def timed_child(what: str, command: list[str], env: dict[str, str], timeout: flo
     from this (larger) process would inherit its high-water mark in `ru_maxrss`."""
     timing = Path(os.environ.get("TMPDIR", "/tmp")) / f"merge_7b_time_{os.getpid()}.txt"
     wrapped = ["/usr/bin/time", "-f", "%M %U %S", "-o", str(timing), *command]
+    load = os.getloadavg()[0]
     started = time.perf_counter()
     child = subprocess.Popen(wrapped, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT)
     timer = threading.Timer(timeout, _kill_command, (child.pid,)) if timeout else None
@@ -87,7 +91,7 @@ def timed_child(what: str, command: list[str], env: dict[str, str], timeout: flo
     reader.join()
     rss_kb, user, system = timing.read_text().split("\n")[-2].split()
     timing.unlink()
-    run = Run(what, seconds, float(user) + float(system), float(rss_kb) * 1024 / 1e9)
+    run = Run(what, seconds, float(user) + float(system), float(rss_kb) * 1024 / 1e9, load=load)
     run.output = b"".join(output).decode(errors="replace")
     if code != 0:
         killed = timeout is not None and seconds >= timeout
@@ -144,9 +148,13 @@ def floor_run(inputs: list[Path], work: Path, label: str) -> Run:
 def benchmark(args: argparse.Namespace, work: Path) -> tuple[list[Run], list[str]]:
     runs: list[Run] = []
     notes: list[str] = []
-    started = time.perf_counter()
-    models = build(work / "models", layers=args.layers, finetunes=FINETUNES, shape=args.shape)
-    notes.append(f"generating the 4 models took {time.perf_counter() - started:.0f} s")
+    if args.models is not None:
+        models = _generated(args.models)
+        notes.append(f"the 4 models were generated beforehand into {args.models} (`benchmarks/synthetic.py`)")
+    else:
+        started = time.perf_counter()
+        models = build(work / "models", layers=args.layers, finetunes=FINETUNES, shape=args.shape)
+        notes.append(f"generating the 4 models took {time.perf_counter() - started:.0f} s")
     print(notes[-1], flush=True)
     inputs = list(models.values())
     config = write_config(models, work)
@@ -174,11 +182,28 @@ def benchmark(args: argparse.Namespace, work: Path) -> tuple[list[Run], list[str
     return runs, notes
 
 
+def _generated(models_dir: Path) -> dict[str, Path]:
+    """The base and fine-tunes `python -m benchmarks.synthetic DIR` wrote (its config.json comes last)."""
+    names = ["base", *(f"ft{index}" for index in range(FINETUNES))]
+    missing = [name for name in names if not (models_dir / name / "config.json").is_file()]
+    if missing:
+        raise SystemExit(
+            f"{models_dir}: no finished model dir {missing}; run `python -m benchmarks.synthetic {models_dir}`."
+        )
+    return {name: models_dir / name for name in names}
+
+
 def _line(run: Run) -> str:
     return f"{run.what}: {run.seconds:.1f} s wall, {run.cpu_seconds:.1f} s CPU, {run.peak_rss_gb:.2f} GB {run.note}"
 
 
-def report(args: argparse.Namespace, runs: list[Run], notes: list[str], load: tuple[float, ...]) -> str:
+def report(
+    args: argparse.Namespace,
+    runs: list[Run],
+    notes: list[str],
+    load: tuple[float, ...],
+    end_load: tuple[float, ...],
+) -> str:
     size = model_bytes(args.shape, args.layers)
     floor = min(run.seconds for run in runs if run.what.startswith("I/O floor"))
     rows = []
@@ -186,7 +211,18 @@ def report(args: argparse.Namespace, runs: list[Run], notes: list[str], load: tu
         ratio = f"{run.seconds / floor:.2f}x" if floor else "-"
         cpu = "-" if run.cpu_seconds != run.cpu_seconds else f"{run.cpu_seconds:.0f}"
         rss = "-" if run.peak_rss_gb != run.peak_rss_gb else f"{run.peak_rss_gb:.2f}"
-        rows.append(f"| {run.what} | {run.seconds:.0f} | {ratio} | {cpu} | {rss} | {run.note or '-'} |")
+        rows.append(
+            f"| {run.what} | {run.seconds:.0f} | {ratio} | {cpu} | {rss} | {run.load:.1f} | {run.note or '-'} |"
+        )
+    merges = [run for run in runs if run.what == "evomerge merge" and not run.note]
+    cores = os.cpu_count() or 1
+    bound = (
+        f"CPU-time bound: the merge's {merges[0].cpu_seconds:.0f} s of CPU spread over all {cores} cores "
+        f"would take at least {merges[0].cpu_seconds / cores:.0f} s, "
+        f"{merges[0].cpu_seconds / cores / floor:.2f}x the floor."
+        if merges and floor
+        else ""
+    )
     command = "python -m benchmarks.merge_7b " + " ".join(sys.argv[1:])
     return "\n".join(
         [
@@ -194,8 +230,8 @@ def report(args: argparse.Namespace, runs: list[Run], notes: list[str], load: tu
             "",
             f"- Date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC",
             f"- Machine: {machine()}; load average at start {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-            "(shared with other jobs: wall times are disturbed; the floor, measured in the same run, "
-            "is disturbed alike)",
+            f"(shared with other jobs: wall times are disturbed; the floor, measured in the same run, "
+            f"is disturbed alike); this benchmark ran at nice {os.nice(0)}",
             f"- Workload: TIES, density 0.5, weight 1, normalize, bf16; a base + {FINETUNES} fine-tunes with "
             f"{args.shape} 7B tensor shapes, {args.layers} layers, {size / 1e9:.2f} GB each "
             f"({(FINETUNES + 1) * size / 1e9:.1f} GB read, {size / 1e9:.1f} GB written); synthetic "
@@ -204,11 +240,12 @@ def report(args: argparse.Namespace, runs: list[Run], notes: list[str], load: tu
             f"- Command: `{command}`",
             *(f"- {note}" for note in notes),
             "",
-            "| run | wall (s) | vs floor | CPU user+sys (s) | peak RSS (GB) | note |",
-            "|---|---|---|---|---|---|",
+            "| run | wall (s) | vs floor | CPU user+sys (s) | peak RSS (GB) | load at start | note |",
+            "|---|---|---|---|---|---|---|",
             *rows,
             "",
-            f"Ratios are to the faster floor run ({floor:.0f} s).",
+            f"Ratios are to the faster floor run ({floor:.0f} s). {bound}",
+            f"Load average at the end {end_load[0]:.1f} / {end_load[1]:.1f} / {end_load[2]:.1f}.",
             "",
         ]
     )
@@ -238,14 +275,22 @@ def main() -> None:
     parser.add_argument("--skip-mergekit", action="store_true")
     parser.add_argument("--deadline", help="HH:MM UTC by which mergekit is stopped (its timeout shrinks)")
     parser.add_argument("--fit", action="store_true", help="fewer layers if the disk cannot hold --layers")
+    parser.add_argument(
+        "--models",
+        type=Path,
+        help="use the models `python -m benchmarks.synthetic DIR --layers N` wrote there (same --layers); "
+        "deleted at the end like --work",
+    )
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "merge_7b.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
     args.work.mkdir(parents=True, exist_ok=True)
-    if args.fit:
+    if args.fit and args.models is None:
         while args.layers > 1 and free_bytes(args.work) < _needed(args.shape, args.layers):
             args.layers -= 1
-    needed = _needed(args.shape, args.layers)
+    needed = _needed(args.shape, args.layers) - (
+        0 if args.models is None else (FINETUNES + 1) * model_bytes(args.shape, args.layers) * 1.02
+    )
     if free_bytes(args.work) < needed:
         raise SystemExit(
             f"{args.work}: {free_bytes(args.work) / 1e9:.1f} GB free, the benchmark needs {needed / 1e9:.1f} GB; "
@@ -256,7 +301,9 @@ def main() -> None:
         runs, notes = benchmark(args, args.work)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
-    text = report(args, runs, notes, load)
+        if args.models is not None:
+            shutil.rmtree(args.models, ignore_errors=True)
+    text = report(args, runs, notes, load, os.getloadavg())
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text(text)
     print(text)

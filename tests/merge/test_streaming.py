@@ -87,11 +87,14 @@ def test_replay_matches_torch_sort(seed: int) -> None:
         expected[order[:k]] = True
         boundary = int(keys.float()[order[k - 1]])
         codes = np.empty(keys.numel(), dtype=np.int32)
-        tied = _ties_jit.tie_codes(keys.numpy(), boundary, codes, 0)
-        chosen = np.zeros(tied + 1, dtype=bool)
-        assert _ties_jit.replay_top_k(codes, k, boundary, chosen)
+        tied = int((keys == boundary).sum())
+        positions = np.empty(tied + 1, dtype=np.int64)
+        assert _ties_jit.tie_codes(keys.numpy(), boundary, tied, codes, 0, 0, positions) == tied
+        assert np.array_equal(positions[:tied], np.flatnonzero(keys.numpy() == boundary))
+        chosen = np.zeros(tied, dtype=bool)
+        assert _ties_jit.replay_top_k(codes, k, boundary, tied, chosen)
         got = keys.numpy() > boundary
-        got[np.flatnonzero(keys.numpy() == boundary)[chosen[:tied]]] = True
+        got[positions[:tied][chosen]] = True
         assert np.array_equal(got, expected.numpy()), k
 
 
@@ -125,3 +128,35 @@ def test_rows_for_another_vocabulary_take_the_kernels_path(bf16: dict[str, Path]
         assert streaming.supported(task, plan.method, sources, "mergekit")
         aligned = dataclasses.replace(task, vocab=object())
         assert not streaming.supported(aligned, plan.method, sources, "mergekit")
+
+
+@pytest.mark.parametrize("tie_break", ["mergekit", "stable"])
+def test_ties_exactly_filling_the_top_k(tmp_path: Path, tie_break: str) -> None:
+    """Every entry tied at the threshold is kept (above + tied == k: no replay), beside a model whose
+    ties straddle the threshold and one kept whole: the same bits as the kernel."""
+    from evomerge.io import ShardedWriter
+
+    generator = torch.Generator().manual_seed(0)
+    signs = torch.where(torch.rand(64, 64, generator=generator) < 0.5, -1.0, 1.0)
+    halves = torch.randperm(64 * 64, generator=generator).reshape(64, 64) < 64 * 32  # (64, 64) half True
+    deltas = {
+        "ft0": torch.where(halves, 1.0, 0.5) * signs,  # k = n / 2 = the 1.0s: all tied ones kept
+        "ft1": torch.where(halves, 0.25, 0.5) * signs,  # the 0.5s, then ties at 0.25 straddling the cut
+        "ft2": torch.randint(0, 3, (64, 64), generator=generator).float() * signs,  # density 1
+    }
+    models = {}
+    for name in ("base", "ft0", "ft1", "ft2"):
+        writer = ShardedWriter(tmp_path / name)
+        writer.add("model.embed_tokens.weight", deltas.get(name, torch.zeros(64, 64)).to(torch.bfloat16))
+        writer.finish()
+        models[name] = tmp_path / name
+    per_model = ["weight: 1, density: 0.5", "weight: 1, density: 0.6", "weight: 1, density: 1.0"]
+    config = _config(models, per_model, "normalize: true")
+    with SourceSet.open(config) as sources:
+        plan = build_plan(config, sources)
+        task = plan.tasks[0]
+        assert streaming.supported(task, plan.method, sources, tie_break)  # type: ignore[arg-type]
+        fast = streaming.merge_tensor(task, sources, tie_break, block=1000)  # type: ignore[arg-type]
+        slow = compute_tensor(task, plan.method, sources.get, None, tie_break=tie_break)  # type: ignore[arg-type]
+        assert fast is not None
+        assert torch.equal(fast.view(torch.int16), slow.view(torch.int16))

@@ -19,7 +19,6 @@ from llvmlite import ir
 from numba import njit, types
 from numba.extending import intrinsic
 
-TIED = 1 << 15  # codes at or above this are tied entries: TIED + their rank among the tied, in index order
 _INSERTION_BLOCK = 16
 
 
@@ -59,33 +58,43 @@ def _to_bf16(value: Any) -> Any:
     return np.int16((bits + bias) >> np.uint32(16)) if value == value else np.int16(0x7FC0)
 
 
+# ---- pass 1: deltas, their magnitude histograms, finiteness ----------------------------------------
+
+
 @njit(inline="always")
 def _delta(tensor: Any, base: Any) -> Any:
-    """bf16(tensor - base): torch's bf16 subtraction."""
-    return _to_bf16(_f32(tensor) - _f32(base))
+    """bf16(tensor - base): torch's bf16 subtraction, for finite operands (no NaN to round)."""
+    bits: Any = _bits_of_f32(_f32(tensor) - _f32(base))  # type: ignore[call-arg]  # numba intrinsic
+    bias = ((bits >> np.uint32(16)) & np.uint32(1)) + np.uint32(0x7FFF)
+    return np.int16((bits + bias) >> np.uint32(16))
 
 
-# ---- pass 1: deltas, their magnitude histograms, finiteness ----------------------------------------
+@njit(nogil=True, cache=True, error_model="numpy")
+def _any_non_finite(base: Any, tensors: Any) -> bool:
+    """Does a bf16 entry (int16 bits) of `base` (m,) or `tensors` (M, m) hold NaN or inf? A max of the
+    magnitude bits: one vectorised pass."""
+    largest = np.int16(0)
+    for j in range(base.size):
+        largest = max(largest, np.int16(base[j] & 0x7FFF))
+    for i in range(tensors.shape[0]):
+        row = tensors[i]
+        for j in range(row.size):
+            largest = max(largest, np.int16(row[j] & 0x7FFF))
+    return bool(largest >= 0x7F80)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
 def histogram_deltas(base: Any, tensors: Any, counts: Any, deltas: Any) -> bool:
     """deltas[i] = bf16(tensors[i] - base) over a block (tensors (M, m), base (m,), bf16 bits as int16)
-    and counts[i, j % 4, |delta_i| key] += 1 (counts (M, 4, 2^15); sum over axis 1). False if an input is NaN or inf (then nothing is counted: the
-    caller falls back to the path that names the tensor)."""
+    and counts[i, j % 4, |delta_i| key] += 1 (counts (M, 4, 2^15); sum over axis 1). False if an input
+    is NaN or inf (then nothing is counted: the caller falls back to the path that names the tensor)."""
     models, size = tensors.shape
-    bad = 0
-    for j in range(size):
-        bad |= (base[j] & 0x7FFF) >= 0x7F80
-    for i in range(models):
-        for j in range(size):
-            bad |= (tensors[i, j] & 0x7FFF) >= 0x7F80
-    if bad:
+    if _any_non_finite(base, tensors):
         return False
     for i in range(models):
-        row = deltas[i]
+        row, source = deltas[i], tensors[i]
         for j in range(size):
-            row[j] = _delta(tensors[i, j], base[j])
+            row[j] = _delta(source[j], base[j])
         # four interleaved histograms: runs of equal keys (common in bf16 deltas) would otherwise
         # wait on each other's increment of one counter
         for j in range(0, size - 3, 4):
@@ -103,41 +112,74 @@ def deltas_block(base: Any, tensors: Any, deltas: Any) -> None:
     """deltas[i] = bf16(tensors[i] - base) over a block (inputs checked finite before)."""
     models, size = tensors.shape
     for i in range(models):
+        row, source = deltas[i], tensors[i]
         for j in range(size):
-            deltas[i, j] = _delta(tensors[i, j], base[j])
+            row[j] = _delta(source[j], base[j])
 
 
 # ---- the sort replay -------------------------------------------------------------------------------
+#
+# The replay sorts codes, not keys: a code maps a magnitude key to an integer so that codes order as
+# their keys do while every entry tied at the boundary key stays recognisable by its rank. With T tied
+# entries, keys below the boundary keep their value, the tied ones take boundary + their rank (index
+# order), keys above it move up by T. The tied codes fill the band [boundary, boundary + T), and a
+# comparison with a pivot is one integer compare against the band's ends (a tied pivot) or the pivot's
+# code (any other): no decoding inside the partition loops.
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def tie_codes(deltas: Any, boundary: int, codes: Any, first_rank: int) -> int:
-    """codes[j] = |delta_j| key, or TIED + rank for keys equal to `boundary`; returns the next rank."""
+def tie_codes(
+    deltas: Any, boundary: int, tied: int, codes: Any, first_rank: int, start: int, positions: Any
+) -> int:
+    """codes[j] for the |delta_j| keys of a block at `start` (`tied` keys equal to `boundary` in the
+    whole tensor, this block's first one having rank `first_rank`), and positions[rank] = the tensor
+    position of each tied entry; returns the next rank."""
     rank = first_rank
     for j in range(deltas.size):
         key = deltas[j] & 0x7FFF
-        tied = key == boundary
-        codes[j] = TIED + rank if tied else key
-        rank += tied
+        if key == boundary:  # a branch: ties are a few percent, and it predicts better than a store
+            codes[j] = key + rank
+            positions[rank] = start + j
+            rank += 1
+        else:
+            codes[j] = key + (key > boundary) * tied
+    return rank
+
+
+@njit(nogil=True, cache=True, error_model="numpy")
+def tie_positions(deltas: Any, boundary: int, start: int, positions: Any, first_rank: int) -> int:
+    """positions[rank] = the tensor position of each entry whose key is `boundary`, in a block at
+    `start` (`positions` may be shorter than the ties: the last entry takes every later rank);
+    returns the next rank."""
+    rank, last = first_rank, positions.size - 1
+    for j in range(deltas.size):
+        if (deltas[j] & 0x7FFF) == boundary:
+            positions[min(rank, last)] = start + j
+            rank += 1
     return rank
 
 
 @njit(inline="always")
-def _key(code: Any, boundary: int) -> Any:
-    return code if code < TIED else boundary
+def _key(code: Any, boundary: int, tied: int) -> Any:
+    """The magnitude key of a code."""
+    if code < boundary:
+        return code
+    return boundary if code < boundary + tied else code - tied
 
 
-_SCAN = 128  # positions per block of stops (BlockQuicksort's idea: find stops without branches)
+_SCAN = 256  # positions per block of stops (BlockQuicksort's idea: find stops without branches)
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _partition(codes: Any, low: int, high: int, boundary: int, left_stops: Any, right_stops: Any) -> int:
-    """std::__unguarded_partition(first + 1, last, first) of codes[low:high] (descending keys), exactly:
-    returns the cut. The i-th left stop (an entry not greater than the pivot, scanning up) swaps with the
-    i-th right stop (not less, scanning down) while they have not crossed. Stops are listed a block at a
-    time without branches while the scanned blocks cannot meet; the last stretch runs the plain loop
-    from the state the swaps left."""
-    pivot = _key(codes[low], boundary)
+def _partition(
+    codes: Any, low: int, high: int, lowest: int, highest: int, left_stops: Any, right_stops: Any
+) -> int:
+    """std::__unguarded_partition(first + 1, last, first) of codes[low:high] (descending keys), exactly,
+    for a pivot whose codes span [lowest, highest] (one code, or the tied band): returns the cut. The
+    i-th left stop (an entry not greater than the pivot, scanning up) swaps with the i-th right stop (not
+    less, scanning down) while they have not crossed. Stops are listed a block at a time without
+    branches while the scanned blocks cannot meet; the last stretch runs the plain loop from the state
+    the swaps left."""
     left_scan, right_scan = low + 1, high  # unscanned: [left_scan, right_scan)
     n_left = used_left = n_right = used_right = 0
     left, right = low + 1, high  # the plain loop's state: next left candidate, last right stop
@@ -148,7 +190,7 @@ def _partition(codes: Any, low: int, high: int, boundary: int, left_stops: Any, 
             n_left = used_left = 0
             for t in range(_SCAN):
                 left_stops[n_left] = left_scan + t
-                n_left += _key(codes[left_scan + t], boundary) <= pivot
+                n_left += codes[left_scan + t] <= highest
             left_scan += _SCAN
         if used_right == n_right:
             if right_scan - left_scan < _SCAN:
@@ -156,7 +198,7 @@ def _partition(codes: Any, low: int, high: int, boundary: int, left_stops: Any, 
             n_right = used_right = 0
             for t in range(1, _SCAN + 1):
                 right_stops[n_right] = right_scan - t
-                n_right += _key(codes[right_scan - t], boundary) >= pivot
+                n_right += codes[right_scan - t] >= lowest
             right_scan -= _SCAN
         pairs = min(n_left - used_left, n_right - used_right)
         for t in range(pairs):
@@ -167,10 +209,10 @@ def _partition(codes: Any, low: int, high: int, boundary: int, left_stops: Any, 
             used_right += pairs
             left, right = left_stops[used_left - 1] + 1, right_stops[used_right - 1]
     while True:
-        while _key(codes[left], boundary) > pivot:
+        while codes[left] > highest:
             left += 1
         right -= 1
-        while pivot > _key(codes[right], boundary):
+        while lowest > codes[right]:
             right -= 1
         if left >= right:
             return left
@@ -179,7 +221,7 @@ def _partition(codes: Any, low: int, high: int, boundary: int, left_stops: Any, 
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def replay_top_k(codes: Any, k: int, boundary: int, chosen: Any) -> bool:
+def replay_top_k(codes: Any, k: int, boundary: int, tied: int, chosen: Any) -> bool:
     """Mark chosen[rank] for the tied entries that a descending std::sort of the keys puts first k.
 
     `codes` (from `tie_codes`) is permuted in place as the sort would permute the keys. False where the
@@ -190,13 +232,18 @@ def replay_top_k(codes: Any, k: int, boundary: int, chosen: Any) -> bool:
     depth = 2 * math.floor(math.log2(max(n, 1)))
     left_stops = np.empty(_SCAN, dtype=np.int64)
     right_stops = np.empty(_SCAN, dtype=np.int64)
+    band_end = boundary + tied - 1  # the tied codes: [boundary, band_end]
     while high - low > _INSERTION_BLOCK and low < k < high:
         if depth == 0:
             return False
         depth -= 1
         # std::__move_median_to_first(first, first + 1, mid, last - 1), comp = greater
         a, b, c = low + 1, low + (high - low) // 2, high - 1
-        ka, kb, kc = _key(codes[a], boundary), _key(codes[b], boundary), _key(codes[c], boundary)
+        ka, kb, kc = (
+            _key(codes[a], boundary, tied),
+            _key(codes[b], boundary, tied),
+            _key(codes[c], boundary, tied),
+        )
         if ka > kb:
             pick = b if kb > kc else (c if ka > kc else a)
         elif ka > kc:
@@ -204,26 +251,28 @@ def replay_top_k(codes: Any, k: int, boundary: int, chosen: Any) -> bool:
         else:
             pick = c if kb > kc else b
         codes[low], codes[pick] = codes[pick], codes[low]
-        cut = _partition(codes, low, high, boundary, left_stops, right_stops)
+        pivot = codes[low]
+        lowest, highest = (boundary, band_end) if boundary <= pivot <= band_end else (pivot, pivot)
+        cut = _partition(codes, low, high, lowest, highest, left_stops, right_stops)
         if cut <= k:  # the left part is all in; go on in the right part
             low = cut
         else:
             high = cut
     for j in range(low):  # everything before the segment is in
-        if codes[j] >= TIED:
-            chosen[codes[j] - TIED] = True
+        if boundary <= codes[j] <= band_end:
+            chosen[codes[j] - boundary] = True
     if low < k:  # the last block is insertion-sorted: stable, so ties keep their order
         block = codes[low:high].copy()
         for j in range(1, block.size):
-            item, key = block[j], _key(block[j], boundary)
+            item, key = block[j], _key(block[j], boundary, tied)
             i = j
-            while i > 0 and key > _key(block[i - 1], boundary):
+            while i > 0 and key > _key(block[i - 1], boundary, tied):
                 block[i] = block[i - 1]
                 i -= 1
             block[i] = item
         for j in range(k - low):
-            if block[j] >= TIED:
-                chosen[block[j] - TIED] = True
+            if boundary <= block[j] <= band_end:
+                chosen[block[j] - boundary] = True
     return True
 
 
@@ -231,21 +280,12 @@ def replay_top_k(codes: Any, k: int, boundary: int, chosen: Any) -> bool:
 
 
 @njit(inline="always")
-def _trim(deltas: Any, threshold: int, chosen: Any, rank: int, weight: Any, values: Any) -> int:
-    """values = delta as float32 where trimming keeps it, else delta * 0 (a signed zero, as mergekit's
-    mask product), times `weight` rounded to bf16 unless it is 1; returns the next tied rank.
-    Kept: key > threshold, or key == threshold and chosen[rank] (`chosen` has one spare entry)."""
+def _trim(deltas: Any, threshold: Any, values: Any) -> None:
+    """values = delta as float32 where its key is above `threshold`, else delta * 0 (a signed zero, as
+    mergekit's mask product): the sign bit alone."""
     for j in range(deltas.size):
-        key = deltas[j] & 0x7FFF
-        tied = key == threshold
-        keep = (key > threshold) | (tied & chosen[rank])
-        rank += tied
-        value = _f32(deltas[j])
-        values[j] = value if keep else value * np.float32(0)
-    if weight != 1:
-        for j in range(deltas.size):
-            values[j] = _f32(_to_bf16(values[j] * weight))
-    return rank
+        value = deltas[j]
+        values[j] = _f32(value if (value & 0x7FFF) > threshold else value & np.int16(-32768))
 
 
 TILE = _TILE = 2048  # entries per tile of `consensus_block`: its float32 rows stay in the L1 cache
@@ -255,26 +295,38 @@ TILE = _TILE = 2048  # entries per tile of `consensus_block`: its float32 rows s
 def consensus_block(
     base: Any,
     deltas: Any,
+    offset: int,
     thresholds: Any,
-    chosen: Any,
-    ranks: Any,
+    kept: Any,
+    kept_counts: Any,
+    cursors: Any,
     weights: Any,
     normalize: bool,
     scratch: Any,
     out: Any,
 ) -> None:
-    """out = bf16(bf16(merged / divisor) + base) over one block of deltas (M, m), trimmed as `_trim`
-    says (thresholds (M,), chosen (M, T + 1), ranks (M,) advanced), weighted, elected and averaged with
-    the operations of `_ChunkScratch.disjoint` and `_disjoint_mean_chunked`, in their order. Tile by
-    tile, so the float32 rows stay in cache; the steps after trimming are loops the compiler vectorises."""
+    """out = bf16(bf16(merged / divisor) + base) over one block of deltas (M, m) at tensor position
+    `offset`: delta i keeps the keys above thresholds[i] and the tied entries at the sorted positions
+    kept[i, :kept_counts[i]] (cursors (M,) point at the first not yet reached, advanced), then is
+    weighted, elected and averaged with the operations of `_ChunkScratch.disjoint` and
+    `_disjoint_mean_chunked`, in their order. Tile by tile, so the float32 rows stay in cache; the
+    steps are loops the compiler vectorises."""
     models, size = deltas.shape
     for begin in range(0, size, _TILE):
         end = min(size, begin + _TILE)
         width = end - begin
         for i in range(models):
-            ranks[i] = _trim(
-                deltas[i, begin:end], thresholds[i], chosen[i], ranks[i], weights[i], scratch[3 + i, :width]
-            )
+            values, row = scratch[3 + i, :width], deltas[i, begin:end]
+            _trim(row, np.int16(thresholds[i]), values)
+            cursor, stop = cursors[i], offset + end
+            while cursor < kept_counts[i] and kept[i, cursor] < stop:
+                values[kept[i, cursor] - offset - begin] = _f32(row[kept[i, cursor] - offset - begin])
+                cursor += 1
+            cursors[i] = cursor
+            weight = weights[i]
+            if weight != 1:  # times the weight rounded to bf16
+                for j in range(width):
+                    values[j] = _f32(_to_bf16(values[j] * weight))
         total, merged, divisor = scratch[0, :width], scratch[1, :width], scratch[2, :width]
         first = scratch[3, :width]
         for j in range(width):
@@ -293,9 +345,11 @@ def consensus_block(
                 agree = np.float32(1) if row[j] * total[j] > 0 else np.float32(0)  # zero never agrees
                 merged[j] = merged[j] + row[j] * agree
                 divisor[j] = divisor[j] + agree * weight
-        for j in range(width):
-            result = _to_bf16(merged[j])
-            if normalize:
+        if normalize:
+            for j in range(width):
                 share = divisor[j] if divisor[j] != 0 else np.float32(1)
-                result = _to_bf16(_f32(result) / _f32(_to_bf16(share)))
-            out[begin + j] = _to_bf16(_f32(result) + _f32(base[begin + j]))
+                result = _to_bf16(_f32(_to_bf16(merged[j])) / _f32(_to_bf16(share)))
+                out[begin + j] = _to_bf16(_f32(result) + _f32(base[begin + j]))
+        else:
+            for j in range(width):
+                out[begin + j] = _to_bf16(_f32(_to_bf16(merged[j])) + _f32(base[begin + j]))

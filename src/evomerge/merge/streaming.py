@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from functools import cache
 from types import ModuleType
 
@@ -35,7 +36,7 @@ from evomerge.merge.registry import MergeMethod
 from evomerge.merge.sources import SourceSet
 from evomerge.merge.sparsify import TieBreak, _replay_verified, threshold_of_counts
 
-BLOCK = 1 << 19  # entries per block: 1 MB of bf16 per model, so the blocks stay in cache
+BLOCK = 1 << 17  # entries per block: 256 KB of bf16 per model, so the blocks of all models stay in L2
 KEEP_BYTES = 512_000_000  # deltas kept in memory between passes up to this size (per tensor)
 _KEYS = 1 << 15
 _KEEP_ALL = -1  # a threshold below every key: nothing is trimmed
@@ -157,47 +158,79 @@ class _Job:
     def trim(
         self, jit: ModuleType, model: int, counts: np.ndarray, density: float, tie_break: TieBreak
     ) -> tuple[int, np.ndarray] | None:
-        """(threshold, chosen): delta `model` keeps keys above the threshold and the tied ones whose
-        rank (among the tied, in index order) `chosen` marks; `magnitude_keep`'s set exactly."""
+        """(threshold, kept): delta `model` keeps the keys above the threshold and the entries at the
+        sorted tensor positions `kept` (tied at the threshold and chosen as mergekit's sort, or
+        `stable`, chooses them); `magnitude_keep`'s set exactly."""
         k = max(1, int(density * self.n))
         if density >= 1 or k >= self.n:
-            return _KEEP_ALL, np.zeros(1, dtype=bool)
+            return _KEEP_ALL, _NONE
         found = threshold_of_counts(counts, k)
         if found is None:
             return None
         threshold, above, tied = found
-        chosen = np.zeros(tied + 1, dtype=bool)  # one spare: the trimming pass reads chosen[rank] ahead
-        if above + tied == k:
-            chosen[:tied] = True
-        elif tie_break == "stable":
-            chosen[: k - above] = True
-        elif not self._replay(jit, model, k, threshold, chosen):
+        if above + tied == k:  # every tied entry is in: keep the keys down to the threshold
+            return threshold - 1, _NONE
+        positions = np.empty(tied + 1, dtype=np.int64)  # one spare: the scans write one ahead
+        if tie_break == "stable":  # the first k - above tied entries in index order
+            if not self._scan(
+                jit,
+                model,
+                lambda block, start, rank: jit.tie_positions(
+                    block, threshold, start, positions[: k - above + 1], rank
+                ),
+            ):
+                return None
+            return threshold, positions[: k - above]
+        chosen = np.zeros(tied, dtype=bool)
+        if not self._replay(jit, model, k, threshold, tied, positions, chosen):
             return None
-        return threshold, chosen
+        return threshold, positions[:tied][chosen]
 
-    def _replay(self, jit: ModuleType, model: int, k: int, threshold: int, chosen: np.ndarray) -> bool:
-        if self.codes is None:  # one buffer for every model of the tensor (fresh pages cost faults)
-            self.codes = np.empty(self.n, dtype=np.int32 if self.n < (1 << 31) - _KEYS else np.int64)
-        codes = self.codes
+    def _scan(self, jit: ModuleType, model: int, step: Callable[[np.ndarray, int, int], int]) -> bool:
+        """rank = step(deltas of `model` in the block, block start, rank) over the blocks in order."""
         rank = 0
         for start in self._spans():
             deltas = self.deltas_of(jit, start, range(model, model + 1))
             if deltas is None:
                 return False
-            rank = jit.tie_codes(deltas[model], threshold, codes[start : start + deltas.shape[1]], rank)
-        return bool(jit.replay_top_k(codes, k, threshold, chosen))
+            rank = step(deltas[model], start, rank)
+        return True
+
+    def _replay(
+        self,
+        jit: ModuleType,
+        model: int,
+        k: int,
+        threshold: int,
+        tied: int,
+        positions: np.ndarray,
+        chosen: np.ndarray,
+    ) -> bool:
+        if self.codes is None:  # one buffer for every model of the tensor (fresh pages cost faults)
+            self.codes = np.empty(self.n, dtype=np.int32 if self.n < (1 << 31) - _KEYS else np.int64)
+        codes = self.codes
+        if not self._scan(
+            jit,
+            model,
+            lambda block, start, rank: jit.tie_codes(
+                block, threshold, tied, codes[start : start + block.size], rank, start, positions
+            ),
+        ):
+            return False
+        return bool(jit.replay_top_k(codes, k, threshold, tied, chosen))
 
     def consensus(self, jit: ModuleType, trims: list[tuple[int, np.ndarray]]) -> torch.Tensor | None:
-        """The merged tensor from the trimming thresholds and chosen ties, block by block."""
+        """The merged tensor from the trimming thresholds and kept ties, block by block."""
         params = self.task.params
         stored = (
             torch.tensor(params["weight"], dtype=torch.bfloat16).float().numpy()
         )  # as mergekit holds them
         thresholds = np.array([threshold for threshold, _ in trims], dtype=np.int64)
-        chosen = _stacked([row for _, row in trims])
+        kept = _stacked([positions for _, positions in trims])
+        kept_counts = np.array([positions.size for _, positions in trims], dtype=np.int64)
         scratch = np.empty((3 + self.models, jit.TILE), dtype=np.float32)
         out = np.empty(self.n, dtype=np.int16)
-        ranks = np.zeros(self.models, dtype=np.int64)
+        cursors = np.zeros(self.models, dtype=np.int64)
         normalize = bool(params["normalize"])
         for start in self._spans():
             deltas = self.deltas_of(jit, start, range(self.models))
@@ -210,15 +243,28 @@ class _Job:
                 self.sources.read_range(*self.task.base, start, base)
             end = start + size
             jit.consensus_block(
-                base, deltas, thresholds, chosen, ranks, stored, normalize, scratch, out[start:end]
+                base,
+                deltas,
+                start,
+                thresholds,
+                kept,
+                kept_counts,
+                cursors,
+                stored,
+                normalize,
+                scratch,
+                out[start:end],
             )
         self.deltas = None
         return torch.from_numpy(out).view(torch.bfloat16).reshape(self.task.shape)
 
 
+_NONE = np.zeros(0, dtype=np.int64)  # no tied entry kept beyond the threshold
+
+
 def _stacked(rows: list[np.ndarray]) -> np.ndarray:
-    """Rows of different lengths as one (M, longest) bool array (the compiled loop takes one 2-D array)."""
-    stacked = np.zeros((len(rows), max(row.size for row in rows)), dtype=bool)
+    """Rows of different lengths as one (M, longest) int64 array (the compiled loop takes one 2-D array)."""
+    stacked = np.zeros((len(rows), max(1, *(row.size for row in rows))), dtype=np.int64)
     for index, row in enumerate(rows):
         stacked[index, : row.size] = row
     return stacked
