@@ -46,6 +46,14 @@ def main() -> None:
     parser.add_argument("--digits-subset", type=int, default=30)
     parser.add_argument("--lm-subset", type=int, default=8)
     parser.add_argument("--rescore", type=int, default=3)
+    parser.add_argument("--calibration", type=int, default=None, help="subset.calibration (default: warm start)")
+    parser.add_argument("--no-promote", action="store_true", help="subset.promote: false (rescore instead)")
+    parser.add_argument("--no-stratify", action="store_true", help="subset.stratify: false")
+    parser.add_argument("--refresh", type=int, default=None, help="subset.refresh")
+    parser.add_argument("--anchors", default="cluster", help="subset.anchors")
+    parser.add_argument("--margin", type=float, default=0.0, help="subset.margin")
+    parser.add_argument("--estimate", default="anchors", help="subset.estimate")
+    parser.add_argument("--subset-evaluations", type=int, default=None, help="candidates of subset modes")
     parser.add_argument(
         "--default-calibration",
         action="store_true",
@@ -78,7 +86,7 @@ def zoo_config(zoo: str, args: argparse.Namespace, seed: int, mode: str) -> dict
             "parameters": {"weight": [0.0, 1.5]},
         },
         "optimizer": {"name": "cma-es", "population_size": 8, "sigma0": 0.25},
-        "budget": {"max_evaluations": args.digits_evaluations if zoo == "digits" else args.lm_evaluations},
+        "budget": {"max_evaluations": _budget(zoo, args, mode)},
         "fitness": [
             {
                 "name": "target",
@@ -95,9 +103,24 @@ def zoo_config(zoo: str, args: argparse.Namespace, seed: int, mode: str) -> dict
         config["racing"] = {}
     if "subset" in mode:
         size = args.digits_subset if zoo == "digits" else args.lm_subset
-        calibration = None if args.default_calibration else _warm_start_size(config)
-        config["subset"] = {"size": size, "calibration": calibration}
+        calibration = None if args.default_calibration else args.calibration or _warm_start_size(config)
+        config["subset"] = {
+            "size": size,
+            "calibration": calibration,
+            "promote": not args.no_promote,
+            "stratify": not args.no_stratify,
+            "refresh": args.refresh,
+            "anchors": args.anchors,
+            "estimate": args.estimate,
+            "margin": args.margin,
+        }
     return config
+
+
+def _budget(zoo: str, args: argparse.Namespace, mode: str) -> int:
+    if "subset" in mode and args.subset_evaluations is not None:
+        return int(args.subset_evaluations)
+    return int(args.digits_evaluations if zoo == "digits" else args.lm_evaluations)
 
 
 def _warm_start_size(data: dict[str, Any]) -> int:
@@ -122,7 +145,9 @@ def run_zoo(zoo: str, args: argparse.Namespace) -> dict[str, Any]:
             with RunStore.in_dir(summary.run_dir) as store:
                 evaluations = store.evaluations()
             examples = sum(e.result.cost.get("examples", 0.0) for e in evaluations)
-            kept, dev, rescored = _keep(config, evaluations, 1 if mode == "full" else args.rescore)
+            promoted = config.subset is not None and config.subset.promote
+            top = 1 if mode == "full" or promoted else args.rescore  # promoted: the best is whole-dev
+            kept, dev, rescored = _keep(config, evaluations, top)
             test = _score(config, [kept], "test")[0]
             row = {
                 "seed": seed,
@@ -132,15 +157,32 @@ def run_zoo(zoo: str, args: argparse.Namespace) -> dict[str, Any]:
                 "dev": dev,
                 "test": test,
                 "best": kept.name,
+                "promoted": sum(
+                    1
+                    for e in evaluations[calibration_of(config) :]
+                    if config.subset is not None
+                    if all(t.examples is None for t in e.result.tasks.values())
+                ),
                 "wall_s": time.perf_counter() - tick,
             }
             print(
                 f"{zoo} seed {seed} {mode:>13}: {row['examples']:.0f} example evaluations, "
-                f"dev {dev:.4f}, test {test:.4f} ({kept.name}), {row['wall_s']:.0f} s",
+                f"dev {dev:.4f}, test {test:.4f} ({kept.name}), {row['candidates']} candidates, "
+                f"{row['promoted']} promoted, {row['wall_s']:.0f} s",
                 flush=True,
             )
             report["runs"].append(row)
     return report
+
+
+def calibration_of(config: Any) -> int:
+    """How many evaluations scored the whole dev set to choose the subset (0: no subset)."""
+    if config.subset is None:
+        return 0
+    from evomerge.runs.loop import warm_start_points
+
+    warm = len(warm_start_points(config, config.search_space()))
+    return config.subset.calibration or warm + int(config.optimizer.population_size)
 
 
 def _keep(config: Any, evaluations: list[Any], top: int) -> tuple[Any, float, float]:

@@ -189,7 +189,28 @@ class SubsetConfig(_Strict):
     subset (anchor examples, each weighted by the share of examples it stands for)."""
 
     size: int = Field(ge=1)
-    calibration: int | None = Field(default=None, ge=2)  # None: the warm start and the first generation
+    calibration: int | None = Field(default=None, ge=1)  # None: the warm start and the first generation
+    stratify: bool = True  # split each task's anchors over its examples' groups (the `group` field)
+    # A candidate whose anchor estimate beats the best whole-dev score so far is scored on the whole dev
+    # set, and that score is the one stored and told; the run's best is then always a whole-dev score.
+    promote: bool = True
+    # How many standard errors of its estimate a candidate must beat the incumbent by to be promoted; one
+    # within that margin is stored at the incumbent's score at most (so it never becomes the run's best).
+    margin: float = Field(default=0.0, ge=0)
+    refresh: int | None = Field(default=None, ge=1)  # re-pick the anchors every N evaluations; None: never
+    anchors: Literal["cluster", "random"] = "cluster"  # k-means on calibration scores, or a seeded draw
+    # "anchors": the anchors' weighted mean; "paired": the best whole-dev result so far plus the
+    # candidate's mean difference to it on the same anchors (a control variate)
+    estimate: Literal["anchors", "paired"] = "anchors"
+
+    @model_validator(mode="after")
+    def _enough_calibration(self) -> SubsetConfig:
+        if self.anchors == "cluster" and self.calibration is not None and self.calibration < 2:
+            raise ValueError(
+                f"calibration: {self.calibration}, but anchors: cluster needs at least 2 whole-dev "
+                "evaluations to cluster the examples by; raise it or use anchors: random"
+            )
+        return self
 
 
 class EvaluationConfig(_Strict):
