@@ -44,15 +44,22 @@ def main() -> None:
     parser.add_argument("--lm-evaluations", type=int, default=96)
     parser.add_argument("--lm-limit", type=int, default=100)
     parser.add_argument("--digits-subset", type=int, default=30)
+    parser.add_argument(
+        "--digits-space",
+        choices=["model", "ties-layer"],
+        default="ties-layer",
+        help="digits genome: task_arithmetic weights per model (the earlier table), or ties per layer "
+        "with weight and density genes (the default: one where the search beats its warm start)",
+    )
     parser.add_argument("--lm-subset", type=int, default=8)
     parser.add_argument("--rescore", type=int, default=3)
     parser.add_argument("--calibration", type=int, default=None, help="subset.calibration (default: warm start)")
     parser.add_argument("--no-promote", action="store_true", help="subset.promote: false (rescore instead)")
     parser.add_argument("--no-stratify", action="store_true", help="subset.stratify: false")
     parser.add_argument("--refresh", type=int, default=None, help="subset.refresh")
-    parser.add_argument("--anchors", default="cluster", help="subset.anchors")
-    parser.add_argument("--margin", type=float, default=0.0, help="subset.margin")
-    parser.add_argument("--estimate", default="anchors", help="subset.estimate")
+    parser.add_argument("--anchors", default="random", help="subset.anchors")
+    parser.add_argument("--margin", type=float, default=1.0, help="subset.margin")
+    parser.add_argument("--estimate", default="paired", help="subset.estimate")
     parser.add_argument("--subset-evaluations", type=int, default=None, help="candidates of subset modes")
     parser.add_argument(
         "--default-calibration",
@@ -85,6 +92,7 @@ def zoo_config(zoo: str, args: argparse.Namespace, seed: int, mode: str) -> dict
             "granularity": "model" if zoo == "digits" else "layer",
             "parameters": {"weight": [0.0, 1.5]},
         },
+        **(_ties_layer() if zoo == "digits" and args.digits_space == "ties-layer" else {}),
         "optimizer": {"name": "cma-es", "population_size": 8, "sigma0": 0.25},
         "budget": {"max_evaluations": _budget(zoo, args, mode)},
         "fitness": [
@@ -103,7 +111,9 @@ def zoo_config(zoo: str, args: argparse.Namespace, seed: int, mode: str) -> dict
         config["racing"] = {}
     if "subset" in mode:
         size = args.digits_subset if zoo == "digits" else args.lm_subset
-        calibration = None if args.default_calibration else args.calibration or _warm_start_size(config)
+        calibration = args.calibration
+        if args.anchors == "cluster" and calibration is None and not args.default_calibration:
+            calibration = _warm_start_size(config)  # the earlier tables: clustered on the warm start
         config["subset"] = {
             "size": size,
             "calibration": calibration,
@@ -115,6 +125,13 @@ def zoo_config(zoo: str, args: argparse.Namespace, seed: int, mode: str) -> dict
             "margin": args.margin,
         }
     return config
+
+
+def _ties_layer() -> dict[str, Any]:
+    return {
+        "merge_method": "ties",
+        "search": {"granularity": "layer", "parameters": {"weight": [0.0, 1.5], "density": [0.1, 1.0]}},
+    }
 
 
 def _budget(zoo: str, args: argparse.Namespace, mode: str) -> int:
@@ -181,8 +198,11 @@ def calibration_of(config: Any) -> int:
         return 0
     from evomerge.runs.loop import warm_start_points
 
-    warm = len(warm_start_points(config, config.search_space()))
-    return config.subset.calibration or warm + int(config.optimizer.population_size)
+    if config.subset.calibration is not None:
+        return int(config.subset.calibration)
+    if config.subset.anchors == "random":
+        return 1
+    return len(warm_start_points(config, config.search_space())) + int(config.optimizer.population_size)
 
 
 def _keep(config: Any, evaluations: list[Any], top: int) -> tuple[Any, float, float]:

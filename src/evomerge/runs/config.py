@@ -183,25 +183,29 @@ class RacingConfig(_Strict):
 
 
 class SubsetConfig(_Strict):
-    """Score fitness on `size` representative dev examples instead of all (docs/evolve.md, "Subset").
+    """Score fitness on `size` dev examples instead of all (docs/evolve.md, "Subset").
 
-    The first `calibration` evaluations score the whole dev set; their per-example scores pick the
-    subset (anchor examples, each weighted by the share of examples it stands for)."""
+    The first `calibration` evaluations score the whole dev set. Then every candidate is scored on `size`
+    anchor examples (drawn at random, or clustered from the calibration's per-example scores; split over
+    the examples' groups), re-drawn every `refresh` evaluations, and told the paired estimate (the best
+    whole-dev result so far plus its mean difference to it on the anchors). One that beats that incumbent
+    by `margin` standard errors is scored on the whole dev set, and that score is the one stored."""
 
     size: int = Field(ge=1)
-    calibration: int | None = Field(default=None, ge=1)  # None: the warm start and the first generation
+    # None: 1 with random anchors (the paired estimate's first reference); the warm start and the first
+    # generation with clustered ones
+    calibration: int | None = Field(default=None, ge=1)
+    anchors: Literal["random", "cluster"] = "random"  # a seeded draw, or k-means on whole-dev scores
+    # "paired": the best whole-dev result so far plus the candidate's mean difference to it on the same
+    # anchors (a control variate); "anchors": the anchors' weighted mean alone
+    estimate: Literal["paired", "anchors"] = "paired"
+    refresh: int | None = Field(default=None, ge=1)  # re-pick the anchors every N evaluations; None: each generation
     stratify: bool = True  # split each task's anchors over its examples' groups (the `group` field)
-    # A candidate whose anchor estimate beats the best whole-dev score so far is scored on the whole dev
-    # set, and that score is the one stored and told; the run's best is then always a whole-dev score.
+    # A candidate whose estimate beats the best whole-dev score so far by `margin` standard errors of its
+    # estimate is scored on the whole dev set, and that score is the one stored and told; one within the
+    # margin is stored at the incumbent's score at most. So the run's best is always a whole-dev score.
     promote: bool = True
-    # How many standard errors of its estimate a candidate must beat the incumbent by to be promoted; one
-    # within that margin is stored at the incumbent's score at most (so it never becomes the run's best).
-    margin: float = Field(default=0.0, ge=0)
-    refresh: int | None = Field(default=None, ge=1)  # re-pick the anchors every N evaluations; None: never
-    anchors: Literal["cluster", "random"] = "cluster"  # k-means on calibration scores, or a seeded draw
-    # "anchors": the anchors' weighted mean; "paired": the best whole-dev result so far plus the
-    # candidate's mean difference to it on the same anchors (a control variate)
-    estimate: Literal["anchors", "paired"] = "anchors"
+    margin: float = Field(default=1.0, ge=0)
 
     @model_validator(mode="after")
     def _enough_calibration(self) -> SubsetConfig:

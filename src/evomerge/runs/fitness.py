@@ -5,12 +5,22 @@
 the optimisers and the other backends do not change.
 
 - **Pool**: the examples fitness is scored on, each with its weight in the score. The whole dev set (each
-  task's examples weighted equally, the tasks by their `weight`), or, with `subset`, k anchor examples
-  chosen once from the per-example scores of the first evaluations (the warm start and the first
-  generation by default), each weighted by the share of its task's examples it stands for. The anchors
-  follow tinyBenchmarks' anchor points (Polo et al. 2024): cluster the examples by the scores the
-  calibration models got on them (k-means), keep the example nearest each centre, weight it by its
-  cluster's size.
+  task's examples weighted equally, the tasks by their `weight`), or, with `subset`, k anchor examples,
+  split over the tasks by size and (`stratify`) over each task's example groups, each weighted by the
+  share of its stratum it stands for. The anchors are a seeded uniform draw (`anchors: random`), or
+  tinyBenchmarks' anchor points (Polo et al. 2024; `anchors: cluster`): cluster the examples by the scores
+  the whole-dev evaluations got on them (k-means), keep the example nearest each centre, weight it by its
+  cluster's size. They are chosen once `calibration` evaluations are stored, and again after every
+  `refresh` further evaluations (from the store's first evaluations up to that point, so a resumed run
+  picks the same ones).
+- **Paired estimate** (`estimate: paired`): a candidate is told the incumbent's whole-dev score plus its
+  mean difference to the incumbent on the anchors (the incumbent, the best whole-dev result stored, has
+  every per-example score). The incumbent is a control variate: the anchors' luck cancels in the
+  difference, and estimates on different anchors share the whole-dev scale.
+- **Promotion** (`promote`): a candidate whose estimate beats the incumbent by `margin` standard errors is
+  scored on the rest of the dev set and stored with its whole-dev result (it may become the incumbent);
+  one that beats it by less is stored just below the incumbent (its estimate less `margin` standard
+  errors). So the run's best is always a whole-dev score.
 - **Racing**: the pool is scored in slices of a fixed, seeded order (every candidate sees the same
   examples, so their estimates compare fairly). After each slice, a candidate stops when even the upper
   confidence bound of its score is below the `against` quantile (the median by default) of the last
@@ -23,8 +33,8 @@ the optimisers and the other backends do not change.
   it was scored on: `tasks[name].per_example` with `tasks[name].examples` (the indices) and
   `cost["examples"]`, so the store keeps every per-example score and a report can say what each score is.
 
-Resume stays exact: the threshold is read from the run store (the scores committed before the batch) and
-the subset from the store's first evaluations, both of which a resumed run finds unchanged. (A backend
+Resume stays exact: the threshold, the incumbent and the subset are read from the run store (the
+evaluations committed before the batch), which a resumed run finds unchanged. (A backend
 that evaluates batches of several candidates and is killed half-way through committing one sees a
 different history for the rest of that batch on resume; the local backend evaluates one at a time.)
 """
@@ -112,7 +122,7 @@ def _strata(task: Task) -> list[np.ndarray]:
 
 
 def _capped(result: EvalResult, score: float) -> EvalResult:
-    return dataclasses.replace(result, score=min(result.score, score))
+    return dataclasses.replace(result, score=score)
 
 
 def _whole(result: EvalResult) -> bool:
@@ -389,10 +399,14 @@ class FitnessLayer:
         best, out = self.incumbent(), list(results)
         for i in sorted(range(len(results)), key=lambda i: -results[i].score):
             result = results[i]
-            if not result.ok or result.score <= best or result.cost.get("examples") != pool.size:
+            if not result.ok or result.score < best or result.cost.get("examples") != pool.size:
                 continue
-            if result.score <= best + self.margin * self._stderr(pool, result, reference):
-                out[i] = _capped(result, best)  # not clearly better: never above the incumbent's score
+            stderr = self._stderr(pool, result, reference)
+            if result.score <= best + self.margin * stderr:
+                # Not clearly better: told its estimate less `margin` standard errors, and always just
+                # below the incumbent (an unverified estimate never becomes the run's best, nor ties it:
+                # the optimiser would take a tie for a plateau).
+                out[i] = _capped(result, min(result.score - self.margin * stderr, math.nextafter(best, -math.inf)))
                 continue
             race = Race(full_pool(self.tasks), self.task_weights)
             for name, task in result.tasks.items():
@@ -469,9 +483,11 @@ def fitness_layer(
     if config.racing is None and config.subset is None:
         return backend
     population = int(config.optimizer.population_size)
-    calibration = 0
-    if config.subset is not None:
-        calibration = config.subset.calibration or warm_start_size + population
+    subset = config.subset
+    calibration, refresh = 0, None
+    if subset is not None:
+        default = 1 if subset.anchors == "random" else warm_start_size + population
+        calibration, refresh = subset.calibration or default, subset.refresh or population
     window = (config.racing.window if config.racing is not None else None) or population
     return FitnessLayer(
         backend,
@@ -481,12 +497,12 @@ def fitness_layer(
         seed=config.seed,
         racing=config.racing,
         window=window,
-        subset_size=config.subset.size if config.subset is not None else None,
+        subset_size=subset.size if subset is not None else None,
         calibration=calibration,
-        stratify=config.subset.stratify if config.subset is not None else True,
-        promote=config.subset.promote if config.subset is not None else False,
-        refresh=config.subset.refresh if config.subset is not None else None,
-        choose=config.subset.anchors if config.subset is not None else "cluster",
-        estimate=config.subset.estimate if config.subset is not None else "anchors",
-        margin=config.subset.margin if config.subset is not None else 0.0,
+        stratify=subset.stratify if subset is not None else True,
+        promote=subset.promote if subset is not None else False,
+        refresh=refresh,
+        choose=subset.anchors if subset is not None else "random",
+        estimate=subset.estimate if subset is not None else "anchors",
+        margin=subset.margin if subset is not None else 0.0,
     )
