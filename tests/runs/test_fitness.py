@@ -194,7 +194,9 @@ def test_stratified_anchors_give_every_group_its_share_of_the_score() -> None:
     """Groups of 60, 30 and 10 examples, 10 anchors: 6, 3 and 1 anchors, each group's anchors inside it and
     weighted together by its share; so a model right on one group only is estimated exactly."""
     group = ["a"] * 60 + ["b"] * 30 + ["c"] * 10
-    tasks = [Task("t", "exact_match", [Example(prompt=str(i), answer="x", group=g) for i, g in enumerate(group)])]
+    tasks = [
+        Task("t", "exact_match", [Example(prompt=str(i), answer="x", group=g) for i, g in enumerate(group)])
+    ]
     rng = np.random.default_rng(0)
     calibration = [
         EvalResult(0.5, {"t": TaskScore("t", "exact_match", 0.5, rng.integers(0, 2, 100).tolist(), 100)})
@@ -223,7 +225,9 @@ def subset_layer(backend: Any, history: list[EvalResult], **subset: Any) -> Fitn
 
 def whole(per_example: np.ndarray) -> EvalResult:
     values = per_example.astype(float).tolist()
-    return EvalResult(float(np.mean(values)), {"t": TaskScore("t", "exact_match", float(np.mean(values)), values, 200)})
+    return EvalResult(
+        float(np.mean(values)), {"t": TaskScore("t", "exact_match", float(np.mean(values)), values, 200)}
+    )
 
 
 def test_the_paired_estimate_cancels_the_anchors_luck_against_the_reference() -> None:
@@ -344,7 +348,9 @@ def test_a_subset_run_calibrates_on_the_whole_set_then_scores_the_anchors(
     assert counts[:8] == [200] * 8 and all(c <= 6 for c in counts[8:])
 
 
-@pytest.mark.parametrize("subset", [{"margin": 0.0}, {"margin": 0.0, "estimate": "anchors", "anchors": "cluster"}, {}])
+@pytest.mark.parametrize(
+    "subset", [{"margin": 0.0}, {"margin": 0.0, "estimate": "anchors", "anchors": "cluster"}, {}]
+)
 def test_a_promoting_subset_run_keeps_only_whole_dev_scores_as_its_best(
     tmp_path: Path, family: dict[str, Path], subset: dict[str, Any]
 ) -> None:

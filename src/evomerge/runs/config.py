@@ -199,7 +199,9 @@ class SubsetConfig(_Strict):
     # "paired": the best whole-dev result so far plus the candidate's mean difference to it on the same
     # anchors (a control variate); "anchors": the anchors' weighted mean alone
     estimate: Literal["paired", "anchors"] = "paired"
-    refresh: int | None = Field(default=None, ge=1)  # re-pick the anchors every N evaluations; None: each generation
+    refresh: int | None = Field(
+        default=None, ge=1
+    )  # re-pick the anchors every N evaluations; None: each generation
     stratify: bool = True  # split each task's anchors over its examples' groups (the `group` field)
     # A candidate whose estimate beats the best whole-dev score so far by `margin` standard errors of its
     # estimate is scored on the whole dev set, and that score is the one stored and told; one within the

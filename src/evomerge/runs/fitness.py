@@ -165,8 +165,6 @@ def _anchors(matrix: np.ndarray, k: int, seed: int) -> tuple[np.ndarray, np.ndar
     return np.asarray(chosen)[order], np.asarray(shares)[order]
 
 
-
-
 # --- racing ---------------------------------------------------------------------------------------------
 def slice_selections(pool: Pool, fractions: Sequence[float], seed: int) -> list[Selection]:
     """The examples each slice adds, per task: the pool in a seeded order, cut at each fraction."""
@@ -406,13 +404,16 @@ class FitnessLayer:
                 # Not clearly better: told its estimate less `margin` standard errors, and always just
                 # below the incumbent (an unverified estimate never becomes the run's best, nor ties it:
                 # the optimiser would take a tie for a plateau).
-                out[i] = _capped(result, min(result.score - self.margin * stderr, math.nextafter(best, -math.inf)))
+                out[i] = _capped(
+                    result, min(result.score - self.margin * stderr, math.nextafter(best, -math.inf))
+                )
                 continue
             race = Race(full_pool(self.tasks), self.task_weights)
             for name, task in result.tasks.items():
                 race.scores[name].update(zip(task.examples or [], task.per_example, strict=True))
             rest = {
-                t.name: [j for j in range(len(t.examples)) if j not in race.scores[t.name]] for t in self.tasks
+                t.name: [j for j in range(len(t.examples)) if j not in race.scores[t.name]]
+                for t in self.tasks
             }
             self.inner.select_examples(rest)
             extra = self.inner.evaluate_batch([recipes[i]], [seeds[i]])[0]
