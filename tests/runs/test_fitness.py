@@ -13,7 +13,7 @@ import pytest
 from evomerge.errors import ConfigError
 from evomerge.eval.result import EvalResult, TaskScore
 from evomerge.eval.tasks import Example, Task
-from evomerge.runs.config import RacingConfig
+from evomerge.runs.config import RacingConfig, SubsetConfig
 from evomerge.runs.fitness import FitnessLayer, anchor_pool, full_pool, slice_selections
 from evomerge.runs.loop import evolve, resume
 from evomerge.runs.store import RunStore
@@ -271,6 +271,12 @@ def test_a_candidate_within_the_margin_is_not_promoted_and_stored_below_the_incu
     assert held.tasks["t"].examples is not None and held.score < float(np.mean(reference))
 
 
+def test_clustered_anchors_need_two_calibration_evaluations() -> None:
+    with pytest.raises(ValueError, match="anchors: cluster needs at least 2"):
+        SubsetConfig(size=4, calibration=1, anchors="cluster")
+    assert SubsetConfig(size=4, calibration=1).anchors == "random"
+
+
 def test_a_subset_needs_two_whole_dev_evaluations() -> None:
     with pytest.raises(ConfigError, match=r"subset\.calibration"):
         anchor_pool(tasks_of({"t": 5}), [], size=2, seed=0)
@@ -382,7 +388,8 @@ def test_a_promoting_subset_run_keeps_only_whole_dev_scores_as_its_best(
 def test_crash_anywhere_then_resume_equals_an_uninterrupted_promoting_refreshed_subset_run(
     tmp_path: Path, family: dict[str, Path], crash_at: int
 ) -> None:
-    settings = {"subset": {"size": 6, "calibration": 8, "refresh": 8}, "racing": RACING}
+    subset = {"size": 6, "calibration": 8, "refresh": 8, "margin": 0.0, "estimate": "anchors"}
+    settings = {"subset": subset, "racing": RACING}
     config = raced_config(tmp_path / "crashed", family, **settings)
     table = gene_table(config.search_space())
     with pytest.raises(Crash):
@@ -391,6 +398,8 @@ def test_crash_anywhere_then_resume_equals_an_uninterrupted_promoting_refreshed_
     straight = raced_config(tmp_path / "straight", family, **settings)
     evolve(straight, backend=TableBackend(table))
     assert stored(config.out) == stored(straight.out)
+    promoted = [row for row in stored(config.out)[8:] if row[3]["tasks"]["toy"]["examples"] is None]
+    assert promoted  # it did promote, and resumed with the same incumbent and anchors
 
 
 def test_racing_refuses_perplexity_tasks(tmp_path: Path, family: dict[str, Path]) -> None:
