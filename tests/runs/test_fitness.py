@@ -268,7 +268,8 @@ def test_a_candidate_within_the_margin_is_not_promoted_and_stored_below_the_incu
     assert np.any(better[anchors] != reference[anchors])  # the anchors tell the two apart
     promoted, held = strict.evaluate_batch([0], [0])[0], loose.evaluate_batch([0], [0])[0]
     assert promoted.tasks["t"].examples is None and promoted.score == pytest.approx(float(np.mean(better)))
-    assert held.tasks["t"].examples is not None and held.score < float(np.mean(reference))
+    assert held.tasks["t"].examples is not None
+    assert float(np.mean(reference)) - 1e-6 <= held.score < float(np.mean(reference))  # just below it
 
 
 def test_clustered_anchors_need_two_calibration_evaluations() -> None:

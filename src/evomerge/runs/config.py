@@ -205,7 +205,7 @@ class SubsetConfig(_Strict):
     stratify: bool = True  # split each task's anchors over its examples' groups (the `group` field)
     # A candidate whose estimate beats the best whole-dev score so far by `margin` standard errors of its
     # estimate is scored on the whole dev set, and that score is the one stored and told; one within the
-    # margin is stored at the incumbent's score at most. So the run's best is always a whole-dev score.
+    # margin is stored just below the incumbent's score. So the run's best is always a whole-dev score.
     promote: bool = True
     margin: float = Field(default=1.0, ge=0)
 

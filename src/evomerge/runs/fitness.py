@@ -19,8 +19,8 @@ the optimisers and the other backends do not change.
   difference, and estimates on different anchors share the whole-dev scale.
 - **Promotion** (`promote`): a candidate whose estimate beats the incumbent by `margin` standard errors is
   scored on the rest of the dev set and stored with its whole-dev result (it may become the incumbent);
-  one that beats it by less is stored just below the incumbent (its estimate less `margin` standard
-  errors). So the run's best is always a whole-dev score.
+  one that beats it by less is stored just below the incumbent (within 1e-6, in the order of the
+  estimates). So the run's best is always a whole-dev score.
 - **Racing**: the pool is scored in slices of a fixed, seeded order (every candidate sees the same
   examples, so their estimates compare fairly). After each slice, a candidate stops when even the upper
   confidence bound of its score is below the `against` quantile (the median by default) of the last
@@ -119,6 +119,9 @@ def _strata(task: Task) -> list[np.ndarray]:
     for i, example in enumerate(task.examples):
         groups.setdefault("" if example.group is None else f"={example.group}", []).append(i)
     return [np.asarray(groups[name]) for name in sorted(groups)]
+
+
+_BELOW = 1e-6  # how far below the incumbent an unpromoted candidate above it is stored, at most
 
 
 def _capped(result: EvalResult, score: float) -> EvalResult:
@@ -401,12 +404,10 @@ class FitnessLayer:
                 continue
             stderr = self._stderr(pool, result, reference)
             if result.score <= best + self.margin * stderr:
-                # Not clearly better: told its estimate less `margin` standard errors, and always just
-                # below the incumbent (an unverified estimate never becomes the run's best, nor ties it:
-                # the optimiser would take a tie for a plateau).
-                out[i] = _capped(
-                    result, min(result.score - self.margin * stderr, math.nextafter(best, -math.inf))
-                )
+                # Not clearly better: stored just below the incumbent, in the order of the estimates (an
+                # unverified estimate never becomes the run's best, nor ties it: the optimiser would take
+                # a tie for a plateau; and it still ranks above the candidates estimated below).
+                out[i] = _capped(result, best - _BELOW / (1.0 + result.score - best))
                 continue
             race = Race(full_pool(self.tasks), self.task_weights)
             for name, task in result.tasks.items():
