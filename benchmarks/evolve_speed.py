@@ -57,10 +57,17 @@ def main() -> None:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
+    # Every scratch file (the random family, the run dir, the merges written to disk) lives under one
+    # temporary directory that is removed when the benchmark ends, however it ends.
+    with tempfile.TemporaryDirectory(prefix="evolve_speed-") as tmp:
+        _run(args, Path(tmp))
+
+
+def _run(args: argparse.Namespace, tmp: Path) -> None:
     if args.random_family:
-        config = _family_config(args.random_family, args.limit, args.method, args.density)
+        config = _family_config(tmp, args.random_family, args.limit, args.method, args.density)
     else:
-        config = _config(args.zoo, args.size, args.limit, args.method, args.density)
+        config = _config(tmp, args.zoo, args.size, args.limit, args.method, args.density)
     space = config.search_space()
     genomes = np.random.default_rng(0).uniform(size=(args.candidates, space.dim))  # (N, D)
     recipes = [space.decode(genome) for genome in genomes]
@@ -70,10 +77,10 @@ def main() -> None:
         *([] if args.no_disk else ["disk"]),
         *(["mergekit"] if args.mergekit else []),
     ]
-    _print(args, _interleaved(config, space, recipes, paths))
+    _print(args, _interleaved(config, space, recipes, paths, tmp / "merges"))
 
 
-def _interleaved(config, space, recipes, paths: list[str]) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
+def _interleaved(config, space, recipes, paths: list[str], scratch: Path) -> dict[str, dict[str, float]]:  # type: ignore[no-untyped-def]
     """Each candidate through every path in turn, so that a busy machine slows all paths alike."""
     from evomerge.runs.loop import load_tasks, make_backend
 
@@ -81,7 +88,8 @@ def _interleaved(config, space, recipes, paths: list[str]) -> dict[str, dict[str
     backend = make_backend(config)
     times: dict[str, dict[str, float]] = {p: {"total_s": 0.0, "merge_s": 0.0, "scores": []} for p in paths}  # type: ignore[misc]
     times["memory"]["setup_s"] = time.perf_counter() - start
-    tasks, scratch = load_tasks(config), Path(tempfile.mkdtemp())
+    tasks = load_tasks(config)
+    scratch.mkdir(parents=True, exist_ok=True)
     for index, recipe in enumerate(recipes):
         result = backend.evaluate(recipe, 0)  # type: ignore[attr-defined]
         _add(times["memory"], result.cost["merge_s"] + result.cost["eval_s"], result.score)
@@ -104,13 +112,13 @@ def _add(entry: dict, seconds: float, score: float) -> None:  # type: ignore[typ
     entry["scores"].append(score)
 
 
-def _config(zoo_dir: Path, size: str, limit: int, method: str, density: float | None):  # type: ignore[no-untyped-def]
+def _config(tmp: Path, zoo_dir: Path, size: str, limit: int, method: str, density: float | None):  # type: ignore[no-untyped-def]
     from evomerge.cli.demo import demo_config
     from evomerge.runs.config import EvolveConfig
 
     zoo = load_or_build(zoo_dir, size)
     return EvolveConfig.from_dict(
-        _with_method(demo_config(zoo, Path(tempfile.mkdtemp()), 1, 8, limit, 0), method, density)
+        _with_method(demo_config(zoo, tmp / "run", 1, 8, limit, 0), method, density)
     )
 
 
@@ -121,7 +129,7 @@ def _with_method(config: dict, method: str, density: float | None) -> dict:  # t
     return config
 
 
-def _family_config(hidden: int, limit: int, method: str, density: float | None):  # type: ignore[no-untyped-def]
+def _family_config(tmp: Path, hidden: int, limit: int, method: str, density: float | None):  # type: ignore[no-untyped-def]
     """A random Llama family (base + 2 fine-tunes) with the zoo tokenizer and a perplexity task."""
     import json
 
@@ -129,7 +137,7 @@ def _family_config(hidden: int, limit: int, method: str, density: float | None):
     from evomerge.zoo.random_models import FamilySpec, build_family
     from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
 
-    root = Path(tempfile.mkdtemp())
+    root = tmp / "family"
     sizes = {
         "hidden_size": hidden,
         "intermediate_size": 4 * hidden,

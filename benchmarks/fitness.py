@@ -1,17 +1,23 @@
 """Fewer example evaluations per good merge (issue 14): full-dev fitness, racing, subset, racing + subset.
 
 Per zoo and seed, each mode runs the same CMA-ES search (population 8, sigma0 0.25, the default
-`best-known` warm start) for the same number of candidates; only how each candidate is scored differs:
+`best-known` warm start); only how each candidate is scored differs (and, with `--subset-evaluations`,
+how many candidates the subset modes may evaluate with the examples they save):
 - `full`: every dev example (the lm zoo: the first `--lm-limit`, as the demo scores);
 - `racing`: the default `racing: {}` block (slices 1/8, 1/4, 1/2, 1; confidence 0.95; the median of
   the last population's scores);
-- `subset`: `subset: {size: K, calibration: C}`: the warm start scores the whole dev set (C = its size),
-  then K anchor examples score every later candidate;
+- `subset`: `subset: {size: K}` with the config's defaults (one whole-dev evaluation, then K stratified
+  random anchors drawn again every generation, the paired estimate, promotion at `--margin` standard
+  errors); `--anchors`, `--estimate`, `--refresh`, `--no-stratify`, `--no-promote`, `--calibration` set
+  the other options (`--anchors cluster` without `--calibration`: the warm start calibrates);
 - `racing+subset`: both.
-Every mode but `full` then scores its `--rescore` best candidates (by their estimate) on the whole dev
-set and keeps the best of those: the elites' full-dev scores, counted in its cost. The row's cost is
-every example evaluation the run made (the sum of `cost["examples"]` over the store) plus that rescoring.
-The test score is the kept candidate's score on the whole test split.
+The kept candidate is the run's best: with promotion always a whole-dev score. Without promotion
+(`racing`, `--no-promote`) the `--rescore` best estimates are scored on the whole dev set and the best of
+those is kept, counted in the cost. The row's cost is every example evaluation the run made (the sum of
+`cost["examples"]` over the store, promotions included) plus that rescoring. The test score is the kept
+candidate's score on the whole test split. Digits: TIES per layer with weight and density genes
+(`--digits-space ties-layer`, where the search beats its warm start), or the earlier task-arithmetic
+weight per model (`model`, where it never did).
 
     nice .venv/bin/python benchmarks/fitness.py --seeds 0 1 2
 """
@@ -44,14 +50,46 @@ def main() -> None:
     parser.add_argument("--lm-evaluations", type=int, default=96)
     parser.add_argument("--lm-limit", type=int, default=100)
     parser.add_argument("--digits-subset", type=int, default=30)
+    parser.add_argument(
+        "--digits-space",
+        choices=["model", "ties-layer"],
+        default="ties-layer",
+        help="digits genome: task_arithmetic weights per model (the earlier table), or ties per layer "
+        "with weight and density genes (the default: one where the search beats its warm start)",
+    )
     parser.add_argument("--lm-subset", type=int, default=8)
     parser.add_argument("--rescore", type=int, default=3)
+    parser.add_argument(
+        "--calibration", type=int, default=None, help="subset.calibration (default: warm start)"
+    )
+    parser.add_argument("--no-promote", action="store_true", help="subset.promote: false (rescore instead)")
+    parser.add_argument("--no-stratify", action="store_true", help="subset.stratify: false")
+    parser.add_argument("--refresh", type=int, default=None, help="subset.refresh")
+    parser.add_argument("--anchors", default="random", help="subset.anchors")
+    parser.add_argument("--margin", type=float, default=1.0, help="subset.margin")
+    parser.add_argument("--estimate", default="paired", help="subset.estimate")
+    parser.add_argument("--subset-evaluations", type=int, default=None, help="candidates of subset modes")
     parser.add_argument(
         "--default-calibration",
         action="store_true",
         help="calibrate the subset on the warm start and the first generation (the config's default)",
     )
+    parser.add_argument(
+        "--tables",
+        nargs="+",
+        metavar="LABEL=REPORT.json",
+        default=None,
+        help="print one summary table from earlier reports (each mode named LABEL + its mode) and exit",
+    )
     args = parser.parse_args()
+    if args.tables:
+        runs = []
+        for item in args.tables:
+            label, _, path = item.rpartition("=")
+            for row in json.loads(Path(path).read_text())["runs"]:
+                runs.append({**row, "mode": f"{label}{row['mode']}" if label else row["mode"]})
+        print_report("tables", {"runs": runs})
+        return
     torch.set_num_threads(1)
     from transformers.utils import logging as transformers_logging
 
@@ -77,8 +115,9 @@ def zoo_config(zoo: str, args: argparse.Namespace, seed: int, mode: str) -> dict
             "granularity": "model" if zoo == "digits" else "layer",
             "parameters": {"weight": [0.0, 1.5]},
         },
+        **(_ties_layer() if zoo == "digits" and args.digits_space == "ties-layer" else {}),
         "optimizer": {"name": "cma-es", "population_size": 8, "sigma0": 0.25},
-        "budget": {"max_evaluations": args.digits_evaluations if zoo == "digits" else args.lm_evaluations},
+        "budget": {"max_evaluations": _budget(zoo, args, mode)},
         "fitness": [
             {
                 "name": "target",
@@ -95,9 +134,33 @@ def zoo_config(zoo: str, args: argparse.Namespace, seed: int, mode: str) -> dict
         config["racing"] = {}
     if "subset" in mode:
         size = args.digits_subset if zoo == "digits" else args.lm_subset
-        calibration = None if args.default_calibration else _warm_start_size(config)
-        config["subset"] = {"size": size, "calibration": calibration}
+        calibration = args.calibration
+        if args.anchors == "cluster" and calibration is None and not args.default_calibration:
+            calibration = _warm_start_size(config)  # the earlier tables: clustered on the warm start
+        config["subset"] = {
+            "size": size,
+            "calibration": calibration,
+            "promote": not args.no_promote,
+            "stratify": not args.no_stratify,
+            "refresh": args.refresh,
+            "anchors": args.anchors,
+            "estimate": args.estimate,
+            "margin": args.margin,
+        }
     return config
+
+
+def _ties_layer() -> dict[str, Any]:
+    return {
+        "merge_method": "ties",
+        "search": {"granularity": "layer", "parameters": {"weight": [0.0, 1.5], "density": [0.1, 1.0]}},
+    }
+
+
+def _budget(zoo: str, args: argparse.Namespace, mode: str) -> int:
+    if "subset" in mode and args.subset_evaluations is not None:
+        return int(args.subset_evaluations)
+    return int(args.digits_evaluations if zoo == "digits" else args.lm_evaluations)
 
 
 def _warm_start_size(data: dict[str, Any]) -> int:
@@ -122,7 +185,9 @@ def run_zoo(zoo: str, args: argparse.Namespace) -> dict[str, Any]:
             with RunStore.in_dir(summary.run_dir) as store:
                 evaluations = store.evaluations()
             examples = sum(e.result.cost.get("examples", 0.0) for e in evaluations)
-            kept, dev, rescored = _keep(config, evaluations, 1 if mode == "full" else args.rescore)
+            promoted = config.subset is not None and config.subset.promote
+            top = 1 if mode == "full" or promoted else args.rescore  # promoted: the best is whole-dev
+            kept, dev, rescored = _keep(config, evaluations, top)
             test = _score(config, [kept], "test")[0]
             row = {
                 "seed": seed,
@@ -132,15 +197,35 @@ def run_zoo(zoo: str, args: argparse.Namespace) -> dict[str, Any]:
                 "dev": dev,
                 "test": test,
                 "best": kept.name,
+                "promoted": sum(
+                    1
+                    for e in evaluations[calibration_of(config) :]
+                    if config.subset is not None
+                    if all(t.examples is None for t in e.result.tasks.values())
+                ),
                 "wall_s": time.perf_counter() - tick,
             }
             print(
                 f"{zoo} seed {seed} {mode:>13}: {row['examples']:.0f} example evaluations, "
-                f"dev {dev:.4f}, test {test:.4f} ({kept.name}), {row['wall_s']:.0f} s",
+                f"dev {dev:.4f}, test {test:.4f} ({kept.name}), {row['candidates']} candidates, "
+                f"{row['promoted']} promoted, {row['wall_s']:.0f} s",
                 flush=True,
             )
             report["runs"].append(row)
     return report
+
+
+def calibration_of(config: Any) -> int:
+    """How many evaluations scored the whole dev set to choose the subset (0: no subset)."""
+    if config.subset is None:
+        return 0
+    from evomerge.runs.loop import warm_start_points
+
+    if config.subset.calibration is not None:
+        return int(config.subset.calibration)
+    if config.subset.anchors == "random":
+        return 1
+    return len(warm_start_points(config, config.search_space())) + int(config.optimizer.population_size)
 
 
 def _keep(config: Any, evaluations: list[Any], top: int) -> tuple[Any, float, float]:
@@ -178,25 +263,28 @@ def _score(config: Any, evaluations: list[Any], split: str) -> list[float]:
 
 def print_report(zoo: str, report: dict[str, Any]) -> None:
     runs = report["runs"]
-    print(f"\n## {zoo}\n\n| mode | seed | example evaluations | dev (full) | test |\n|---|---|---|---|---|")
-    for row in runs:
-        print(
-            f"| {row['mode']} | {row['seed']} | {row['examples']:.0f} | {row['dev']:.4f} | {row['test']:.4f} |"
-        )
-    modes = [m for m in MODES if any(r["mode"] == m for r in runs)]
-    if "full" not in modes:
-        return  # the summary compares with full-dev runs
-    print("\n| mode | mean test (min-max) | mean example evaluations | fewer than full |\n|---|---|---|---|")
-    full_cost = statistics.mean(r["examples"] for r in runs if r["mode"] == "full")
-    full_tests = [r["test"] for r in runs if r["mode"] == "full"]
+    modes = list(dict.fromkeys(r["mode"] for r in runs))
+    print(f"\n## {zoo}\n")
+    print(
+        "| mode | test per seed | mean test (min-max) | candidates | promoted | mean example evaluations "
+        "| fewer than full |\n|---|---|---|---|---|---|---|"
+    )
+    full = [r for r in runs if r["mode"] == "full"]
+    full_cost = statistics.mean(r["examples"] for r in full) if full else float("nan")
     for mode in modes:
-        tests = [r["test"] for r in runs if r["mode"] == mode]
-        cost = statistics.mean(r["examples"] for r in runs if r["mode"] == mode)
+        rows = sorted((r for r in runs if r["mode"] == mode), key=lambda r: r["seed"])
+        tests = [r["test"] for r in rows]
+        cost = statistics.mean(r["examples"] for r in rows)
+        promoted = statistics.mean(r.get("promoted", 0) for r in rows)
         print(
-            f"| {mode} | {statistics.mean(tests):.4f} ({min(tests):.4f}-{max(tests):.4f}) | {cost:.0f} | "
-            f"{full_cost / cost:.1f}x |"
+            f"| {mode} | {' / '.join(f'{t:.4f}' for t in tests)} | {statistics.mean(tests):.4f} "
+            f"({min(tests):.4f}-{max(tests):.4f}) | {rows[0]['candidates']} | {promoted:.1f} | {cost:.0f} "
+            f"| {full_cost / cost:.1f}x |"
         )
-    for mode in modes[1:]:
+    if not full:
+        return  # the floor compares with full-dev runs
+    full_tests = [r["test"] for r in full]
+    for mode in [m for m in modes if m != "full"]:
         tests = [r["test"] for r in runs if r["mode"] == mode]
         cost = statistics.mean(r["examples"] for r in runs if r["mode"] == mode)
         same = statistics.mean(tests) >= min(full_tests)  # within the full-dev seeds' spread or above

@@ -13,7 +13,7 @@ import pytest
 from evomerge.errors import ConfigError
 from evomerge.eval.result import EvalResult, TaskScore
 from evomerge.eval.tasks import Example, Task
-from evomerge.runs.config import RacingConfig
+from evomerge.runs.config import RacingConfig, SubsetConfig
 from evomerge.runs.fitness import FitnessLayer, anchor_pool, full_pool, slice_selections
 from evomerge.runs.loop import evolve, resume
 from evomerge.runs.store import RunStore
@@ -190,6 +190,94 @@ def test_anchors_predict_the_full_score_when_examples_fall_in_groups() -> None:
         assert estimate == pytest.approx(full.score)
 
 
+def test_stratified_anchors_give_every_group_its_share_of_the_score() -> None:
+    """Groups of 60, 30 and 10 examples, 10 anchors: 6, 3 and 1 anchors, each group's anchors inside it and
+    weighted together by its share; so a model right on one group only is estimated exactly."""
+    group = ["a"] * 60 + ["b"] * 30 + ["c"] * 10
+    tasks = [
+        Task("t", "exact_match", [Example(prompt=str(i), answer="x", group=g) for i, g in enumerate(group)])
+    ]
+    rng = np.random.default_rng(0)
+    calibration = [
+        EvalResult(0.5, {"t": TaskScore("t", "exact_match", 0.5, rng.integers(0, 2, 100).tolist(), 100)})
+        for _ in range(6)
+    ]
+    pool = anchor_pool(tasks, calibration, size=10, seed=0)
+    picked = [group[i] for i in pool.indices["t"]]
+    assert [picked.count(g) for g in "abc"] == [6, 3, 1]
+    for g, share in zip("abc", (0.6, 0.3, 0.1), strict=True):
+        mass = sum(w for i, w in zip(pool.indices["t"], pool.weights["t"], strict=True) if group[i] == g)
+        assert mass == pytest.approx(share)
+    unstratified = anchor_pool(tasks, calibration, size=10, seed=0, stratify=False)
+    assert [group[i] for i in unstratified.indices["t"]].count("c") != 1 or unstratified != pool
+
+
+def subset_layer(backend: Any, history: list[EvalResult], **subset: Any) -> FitnessLayer:
+    return FitnessLayer(
+        backend,
+        tasks_of({"t": 200}),
+        history=lambda: history,
+        recent_scores=lambda: [r.score for r in history],
+        seed=0,
+        **{"subset_size": 20, "calibration": 1, "choose": "random", **subset},
+    )
+
+
+def whole(per_example: np.ndarray) -> EvalResult:
+    values = per_example.astype(float).tolist()
+    return EvalResult(
+        float(np.mean(values)), {"t": TaskScore("t", "exact_match", float(np.mean(values)), values, 200)}
+    )
+
+
+def test_the_paired_estimate_cancels_the_anchors_luck_against_the_reference() -> None:
+    """Candidates that differ from the reference on a few examples: the paired estimate (reference's
+    whole-dev score + mean difference on the anchors) is much closer to their whole-dev scores than the
+    anchors' mean, and exact for a candidate equal to the reference on every anchor."""
+    rng = np.random.default_rng(4)
+    reference = rng.uniform(size=200) < 0.6
+    table = {0: {"t": reference.astype(float)}}
+    for c in range(1, 40):
+        flipped = reference.copy()
+        flipped[rng.choice(200, size=6, replace=False)] ^= True
+        table[c] = {"t": flipped.astype(float)}
+    errors: dict[str, list[float]] = {"anchors": [], "paired": []}
+    for estimate in errors:
+        fitness = subset_layer(TableBackend(table), [whole(reference)], estimate=estimate)
+        for c in range(1, 40):
+            got = fitness.evaluate_batch([c], [0])[0].score
+            errors[estimate].append(abs(got - float(np.mean(table[c]["t"]))))
+    assert np.mean(errors["paired"]) < 0.6 * np.mean(errors["anchors"])
+    anchors = fitness.pool().indices["t"]
+    same = reference.copy()
+    outside = np.setdiff1d(np.arange(200), anchors)[:5]
+    same[outside] ^= True  # differs only off the anchors: the estimate is the reference's score
+    fitness.inner.table[99] = {"t": same.astype(float)}
+    assert fitness.evaluate_batch([99], [0])[0].score == pytest.approx(float(np.mean(reference)))
+
+
+def test_a_candidate_within_the_margin_is_not_promoted_and_stored_below_the_incumbent() -> None:
+    rng = np.random.default_rng(5)
+    reference = rng.uniform(size=200) < 0.5
+    better = reference.copy()
+    better[np.flatnonzero(~reference)[:30]] = True  # better than the reference
+    table = {0: {"t": better.astype(float)}}
+    strict = subset_layer(TableBackend(table), [whole(reference)], promote=True, margin=0.0)
+    loose = subset_layer(TableBackend(table), [whole(reference)], promote=True, margin=50.0)
+    anchors = strict.pool().indices["t"]
+    assert np.any(better[anchors] != reference[anchors])  # the anchors tell the two apart
+    promoted, held = strict.evaluate_batch([0], [0])[0], loose.evaluate_batch([0], [0])[0]
+    assert promoted.tasks["t"].examples is None and promoted.score == pytest.approx(float(np.mean(better)))
+    assert held.tasks["t"].examples is not None
+    assert float(np.mean(reference)) - 1e-6 <= held.score < float(np.mean(reference))  # just below it
+
+
+def test_clustered_anchors_need_two_calibration_evaluations() -> None:
+    with pytest.raises(ValueError, match="anchors: cluster needs at least 2"):
+        SubsetConfig(size=4, calibration=1, anchors="cluster")
+    assert SubsetConfig(size=4, calibration=1).anchors == "random"
+
+
 def test_a_subset_needs_two_whole_dev_evaluations() -> None:
     with pytest.raises(ConfigError, match=r"subset\.calibration"):
         anchor_pool(tasks_of({"t": 5}), [], size=2, seed=0)
@@ -209,7 +297,7 @@ def raced_config(root: Path, family: dict[str, Path], **overrides: Any) -> Any:
     dev.parent.mkdir(parents=True, exist_ok=True)
     dev.write_text("".join(json.dumps({"prompt": f"{i}", "answer": "x"}) + "\n" for i in range(200)))
     fitness = [{"name": "toy", "dev": str(dev), "test": str(dev)}]
-    return make_config(root, family, fitness=fitness, budget={"max_evaluations": 24}, **overrides)
+    return make_config(root, family, **{"fitness": fitness, "budget": {"max_evaluations": 24}, **overrides})
 
 
 def gene_table(space: Any) -> Any:
@@ -261,10 +349,58 @@ def test_crash_anywhere_then_resume_equals_an_uninterrupted_raced_run(
 def test_a_subset_run_calibrates_on_the_whole_set_then_scores_the_anchors(
     tmp_path: Path, family: dict[str, Path]
 ) -> None:
-    config = raced_config(tmp_path, family, subset={"size": 6, "calibration": 8})
+    config = raced_config(tmp_path, family, subset={"size": 6, "calibration": 8, "promote": False})
     evolve(config, backend=TableBackend(gene_table(config.search_space())))
     counts = [row[3]["cost"]["examples"] for row in stored(config.out)]
     assert counts[:8] == [200] * 8 and all(c <= 6 for c in counts[8:])
+
+
+@pytest.mark.parametrize(
+    "subset", [{"margin": 0.0}, {"margin": 0.0, "estimate": "anchors", "anchors": "cluster"}, {}]
+)
+def test_a_promoting_subset_run_keeps_only_whole_dev_scores_as_its_best(
+    tmp_path: Path, family: dict[str, Path], subset: dict[str, Any]
+) -> None:
+    """A candidate is scored on the whole dev set only when its estimate beats the best whole-dev score
+    stored before it (by the margin), and one that is not is stored at most at that score; so the run's
+    best is a whole-dev score."""
+    subset = {"size": 6, "calibration": 8, **subset}
+    config = raced_config(tmp_path, family, subset=subset, budget={"max_evaluations": 40})
+    table = gene_table(config.search_space())
+    evolve(config, backend=TableBackend(table))
+    with RunStore.in_dir(config.out) as store:
+        rows, best = store.evaluations(), store.best()
+    assert best is not None and best.result.tasks["toy"].examples is None
+    assert best.score == pytest.approx(float(np.mean(table(best.recipe)["toy"])))
+    incumbent, promoted = max(r.score for r in rows[:8]), 0
+    for row in rows[8:]:
+        whole = row.result.tasks["toy"].examples is None
+        if whole:
+            promoted += 1
+            assert row.result.cost["examples"] == 200
+            assert row.score == pytest.approx(float(np.mean(table(row.recipe)["toy"])))
+            incumbent = max(incumbent, row.score)
+        else:
+            assert row.score <= incumbent and row.result.cost["examples"] <= 6
+    assert promoted < 32 and (promoted > 0 or subset.get("estimate") != "anchors")
+
+
+@pytest.mark.parametrize("crash_at", [5, 13, 22, 37])
+def test_crash_anywhere_then_resume_equals_an_uninterrupted_promoting_refreshed_subset_run(
+    tmp_path: Path, family: dict[str, Path], crash_at: int
+) -> None:
+    subset = {"size": 6, "calibration": 8, "refresh": 8, "margin": 0.0, "estimate": "anchors"}
+    settings = {"subset": subset, "racing": RACING}
+    config = raced_config(tmp_path / "crashed", family, **settings)
+    table = gene_table(config.search_space())
+    with pytest.raises(Crash):
+        evolve(config, backend=TableBackend(table, crash_at=crash_at))
+    resume(config.out, backend=TableBackend(table))
+    straight = raced_config(tmp_path / "straight", family, **settings)
+    evolve(straight, backend=TableBackend(table))
+    assert stored(config.out) == stored(straight.out)
+    promoted = [row for row in stored(config.out)[8:] if row[3]["tasks"]["toy"]["examples"] is None]
+    assert promoted  # it did promote, and resumed with the same incumbent and anchors
 
 
 def test_racing_refuses_perplexity_tasks(tmp_path: Path, family: dict[str, Path]) -> None:

@@ -203,13 +203,40 @@ class RacingConfig(_Strict):
 
 
 class SubsetConfig(_Strict):
-    """Score fitness on `size` representative dev examples instead of all (docs/evolve.md, "Subset").
+    """Score fitness on `size` dev examples instead of all (docs/evolve.md, "Subset").
 
-    The first `calibration` evaluations score the whole dev set; their per-example scores pick the
-    subset (anchor examples, each weighted by the share of examples it stands for)."""
+    The first `calibration` evaluations score the whole dev set. Then every candidate is scored on `size`
+    anchor examples (drawn at random, or clustered from the calibration's per-example scores; split over
+    the examples' groups), re-drawn every `refresh` evaluations, and told the paired estimate (the best
+    whole-dev result so far plus its mean difference to it on the anchors). One that beats that incumbent
+    by `margin` standard errors is scored on the whole dev set, and that score is the one stored."""
 
     size: int = Field(ge=1)
-    calibration: int | None = Field(default=None, ge=2)  # None: the warm start and the first generation
+    # None: 1 with random anchors (the paired estimate's first reference); the warm start and the first
+    # generation with clustered ones
+    calibration: int | None = Field(default=None, ge=1)
+    anchors: Literal["random", "cluster"] = "random"  # a seeded draw, or k-means on whole-dev scores
+    # "paired": the best whole-dev result so far plus the candidate's mean difference to it on the same
+    # anchors (a control variate); "anchors": the anchors' weighted mean alone
+    estimate: Literal["paired", "anchors"] = "paired"
+    refresh: int | None = Field(
+        default=None, ge=1
+    )  # re-pick the anchors every N evaluations; None: each generation
+    stratify: bool = True  # split each task's anchors over its examples' groups (the `group` field)
+    # A candidate whose estimate beats the best whole-dev score so far by `margin` standard errors of its
+    # estimate is scored on the whole dev set, and that score is the one stored and told; one within the
+    # margin is stored just below the incumbent's score. So the run's best is always a whole-dev score.
+    promote: bool = True
+    margin: float = Field(default=1.0, ge=0)
+
+    @model_validator(mode="after")
+    def _enough_calibration(self) -> SubsetConfig:
+        if self.anchors == "cluster" and self.calibration is not None and self.calibration < 2:
+            raise ValueError(
+                f"calibration: {self.calibration}, but anchors: cluster needs at least 2 whole-dev "
+                "evaluations to cluster the examples by; raise it or use anchors: random"
+            )
+        return self
 
 
 class EvaluationConfig(_Strict):

@@ -5,12 +5,22 @@
 the optimisers and the other backends do not change.
 
 - **Pool**: the examples fitness is scored on, each with its weight in the score. The whole dev set (each
-  task's examples weighted equally, the tasks by their `weight`), or, with `subset`, k anchor examples
-  chosen once from the per-example scores of the first evaluations (the warm start and the first
-  generation by default), each weighted by the share of its task's examples it stands for. The anchors
-  follow tinyBenchmarks' anchor points (Polo et al. 2024): cluster the examples by the scores the
-  calibration models got on them (k-means), keep the example nearest each centre, weight it by its
-  cluster's size.
+  task's examples weighted equally, the tasks by their `weight`), or, with `subset`, k anchor examples,
+  split over the tasks by size and (`stratify`) over each task's example groups, each weighted by the
+  share of its stratum it stands for. The anchors are a seeded uniform draw (`anchors: random`), or
+  tinyBenchmarks' anchor points (Polo et al. 2024; `anchors: cluster`): cluster the examples by the scores
+  the whole-dev evaluations got on them (k-means), keep the example nearest each centre, weight it by its
+  cluster's size. They are chosen once `calibration` evaluations are stored, and again after every
+  `refresh` further evaluations (from the store's first evaluations up to that point, so a resumed run
+  picks the same ones).
+- **Paired estimate** (`estimate: paired`): a candidate is told the incumbent's whole-dev score plus its
+  mean difference to the incumbent on the anchors (the incumbent, the best whole-dev result stored, has
+  every per-example score). The incumbent is a control variate: the anchors' luck cancels in the
+  difference, and estimates on different anchors share the whole-dev scale.
+- **Promotion** (`promote`): a candidate whose estimate beats the incumbent by `margin` standard errors is
+  scored on the rest of the dev set and stored with its whole-dev result (it may become the incumbent);
+  one that beats it by less is stored just below the incumbent (within 1e-6, in the order of the
+  estimates). So the run's best is always a whole-dev score.
 - **Racing**: the pool is scored in slices of a fixed, seeded order (every candidate sees the same
   examples, so their estimates compare fairly). After each slice, a candidate stops when even the upper
   confidence bound of its score is below the `against` quantile (the median by default) of the last
@@ -23,14 +33,15 @@ the optimisers and the other backends do not change.
   it was scored on: `tasks[name].per_example` with `tasks[name].examples` (the indices) and
   `cost["examples"]`, so the store keeps every per-example score and a report can say what each score is.
 
-Resume stays exact: the threshold is read from the run store (the scores committed before the batch) and
-the subset from the store's first evaluations, both of which a resumed run finds unchanged. (A backend
+Resume stays exact: the threshold, the incumbent and the subset are read from the run store (the
+evaluations committed before the batch), which a resumed run finds unchanged. (A backend
 that evaluates batches of several candidates and is killed half-way through committing one sees a
 different history for the rest of that batch on resume; the local backend evaluates one at a time.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,18 +76,61 @@ def full_pool(tasks: Sequence[Task]) -> Pool:
     return Pool(indices, weights)
 
 
-def anchor_pool(tasks: Sequence[Task], scores: Sequence[EvalResult], size: int, seed: int) -> Pool:
+def anchor_pool(
+    tasks: Sequence[Task],
+    scores: Sequence[EvalResult],
+    size: int,
+    seed: int,
+    *,
+    stratify: bool = True,
+    choose: str = "cluster",
+) -> Pool:
     """`size` anchor examples (split over the tasks by their number of examples, at least one each)
-    chosen from the per-example `scores` of whole-dev evaluations; see the module doc."""
+    chosen from the per-example `scores` of whole-dev evaluations; see the module doc. With `stratify`, a
+    task's anchors are split over its examples' groups (the `group` field) the same way, and each group
+    is clustered on its own, so every group's share of the score is estimated from its own anchors.
+    `choose="random"`: a seeded uniform draw in each stratum instead, each anchor weighted equally in it
+    (no scores needed)."""
     full = full_pool(tasks)
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 14, 1]))
     counts = _split(size, [len(t.examples) for t in tasks])
     indices, weights = {}, {}
     for task, k in zip(tasks, counts, strict=True):
-        matrix = _score_matrix(task, scores)  # (n_t, models)
-        chosen, shares = _anchors(matrix, k, seed)
-        indices[task.name] = chosen
-        weights[task.name] = shares * full.weights[task.name].sum()
+        matrix = _score_matrix(task, scores) if choose == "cluster" else None  # (n_t, models)
+        strata = _strata(task) if stratify else [np.arange(len(task.examples))]
+        chosen, shares = [], []
+        for members, k_group in zip(strata, _split(k, [len(m) for m in strata]), strict=True):
+            if matrix is None:
+                picked = np.sort(rng.choice(len(members), size=k_group, replace=False))
+                within = np.full(k_group, 1.0 / k_group)
+            else:
+                picked, within = _anchors(matrix[members], k_group, seed)
+            chosen.append(members[picked])
+            shares.append(within * len(members) / len(task.examples))
+        order = np.argsort(np.concatenate(chosen))
+        indices[task.name] = np.concatenate(chosen)[order]
+        weights[task.name] = np.concatenate(shares)[order] * full.weights[task.name].sum()
     return Pool(indices, weights)
+
+
+def _strata(task: Task) -> list[np.ndarray]:
+    """The example indices of each group of `task` (examples without a group together), groups by name."""
+    groups: dict[str, list[int]] = {}
+    for i, example in enumerate(task.examples):
+        groups.setdefault("" if example.group is None else f"={example.group}", []).append(i)
+    return [np.asarray(groups[name]) for name in sorted(groups)]
+
+
+_BELOW = 1e-6  # how far below the incumbent an unpromoted candidate above it is stored, at most
+
+
+def _capped(result: EvalResult, score: float) -> EvalResult:
+    return dataclasses.replace(result, score=score)
+
+
+def _whole(result: EvalResult) -> bool:
+    """Whether `result` scored every dev example of every task it holds (not a subset or a race)."""
+    return result.ok and all(task.examples is None for task in result.tasks.values())
 
 
 def _split(size: int, lengths: list[int]) -> list[int]:
@@ -202,6 +256,12 @@ class FitnessLayer:
         window: int = 8,
         subset_size: int | None = None,
         calibration: int = 0,
+        stratify: bool = True,
+        promote: bool = False,
+        refresh: int | None = None,
+        choose: str = "cluster",
+        estimate: str = "anchors",
+        margin: float = 0.0,
     ) -> None:
         if not callable(getattr(inner, "select_examples", None)):
             raise ConfigError(
@@ -212,23 +272,52 @@ class FitnessLayer:
         self.history, self.recent_scores = history, recent_scores
         self.racing, self.window = racing, window
         self.subset_size, self.calibration = subset_size, calibration
+        self.stratify, self.promote, self.refresh = stratify, promote, refresh
+        self.choose, self.estimate, self.margin = choose, estimate, margin
         self.batch_size = inner.batch_size
         self._pool: Pool | None = None  # the subset, once chosen
+        self._pool_key = -1  # which refresh the subset was chosen at
         total = sum(t.weight for t in self.tasks)
         self.task_weights = {t.name: t.weight / total for t in self.tasks}
 
     def pool(self) -> Pool:
-        """The subset once `calibration` evaluations are stored, else every dev example."""
-        if self._pool is not None:
-            return self._pool
+        """The subset once `calibration` evaluations are stored, else every dev example. With `refresh`,
+        the anchors are chosen again after every `refresh` further evaluations, from the whole-dev scores
+        among the stored evaluations up to that point (the calibration and every promoted candidate)."""
         if self.subset_size is None:
-            self._pool = full_pool(self.tasks)
+            if self._pool is None:
+                self._pool = full_pool(self.tasks)
+            return self._pool
+        if self._pool is not None and self.refresh is None:
             return self._pool
         stored = self.history()
         if len(stored) < self.calibration:
             return full_pool(self.tasks)
-        self._pool = anchor_pool(self.tasks, stored[: self.calibration], self.subset_size, self.seed)
+        key, upto = 0, self.calibration
+        if self.refresh is not None:
+            key = (len(stored) - self.calibration) // self.refresh
+            upto = self.calibration + key * self.refresh
+        if self._pool is None or key != self._pool_key:
+            whole = [r for r in stored[:upto] if _whole(r)]
+            seed = int(np.random.SeedSequence([self.seed, key]).generate_state(1)[0] & 0x7FFFFFFF)
+            self._pool = anchor_pool(
+                self.tasks, whole, self.subset_size, seed, stratify=self.stratify, choose=self.choose
+            )
+            self._pool_key = key
         return self._pool
+
+    def reference(self) -> EvalResult | None:
+        """The stored whole-dev result with the best score (the first of equals; None before any): the
+        incumbent a candidate's estimate must beat to be promoted, and the paired estimate's reference."""
+        best: EvalResult | None = None
+        for result in self.history():
+            if _whole(result) and (best is None or result.score > best.score):
+                best = result
+        return best
+
+    def incumbent(self) -> float:
+        reference = self.reference()
+        return -math.inf if reference is None else reference.score
 
     def threshold(self) -> float | None:
         """The score a candidate must still be able to reach to be scored on; None: no race yet."""
@@ -242,13 +331,104 @@ class FitnessLayer:
     def evaluate_batch(self, recipes: Sequence[Any], seeds: Sequence[int]) -> list[EvalResult]:
         pool, threshold = self.pool(), self.threshold()
         fractions = self.racing.slices if threshold is not None else [1.0]
-        if pool.size == sum(len(t.examples) for t in self.tasks) and len(fractions) == 1:
+        whole = pool.size == sum(len(t.examples) for t in self.tasks)
+        if whole and len(fractions) == 1:
             self.inner.select_examples(None)  # the whole dev set at once: the backend's own result
             return self.inner.evaluate_batch(recipes, seeds)
         try:
-            return self._race(recipes, seeds, pool, fractions, threshold)
+            results = self._race(recipes, seeds, pool, fractions, threshold)
+            if self.estimate == "paired" and not whole:
+                results = self._paired(pool, results)
+            if self.promote and not whole:
+                results = self._promoted(recipes, seeds, pool, results)
+            return results
         finally:
             self.inner.select_examples(None)
+
+    def _paired(self, pool: Pool, results: list[EvalResult]) -> list[EvalResult]:
+        """`results`, each candidate that scored every anchor told the paired estimate instead of its
+        anchors' weighted mean: the reference's whole-dev score plus the candidate's mean difference to the
+        reference on the same anchors (per task, the task weights as in the score). The reference is a
+        control variate: what the anchors' luck adds to both cancels, so the estimate's error is that of
+        the difference, small when the candidate is close to the reference, and estimates made on
+        different anchors (refresh) are on the same scale."""
+        reference = self.reference()
+        if reference is None:
+            return results
+        out = []
+        for result in results:
+            if not result.ok or result.cost.get("examples") != pool.size:
+                out.append(result)
+                continue
+            tasks, score = {}, 0.0
+            for name, task in result.tasks.items():
+                weights = dict(zip(pool.indices[name].tolist(), pool.weights[name].tolist(), strict=True))
+                w = np.asarray([weights[i] for i in task.examples or []])
+                own = np.asarray(task.per_example)
+                ref = np.asarray(reference.tasks[name].per_example)[task.examples or []]
+                value = reference.tasks[name].score + float(w @ (own - ref) / w.sum())
+                tasks[name] = dataclasses.replace(task, score=value)
+                score += self.task_weights[name] * value
+            out.append(EvalResult(score, tasks, dict(result.behaviour), dict(result.cost)))
+        return out
+
+    def _stderr(self, pool: Pool, result: EvalResult, reference: EvalResult | None) -> float:
+        """The standard error of `result`'s estimate from the spread of what it averages over the anchors
+        (the per-example scores, or with `estimate: paired` their differences to the reference's), with
+        the finite-population factor (1 - n / N) of each task."""
+        variance = 0.0
+        for name, task in result.tasks.items():
+            weights = dict(zip(pool.indices[name].tolist(), pool.weights[name].tolist(), strict=True))
+            c = np.asarray([weights[i] for i in task.examples or []])
+            c = c / c.sum()
+            values = np.asarray(task.per_example)
+            if self.estimate == "paired" and reference is not None:
+                values = values - np.asarray(reference.tasks[name].per_example)[task.examples or []]
+            spread = float(c @ (values - c @ values) ** 2)
+            population = len(next(t for t in self.tasks if t.name == name).examples)
+            variance += self.task_weights[name] ** 2 * float(c @ c) * spread * (1 - len(c) / population)
+        return math.sqrt(max(variance, 0.0))
+
+    def _promoted(
+        self, recipes: Sequence[Any], seeds: Sequence[int], pool: Pool, results: list[EvalResult]
+    ) -> list[EvalResult]:
+        """`results`, where a candidate that scored every anchor and whose estimate beats the incumbent
+        (the best whole-dev score so far, this batch's promotions included) is scored on the rest of the
+        dev set too and replaced by its whole-dev result. So the run's best is always a whole-dev score,
+        and no candidate is kept for luck on the anchors."""
+        reference = self.reference()
+        best, out = self.incumbent(), list(results)
+        for i in sorted(range(len(results)), key=lambda i: -results[i].score):
+            result = results[i]
+            if not result.ok or result.score < best or result.cost.get("examples") != pool.size:
+                continue
+            stderr = self._stderr(pool, result, reference)
+            if result.score <= best + self.margin * stderr:
+                # Not clearly better: stored just below the incumbent, in the order of the estimates (an
+                # unverified estimate never becomes the run's best, nor ties it: the optimiser would take
+                # a tie for a plateau; and it still ranks above the candidates estimated below).
+                out[i] = _capped(result, best - _BELOW / (1.0 + result.score - best))
+                continue
+            race = Race(full_pool(self.tasks), self.task_weights)
+            for name, task in result.tasks.items():
+                race.scores[name].update(zip(task.examples or [], task.per_example, strict=True))
+            rest = {
+                t.name: [j for j in range(len(t.examples)) if j not in race.scores[t.name]]
+                for t in self.tasks
+            }
+            self.inner.select_examples(rest)
+            extra = self.inner.evaluate_batch([recipes[i]], [seeds[i]])[0]
+            cost = {k: result.cost.get(k, 0.0) + extra.cost.get(k, 0.0) for k in {*result.cost, *extra.cost}}
+            cost["pool_examples"] = float(pool.size)
+            if not extra.ok:
+                out[i] = EvalResult.failed(extra.error or "failed", score=extra.score, cost=cost)
+                continue
+            race.add(rest, extra)
+            cost["examples"] = float(sum(len(s) for s in race.scores.values()))
+            tasks = {t.name: dataclasses.replace(race.task_score(t), examples=None) for t in self.tasks}
+            out[i] = EvalResult(race.estimate(), tasks, dict(result.behaviour), cost)
+            best = max(best, out[i].score)
+        return out
 
     def _race(
         self,
@@ -305,9 +485,11 @@ def fitness_layer(
     if config.racing is None and config.subset is None:
         return backend
     population = int(config.optimizer.population_size)
-    calibration = 0
-    if config.subset is not None:
-        calibration = config.subset.calibration or warm_start_size + population
+    subset = config.subset
+    calibration, refresh = 0, None
+    if subset is not None:
+        default = 1 if subset.anchors == "random" else warm_start_size + population
+        calibration, refresh = subset.calibration or default, subset.refresh or population
     window = (config.racing.window if config.racing is not None else None) or population
     return FitnessLayer(
         backend,
@@ -317,6 +499,12 @@ def fitness_layer(
         seed=config.seed,
         racing=config.racing,
         window=window,
-        subset_size=config.subset.size if config.subset is not None else None,
+        subset_size=subset.size if subset is not None else None,
         calibration=calibration,
+        stratify=subset.stratify if subset is not None else True,
+        promote=subset.promote if subset is not None else False,
+        refresh=refresh,
+        choose=subset.anchors if subset is not None else "random",
+        estimate=subset.estimate if subset is not None else "anchors",
+        margin=subset.margin if subset is not None else 0.0,
     )
