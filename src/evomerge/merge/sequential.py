@@ -1,0 +1,185 @@
+"""Sequential statistics (RegMean++): each layer's Gram matrices from the merged model's own activations.
+
+RegMean++ (Nguyen et al. 2025, "RegMean++: Enhancing Effectiveness and Generalization of Regression Mean
+for Model Merging", https://arxiv.org/abs/2508.03121) keeps RegMean's closed form per linear layer but
+changes whose inputs the Gram matrices are taken over. RegMean uses X_i^l, what layer l of model i sees
+when model i runs alone on its calibration data. RegMean++ merges the layers in order and, for layer l,
+feeds model i's calibration data through the *merged* layers 0..l-1 first, then through model i's own
+layer l; the linear layers inside that layer record their inputs there:
+
+    h_i^0     = merged embedding(x_i)                             # x_i: model i's calibration tokens
+    G_i^l     = Gram matrices of the linears of model_i.layer_l run on h_i^{l-1}
+    layer_l   = RegMean(W_i^l, G_i^l) for every linear, the weighted mean for the rest
+    h_i^l     = merged layer_l(h_i^{l-1})
+
+so a later layer is fitted to the distribution the earlier merged layers actually produce (the paper's
+cross-layer dependency), and inside a layer each linear sees its own model's earlier sub-layers (the
+intra-layer one). The tensors after the layers (final norm, lm_head) form the last stage: model i's final
+norm on the merged hidden states feeds lm_head. The embedding stage has nothing before it: its token
+counts are the cached ones.
+
+`sequential_plan` runs this before the engine's usual pass: it loads every source as a transformers model
+(float32) plus one working copy, and per stage and source runs the calibration texts through the working
+copy with the stages before it merged and the rest that source's own, stopping at the end of the stage's
+layer. That is (L + 1) partial forward passes per source instead of one, and nothing of it can be cached
+across merges, since it depends on the merged weights (an evolution pays it for every candidate). The
+Gram matrices it gathers are handed to the plan's tasks as tensors; the engine then merges as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from evomerge.io import architecture
+from evomerge.merge.calibration import (
+    Calibration,
+    CalibrationError,
+    _encode,
+    _load,
+    cache_key,
+    read_texts,
+    record_grams,
+)
+from evomerge.merge.plan import MergePlan, TensorTask
+
+if TYPE_CHECKING:
+    from evomerge.merge.sources import SourceSet
+
+PRE = -1  # the embedding stage (before layer 0)
+
+
+class _Stop(Exception):
+    """Raised by a hook at the end of the stage's layer: the rest of the forward pass is not needed."""
+
+
+def stage_of(name: str, num_layers: int) -> int:
+    """-1 for the embeddings, the layer index inside the layers, `num_layers` for what follows them."""
+    index = architecture.layer_index(name)
+    if index is not None:
+        return index
+    return PRE if architecture.tensor_group(name) == "embedding" else num_layers
+
+
+def sequential_plan(
+    plan: MergePlan,
+    calibration: Calibration | None,
+    sources: SourceSet,
+    compute: Callable[[TensorTask], torch.Tensor],
+) -> MergePlan:
+    """`plan` with every layer's and post-layer tensor's `statistics` replaced by RegMean++'s Gram matrices
+    (see the module docstring); `compute(task)` merges one task (the engine's kernel call)."""
+    if not isinstance(calibration, Calibration):
+        raise CalibrationError(
+            f"merge_method '{plan.method.name}' needs calibration data; add a calibration block"
+        )
+    num_layers = plan.num_layers or 0
+    models = list(dict.fromkeys(model for task in plan.tasks for model, _ in task.inputs))
+    loaded = {model: _cached_model(sources.path(model)) for model in models}
+    texts = {
+        model: _cached_ids(sources.path(model), calibration.file_for(model), calibration.limit)
+        for model in models
+    }
+    work = copy.deepcopy(loaded[models[0]])  # the hybrid: merged stages so far, one source's own after
+    own = {model: dict(loaded[model].named_parameters()) for model in models}
+    stages: dict[int, list[int]] = {}
+    for index, task in enumerate(plan.tasks):
+        stages.setdefault(stage_of(task.name, num_layers), []).append(index)
+    tasks = list(plan.tasks)
+    merged: dict[str, torch.Tensor] = {}
+    for stage in sorted(stages):
+        if stage != PRE:
+            grams = {
+                model: _stage_grams(work, own[model], merged, texts[model], stage, num_layers)
+                for model in models
+            }
+            for index in stages[stage]:
+                task = tasks[index]
+                statistics = [grams[model].get(name) for model, name in task.inputs]
+                tasks[index] = replace(task, params={**task.params, "statistics": statistics})
+        for index in stages[stage]:
+            merged[tasks[index].name] = compute(tasks[index]).detach().to(torch.float32)
+    return replace(plan, tasks=tasks)
+
+
+def _stage_grams(
+    work: torch.nn.Module,
+    own: dict[str, torch.nn.Parameter],
+    merged: dict[str, torch.Tensor],
+    examples: Sequence[torch.Tensor],
+    stage: int,
+    num_layers: int,
+) -> dict[str, torch.Tensor]:
+    """Gram statistics of the stage's linears, with the stages before it merged and the rest `own`."""
+    with torch.no_grad():
+        for name, parameter in work.named_parameters():
+            before = stage_of(name, num_layers) < stage and name in merged
+            parameter.copy_(merged[name] if before else own[name])
+    stop = _layer_module(work, stage) if stage < num_layers else None
+    handle = stop.register_forward_hook(_raise_stop) if stop is not None else None
+
+    def forward() -> None:
+        for ids in examples:
+            with contextlib.suppress(_Stop):
+                work(input_ids=ids)
+
+    try:
+        return record_grams(work, lambda name: stage_of(name, num_layers) == stage, forward)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _raise_stop(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+    raise _Stop
+
+
+def _layer_module(model: torch.nn.Module, index: int) -> torch.nn.Module | None:
+    """The module that is decoder layer `index` (the shortest module name inside that layer)."""
+    names = [name for name, _ in model.named_modules() if architecture.layer_index(f"{name}.weight") == index]
+    if not names:
+        return None
+    return model.get_submodule(min(names, key=len))
+
+
+# ---- models and texts, loaded once per process ---------------------------------------------------------
+
+_LOCK = threading.Lock()
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+_IDS: dict[tuple[str, str, str, int], list[torch.Tensor]] = {}
+_KEEP = 8  # models held at most (an evolution merges the same few sources again and again)
+
+
+def _stamp(directory: Path) -> str:
+    """Changes when the model's weights or config change (the calibration cache's model part)."""
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".json"))
+    return repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def _cached_model(directory: Path) -> torch.nn.Module:
+    """The source as a float32 transformers model (never modified: the working copy is a deep copy)."""
+    key = (str(Path(directory).resolve()), _stamp(Path(directory)))
+    with _LOCK:
+        if key not in _MODELS:
+            if len(_MODELS) >= _KEEP:
+                _MODELS.pop(next(iter(_MODELS)))
+            _MODELS[key], _ = _load(Path(directory))
+        return _MODELS[key]
+
+
+def _cached_ids(directory: Path, file: str, limit: int) -> list[torch.Tensor]:
+    key = (str(Path(directory).resolve()), cache_key(directory, file, limit, "gram"), file, limit)
+    with _LOCK:
+        if key not in _IDS:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            _IDS[key] = [_encode(tokenizer, text) for text in read_texts(file, limit)]
+        return _IDS[key]
