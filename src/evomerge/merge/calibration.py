@@ -150,7 +150,7 @@ def check_calibration(
         if calibration is not None:
             raise CalibrationError(
                 f"calibration: merge_method '{method.name}' reads no calibration data (only the data-aware "
-                "methods regmean and fisher do); remove the calibration block"
+                "methods regmean, regmean_plusplus and fisher do); remove the calibration block"
             )
         return
     if calibration is None:
@@ -243,12 +243,22 @@ def _run_all(model: torch.nn.Module, examples: Sequence[torch.Tensor]) -> None:
 
 
 def record_grams(
-    model: torch.nn.Module, wanted: Callable[[str], bool], forward: Callable[[], None]
+    model: torch.nn.Module,
+    wanted: Callable[[str], bool],
+    forward: Callable[[], None],
+    keep: Callable[[], torch.Tensor | None] = lambda: None,
 ) -> dict[str, torch.Tensor]:
     """The Gram statistics (see `_grams`) of the modules whose weight name `wanted` accepts, over what
-    `forward()` runs through `model`."""
+    `forward()` runs through `model`. `keep()`, if not None, is the bool mask (batch, tokens) of the
+    tokens the running forward counts (padding excluded)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
+
+    def tokens(x: torch.Tensor, width: int | None) -> torch.Tensor:
+        mask = keep()
+        if width is None:
+            return x.reshape(-1) if mask is None else x[mask]
+        return x.reshape(-1, width) if mask is None else x[mask]
 
     def add(name: str, value: torch.Tensor, tokens: int) -> None:
         sums[name] = sums[name] + value if name in sums else value
@@ -256,14 +266,14 @@ def record_grams(
 
     def linear(name: str) -> Callable[..., None]:
         def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (tokens, in)
+            x = tokens(inputs[0].detach(), inputs[0].shape[-1]).double()  # (tokens, in)
             add(name, x.T @ x, x.shape[0])  # (in, in)
 
         return record
 
     def embedding(name: str) -> Callable[..., None]:
         def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
-            ids = inputs[0].detach().reshape(-1)
+            ids = tokens(inputs[0].detach(), None)
             size = cast(torch.nn.Embedding, module).num_embeddings
             add(name, torch.bincount(ids, minlength=size).double(), ids.numel())  # diag of the one-hot Gram
 

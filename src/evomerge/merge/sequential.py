@@ -113,7 +113,7 @@ def _stage_grams(
     work: torch.nn.Module,
     own: dict[str, torch.nn.Parameter],
     merged: dict[str, torch.Tensor],
-    examples: Sequence[torch.Tensor],
+    examples: Sequence[tuple[torch.Tensor, torch.Tensor]],
     stage: int,
     num_layers: int,
 ) -> dict[str, torch.Tensor]:
@@ -125,13 +125,17 @@ def _stage_grams(
     stop = _layer_module(work, stage) if stage < num_layers else None
     handle = stop.register_forward_hook(_raise_stop) if stop is not None else None
 
+    current: list[torch.Tensor] = []
+
     def forward() -> None:
-        for ids in examples:
+        for ids, mask in examples:
+            current[:] = [mask]
             with contextlib.suppress(_Stop):
                 work(input_ids=ids)
 
     try:
-        return record_grams(work, lambda name: stage_of(name, num_layers) == stage, forward)
+        wanted = lambda name: stage_of(name, num_layers) == stage  # noqa: E731
+        return record_grams(work, wanted, forward, keep=lambda: current[0] if current else None)
     finally:
         if handle is not None:
             handle.remove()
@@ -153,7 +157,8 @@ def _layer_module(model: torch.nn.Module, index: int) -> torch.nn.Module | None:
 
 _LOCK = threading.Lock()
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
-_IDS: dict[tuple[str, str, str, int], list[torch.Tensor]] = {}
+_IDS: dict[tuple[str, str, str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+BATCH = 32  # texts per forward pass, right-padded
 _KEEP = 8  # models held at most (an evolution merges the same few sources again and again)
 
 
@@ -174,12 +179,27 @@ def _cached_model(directory: Path) -> torch.nn.Module:
         return _MODELS[key]
 
 
-def _cached_ids(directory: Path, file: str, limit: int) -> list[torch.Tensor]:
+def _cached_ids(directory: Path, file: str, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The calibration texts as right-padded batches (ids, mask of the real tokens).
+
+    Padding on the right changes nothing a real token computes (causal attention, per-token norms,
+    positions counted from the start), so the padded positions are only left out of the statistics."""
     key = (str(Path(directory).resolve()), cache_key(directory, file, limit, "gram"), file, limit)
     with _LOCK:
         if key not in _IDS:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(directory))
-            _IDS[key] = [_encode(tokenizer, text) for text in read_texts(file, limit)]
+            encoded = [_encode(tokenizer, text)[0] for text in read_texts(file, limit)]
+            _IDS[key] = [_padded(encoded[start : start + BATCH]) for start in range(0, len(encoded), BATCH)]
         return _IDS[key]
+
+
+def _padded(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=rows[0].dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = row
+        mask[index, : len(row)] = True
+    return ids, mask
