@@ -169,7 +169,7 @@ def test_lm_head_is_fitted_on_the_merged_hidden_states(
 def test_regmean_plusplus_is_registered_with_regmeans_parameters() -> None:
     method = get_method("regmean++")
     assert method.name == "regmean_plusplus" and method.sequential and method.statistics == "gram"
-    assert [p.name for p in method.params] == [p.name for p in get_method("regmean").params]
+    assert [p.name for p in method.params] == [*(p.name for p in get_method("regmean").params), "own_targets"]
     assert not get_method("regmean").sequential
 
 
@@ -187,3 +187,46 @@ def test_regmean_plusplus_needs_calibration(family: dict[str, Path]) -> None:
     data = {"merge_method": "regmean_plusplus", "models": [{"model": str(family["ft0"])}]}
     with pytest.raises(ConfigError, match="needs calibration data"):
         MergeConfig.from_dict(data)
+
+
+def test_own_targets_pair_solves_the_least_squares_to_each_models_own_outputs() -> None:
+    """(G, C) pairs: min_W sum_i ||X~_i W^T - X_i W_i^T||^2, the merged inputs X~_i against the model's own
+    X_i (alpha 1: exact), checked against torch.linalg.lstsq on the stacked system."""
+    generator = torch.Generator().manual_seed(3)
+    merged_inputs = [torch.randn(40, 6, generator=generator, dtype=torch.float64) for _ in range(2)]
+    own_inputs = [
+        x + 0.3 * torch.randn(40, 6, generator=generator, dtype=torch.float64) for x in merged_inputs
+    ]
+    weights = [torch.randn(4, 6, generator=generator, dtype=torch.float64) for _ in range(2)]
+    pairs = [
+        torch.stack([xm.T @ xm / 40, xm.T @ xo / 40])
+        for xm, xo in zip(merged_inputs, own_inputs, strict=True)
+    ]
+    merged = regmean(weights, alpha=1.0, statistics=pairs)
+    a = torch.cat(merged_inputs)
+    b = torch.cat([xo @ w.T for xo, w in zip(own_inputs, weights, strict=True)])
+    expected = torch.linalg.lstsq(a, b).solution.T
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-5)
+    same = [torch.stack([p[0], p[0]]) for p in pairs]  # C = G: RegMean itself
+    torch.testing.assert_close(
+        regmean(weights, statistics=same), regmean(weights, statistics=[p[0] for p in pairs])
+    )
+
+
+def test_own_targets_merge_of_one_model_is_regmeans(
+    family: dict[str, Path], prompts: dict[str, Path], tmp_path: Path
+) -> None:
+    """One model: the merged stages are the model's own, X~ = X, C = G, and the merge is RegMean's."""
+    merged = {}
+    for method, extra in (("regmean_plusplus", {"own_targets": True}), ("regmean", {})):
+        data: dict[str, Any] = {
+            "merge_method": method,
+            "models": [{"model": str(family["ft0"])}],
+            "dtype": "float32",
+            "parameters": {"alpha": 0.9, **extra},
+            "calibration": {"task": str(prompts["ft0"]), "limit": 8, "cache": str(tmp_path / "cache")},
+        }
+        merge_to_dir(MergeConfig.from_dict(data), tmp_path / method)
+        merged[method] = load_file(str(tmp_path / method / "model.safetensors"))
+    for name, tensor in merged["regmean"].items():
+        torch.testing.assert_close(merged["regmean_plusplus"][name], tensor, atol=1e-4, rtol=1e-3, msg=name)

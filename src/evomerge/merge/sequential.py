@@ -94,10 +94,13 @@ def sequential_plan(
         stages.setdefault(stage_of(task.name, num_layers), []).append(index)
     tasks = list(plan.tasks)
     merged: dict[str, torch.Tensor] = {}
+    own_targets = any(bool(task.params.get("own_targets")) for task in plan.tasks)
     for stage in sorted(stages):
         if stage != PRE:
             grams = {
-                model: _stage_grams(work, own[model], merged, texts[model], stage, num_layers)
+                model: _stage_cross(work, loaded[model], merged, texts[model], stage, num_layers)
+                if own_targets
+                else _stage_grams(work, own[model], merged, texts[model], stage, num_layers)
                 for model in models
             }
             for index in stages[stage]:
@@ -139,6 +142,66 @@ def _stage_grams(
     finally:
         if handle is not None:
             handle.remove()
+
+
+def _stage_cross(
+    work: torch.nn.Module,
+    source: torch.nn.Module,
+    merged: dict[str, torch.Tensor],
+    examples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    stage: int,
+    num_layers: int,
+) -> dict[str, torch.Tensor]:
+    """`own_targets`: per linear of the stage, the stack (2, in, in) of G = X~^T X~ / N and
+    C = X~^T X / N, X~ its inputs in the hybrid (merged stages before, the source's own after) and X its
+    inputs when the source runs alone, on the same tokens."""
+    own = dict(source.named_parameters())
+    with torch.no_grad():
+        for name, parameter in work.named_parameters():
+            before = stage_of(name, num_layers) < stage and name in merged
+            parameter.copy_(merged[name] if before else own[name])
+    names = [
+        name
+        for name, module in work.named_modules()
+        if isinstance(module, torch.nn.Linear) and stage_of(f"{name}.weight", num_layers) == stage
+    ]
+    alone: dict[str, torch.Tensor] = {}
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    current: list[torch.Tensor] = []
+
+    def keep(name: str) -> Callable[..., None]:
+        def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+            alone[name] = inputs[0].detach()[current[0]].double()
+
+        return record
+
+    def pair(name: str) -> Callable[..., None]:
+        def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+            x = inputs[0].detach()[current[0]].double()  # (tokens, in)
+            both = torch.stack([x.T @ x, x.T @ alone[name]])
+            sums[name] = sums[name] + both if name in sums else both
+
+        return record
+
+    handles = [source.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+    handles += [work.get_submodule(name).register_forward_hook(pair(name)) for name in names]
+    for model in (source, work):
+        stop = _layer_module(model, stage) if stage < num_layers else None
+        if stop is not None:
+            handles.append(stop.register_forward_hook(_raise_stop))
+    try:
+        with torch.no_grad():
+            for ids, mask in examples:
+                current[:] = [mask]
+                for model in (source, work):
+                    with contextlib.suppress(_Stop):
+                        model(input_ids=ids)
+                tokens += int(mask.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {f"{name}.weight": (total / tokens).float() for name, total in sums.items()}
 
 
 def _raise_stop(module: torch.nn.Module, inputs: Any, output: Any) -> None:

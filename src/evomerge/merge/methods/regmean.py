@@ -54,10 +54,12 @@ def regmean(
     alpha: float = 0.9,
     lambda_: float = 1.0,
     token_counts: bool = True,
+    own_targets: bool = False,
     statistics: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """The RegMean merge of one tensor; `statistics[i]` is model i's Gram matrix of this layer's inputs
     (for an embedding: its diagonal, the share of each token id in model i's calibration tokens).
+    `own_targets` is read by RegMean++'s sequential pass (which then hands over (G, C) pairs), not here.
 
     With a `base`, the result is moved `lambda_` times its distance from the base (see `extrapolate`).
     """
@@ -143,6 +145,9 @@ def _closed_form(
     alpha: float,
     dtype: torch.dtype,
 ) -> torch.Tensor:
+    """RegMean's solve; a statistic of shape (2, in, in) is RegMean++'s `own_targets` pair (G, C) of model
+    i: min_W sum_i w_i ||X~_i W^T - X_i W_i^T||^2 with G = X~^T X~ / N, C = X~^T X / N, whose solution is
+    W^T = (sum_i w_i G~_i)^-1 sum_i w_i C~_i W_i^T (C~: C with its off-diagonal scaled by alpha too)."""
     _positive_sum("regmean", weights)
     n_in = tensors[0].shape[1]
     lhs = torch.zeros(n_in, n_in, dtype=dtype, device=tensors[0].device)  # sum_i w_i G~_i
@@ -150,15 +155,16 @@ def _closed_form(
         n_in, tensors[0].shape[0], dtype=dtype, device=tensors[0].device
     )  # sum_i w_i G~_i W_i^T
     for index, (tensor, gram, w) in enumerate(zip(tensors, grams, weights, strict=True)):
-        if tuple(gram.shape) != (n_in, n_in):
+        if tuple(gram.shape[-2:]) != (n_in, n_in) or gram.dim() not in (2, 3):
             raise ConfigError(
                 f"regmean: model {index}'s Gram matrix is {list(gram.shape)} for a weight of shape "
                 f"{list(tensor.shape)} (expected [{n_in}, {n_in}]); the calibration statistics belong to "
                 "another model: delete the calibration cache entry and merge again."
             )
-        shrunk = shrink_off_diagonal(gram.to(dtype), alpha)
-        lhs.add_(shrunk, alpha=w)
-        rhs.add_(shrunk @ tensor.to(dtype).T, alpha=w)
+        pair = gram.to(dtype)
+        own, cross = (pair, pair) if pair.dim() == 2 else (pair[0], pair[1])
+        lhs.add_(shrink_off_diagonal(own, alpha), alpha=w)
+        rhs.add_(shrink_off_diagonal(cross, alpha) @ tensor.to(dtype).T, alpha=w)
     ridge = RIDGE * float(lhs.diagonal().mean().clamp_min(torch.finfo(dtype).tiny))
     lhs.diagonal().add_(ridge)
     return torch.linalg.solve(lhs, rhs).T  # (out, in)
@@ -215,7 +221,16 @@ REGMEAN_PLUSPLUS = register(
     MergeMethod(
         name="regmean_plusplus",
         kernel=REGMEAN.kernel,
-        params=REGMEAN.params,
+        params=(
+            *REGMEAN.params,
+            ParamSpec(
+                "own_targets",
+                kind="bool",
+                default=False,
+                per_model=False,
+                description="fit each layer to the sources' own outputs on their own inputs (false: the paper's)",
+            ),
+        ),
         requires_base=False,
         accepts_base=True,
         min_models=1,
