@@ -57,6 +57,11 @@ def main() -> None:
     parser.add_argument(
         "--separate", nargs="*", default=[], help="evolution: own genes for attention/mlp/embedding"
     )
+    parser.add_argument(
+        "--params", nargs="*", default=[], metavar="NAME=VALUE",
+        help="global parameters set in every recipe of a method that takes them (e.g. own_targets=true)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="CMA-ES seed")
     parser.add_argument("--calibration-limit", type=int, default=128)
     parser.add_argument("--cache", type=Path, default=Path("runs/calibration-cache"))
     parser.add_argument("--json", type=Path, help="write every number here too")
@@ -123,9 +128,15 @@ class Bench:
         return self.with_calibration(recipe)
 
     def with_calibration(self, recipe: dict[str, Any]) -> dict[str, Any]:
+        """`recipe` with the `--params` its method takes and, for a data-aware method, calibration."""
         from evomerge.merge.registry import get_method
 
-        if get_method(recipe["merge_method"]).statistics is None:
+        spec = get_method(recipe["merge_method"])
+        names = {p.name for p in spec.params}
+        fixed = {k: v for k, v in _fixed(self.args.params).items() if k in names}
+        if fixed:
+            recipe = {**recipe, "parameters": {**(recipe.get("parameters") or {}), **fixed}}
+        if spec.statistics is None:
             return recipe
         own = {str(self.zoo.models[s]): str(self.zoo.tasks[s].train) for s in self.skills}
         calibration = {"models": own, "limit": self.args.calibration_limit, "cache": str(self.args.cache)}
@@ -204,7 +215,7 @@ class Bench:
         )  # fmt: skip
         optimizer = CMA(
             mean=np.full(space.dim, 0.5), sigma=0.25, bounds=np.array([[0.0, 1.0]] * space.dim),
-            population_size=self.args.popsize, seed=0,
+            population_size=self.args.popsize, seed=self.args.seed,
         )  # fmt: skip
         default = self.recipe(method)
         sources = SourceSet.load(MergeConfig.from_dict(default))
@@ -227,6 +238,17 @@ class Bench:
             sources.close()
         best["evaluations"] = self.args.generations * self.args.popsize
         return best
+
+
+def _fixed(items: list[str]) -> dict[str, Any]:
+    """NAME=VALUE pairs, the value read as YAML (true, 0.5, ...)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        out[name] = yaml.safe_load(value)
+    return out
 
 
 def keeps(scores: dict[str, float], own: dict[str, float]) -> dict[str, float]:
