@@ -165,43 +165,84 @@ def _stage_cross(
         for name, module in work.named_modules()
         if isinstance(module, torch.nn.Linear) and stage_of(f"{name}.weight", num_layers) == stage
     ]
-    alone: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
     tokens = 0
-    current: list[torch.Tensor] = []
-
-    def keep(name: str) -> Callable[..., None]:
-        def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
-            alone[name] = inputs[0].detach()[current[0]].double()
-
-        return record
+    alone = _alone_inputs(source, examples, stage, num_layers, names)
+    now: dict[str, Any] = {}  # the batch being run: its index and mask
 
     def pair(name: str) -> Callable[..., None]:
         def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
-            x = inputs[0].detach()[current[0]].double()  # (tokens, in)
-            both = torch.stack([x.T @ x, x.T @ alone[name]])
+            x = inputs[0].detach()[now["mask"]].double()  # (tokens, in)
+            both = torch.stack([x.T @ x, x.T @ alone[now["batch"]][name]])
             sums[name] = sums[name] + both if name in sums else both
 
         return record
 
-    handles = [source.get_submodule(name).register_forward_hook(keep(name)) for name in names]
-    handles += [work.get_submodule(name).register_forward_hook(pair(name)) for name in names]
-    for model in (source, work):
-        stop = _layer_module(model, stage) if stage < num_layers else None
-        if stop is not None:
-            handles.append(stop.register_forward_hook(_raise_stop))
+    handles = [work.get_submodule(name).register_forward_hook(pair(name)) for name in names]
+    stop = _layer_module(work, stage) if stage < num_layers else None
+    if stop is not None:
+        handles.append(stop.register_forward_hook(_raise_stop))
     try:
         with torch.no_grad():
-            for ids, mask in examples:
-                current[:] = [mask]
-                for model in (source, work):
-                    with contextlib.suppress(_Stop):
-                        model(input_ids=ids)
+            for batch, (ids, mask) in enumerate(examples):
+                now.update(batch=batch, mask=mask)
+                with contextlib.suppress(_Stop):
+                    work(input_ids=ids)
                 tokens += int(mask.sum())
     finally:
         for handle in handles:
             handle.remove()
     return {f"{name}.weight": (total / tokens).float() for name, total in sums.items()}
+
+
+_ALONE: dict[tuple[int, int, int], tuple[Any, Any, list[dict[str, torch.Tensor]]]] = {}
+_ALONE_BYTES = 1 << 30  # the sources' own inputs are kept across merges while they fit in this
+
+
+def _alone_inputs(
+    source: torch.nn.Module,
+    examples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    stage: int,
+    num_layers: int,
+    names: Sequence[str],
+) -> list[dict[str, torch.Tensor]]:
+    """Per batch, the inputs (real tokens, float64) of the stage's linears when `source` runs alone; they
+    do not depend on the merge, so they are kept (up to `_ALONE_BYTES` in all) for the next merge."""
+    key = (id(source), id(examples), stage)
+    with _LOCK:
+        if key in _ALONE:
+            return _ALONE[key][2]
+    result: list[dict[str, torch.Tensor]] = []
+    mask_now: list[torch.Tensor] = []
+
+    def keep(name: str) -> Callable[..., None]:
+        def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+            result[-1][name] = inputs[0].detach()[mask_now[0]].double()
+
+        return record
+
+    handles = [source.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+    stop = _layer_module(source, stage) if stage < num_layers else None
+    if stop is not None:
+        handles.append(stop.register_forward_hook(_raise_stop))
+    try:
+        with torch.no_grad():
+            for ids, mask in examples:
+                mask_now[:] = [mask]
+                result.append({})
+                with contextlib.suppress(_Stop):
+                    source(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    size = sum(t.numel() * t.element_size() for batch in result for t in batch.values())
+    with _LOCK:
+        held = sum(
+            t.numel() * t.element_size() for *_, kept in _ALONE.values() for b in kept for t in b.values()
+        )
+        if held + size <= _ALONE_BYTES:
+            _ALONE[key] = (source, examples, result)  # the objects too: their ids stay theirs
+    return result
 
 
 def _raise_stop(module: torch.nn.Module, inputs: Any, output: Any) -> None:
