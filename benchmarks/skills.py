@@ -12,8 +12,13 @@ Data-aware methods calibrate each specialist on the first `--calibration-limit` 
 skill's train split (RegMean's setting: each model's inputs on its own task); statistics are cached in
 `--cache`.
 
+`--params NAME=VALUE` sets a global parameter in every recipe of a method that takes it (RegMean++'s
+`own_targets=true`, say); `--seed` seeds CMA-ES.
+
     nice .venv/bin/python benchmarks/skills.py --zoo runs/demo/zoo --json runs/skills-small.json
     nice .venv/bin/python benchmarks/skills.py --zoo runs/zoo-hard --json runs/skills-hard.json
+    nice .venv/bin/python benchmarks/skills.py --zoo runs/zoo-hard --dev-limit 100 --generations 20 \
+        --popsize 8 --methods regmean_plusplus --evolve regmean_plusplus --params own_targets=true
 """
 
 from __future__ import annotations
