@@ -230,3 +230,23 @@ def test_own_targets_merge_of_one_model_is_regmeans(
         merged[method] = load_file(str(tmp_path / method / "model.safetensors"))
     for name, tensor in merged["regmean"].items():
         torch.testing.assert_close(merged["regmean_plusplus"][name], tensor, atol=1e-4, rtol=1e-3, msg=name)
+
+
+def test_own_targets_second_merge_reuses_the_sources_inputs_and_agrees(
+    family: dict[str, Path], prompts: dict[str, Path], tmp_path: Path
+) -> None:
+    from evomerge.merge import sequential
+
+    sequential._ALONE.clear()
+    first = _merge(
+        "regmean_plusplus", family, prompts, tmp_path / "a", parameters={"alpha": 0.8, "own_targets": True}
+    )
+    kept = len(sequential._ALONE)
+    second = _merge(
+        "regmean_plusplus", family, prompts, tmp_path / "b", parameters={"alpha": 0.8, "own_targets": True}
+    )
+    assert kept > 0 and len(sequential._ALONE) == kept  # gathered once, read the second time
+    plain = _merge("regmean_plusplus", family, prompts, tmp_path / "c")
+    for name, tensor in first.items():
+        torch.testing.assert_close(second[name], tensor, msg=name)
+    assert not torch.allclose(first["lm_head.weight"], plain["lm_head.weight"], atol=1e-5)
