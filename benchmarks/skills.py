@@ -12,8 +12,13 @@ Data-aware methods calibrate each specialist on the first `--calibration-limit` 
 skill's train split (RegMean's setting: each model's inputs on its own task); statistics are cached in
 `--cache`.
 
+`--params NAME=VALUE` sets a global parameter in every recipe of a method that takes it (RegMean++'s
+`own_targets=true`, say); `--seed` seeds CMA-ES.
+
     nice .venv/bin/python benchmarks/skills.py --zoo runs/demo/zoo --json runs/skills-small.json
     nice .venv/bin/python benchmarks/skills.py --zoo runs/zoo-hard --json runs/skills-hard.json
+    nice .venv/bin/python benchmarks/skills.py --zoo runs/zoo-hard --dev-limit 100 --generations 20 \
+        --popsize 8 --methods regmean_plusplus --evolve regmean_plusplus --params own_targets=true
 """
 
 from __future__ import annotations
@@ -29,12 +34,13 @@ import torch
 
 METHODS = [
     "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della",
-    "sce", "model_stock", "karcher", "multislerp", "regmean", "fisher", "tsv", "iso_c",
+    "sce", "model_stock", "karcher", "multislerp", "regmean", "regmean_plusplus", "fisher", "tsv", "iso_c",
 ]  # fmt: skip
 EVOLVED: dict[str, dict[str, list[float] | None]] = {
     "task_arithmetic": {"weight": [0.0, 1.5]},
     "ties": {"weight": [0.0, 1.5], "density": [0.1, 1.0]},
     "regmean": {"weight": [0.05, 1.0], "alpha": [0.0, 1.0], "lambda": [0.5, 3.0]},
+    "regmean_plusplus": {"weight": [0.05, 1.0], "alpha": [0.0, 1.0], "lambda": [0.5, 3.0]},
     "fisher": {"weight": [0.05, 1.0], "lambda": [0.5, 3.0]},
     "tsv": {"weight": [0.0, 1.5], "lambda": [0.5, 2.0]},
     "iso_c": {"weight": [0.0, 1.5], "lambda": [0.5, 3.0]},
@@ -56,6 +62,11 @@ def main() -> None:
     parser.add_argument(
         "--separate", nargs="*", default=[], help="evolution: own genes for attention/mlp/embedding"
     )
+    parser.add_argument(
+        "--params", nargs="*", default=[], metavar="NAME=VALUE",
+        help="global parameters set in every recipe of a method that takes them (e.g. own_targets=true)",
+    )  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="CMA-ES seed")
     parser.add_argument("--calibration-limit", type=int, default=128)
     parser.add_argument("--cache", type=Path, default=Path("runs/calibration-cache"))
     parser.add_argument("--json", type=Path, help="write every number here too")
@@ -122,9 +133,15 @@ class Bench:
         return self.with_calibration(recipe)
 
     def with_calibration(self, recipe: dict[str, Any]) -> dict[str, Any]:
+        """`recipe` with the `--params` its method takes and, for a data-aware method, calibration."""
         from evomerge.merge.registry import get_method
 
-        if get_method(recipe["merge_method"]).statistics is None:
+        spec = get_method(recipe["merge_method"])
+        names = {p.name for p in spec.params}
+        fixed = {k: v for k, v in _fixed(self.args.params).items() if k in names}
+        if fixed:
+            recipe = {**recipe, "parameters": {**(recipe.get("parameters") or {}), **fixed}}
+        if spec.statistics is None:
             return recipe
         own = {str(self.zoo.models[s]): str(self.zoo.tasks[s].train) for s in self.skills}
         calibration = {"models": own, "limit": self.args.calibration_limit, "cache": str(self.args.cache)}
@@ -203,7 +220,7 @@ class Bench:
         )  # fmt: skip
         optimizer = CMA(
             mean=np.full(space.dim, 0.5), sigma=0.25, bounds=np.array([[0.0, 1.0]] * space.dim),
-            population_size=self.args.popsize, seed=0,
+            population_size=self.args.popsize, seed=self.args.seed,
         )  # fmt: skip
         default = self.recipe(method)
         sources = SourceSet.load(MergeConfig.from_dict(default))
@@ -226,6 +243,17 @@ class Bench:
             sources.close()
         best["evaluations"] = self.args.generations * self.args.popsize
         return best
+
+
+def _fixed(items: list[str]) -> dict[str, Any]:
+    """NAME=VALUE pairs, the value read as YAML (true, 0.5, ...)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        out[name] = yaml.safe_load(value)
+    return out
 
 
 def keeps(scores: dict[str, float], own: dict[str, float]) -> dict[str, float]:

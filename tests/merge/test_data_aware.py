@@ -127,7 +127,7 @@ def test_regmean_merge_equals_the_kernel_on_the_cached_grams(
     torch.testing.assert_close(merged[norm], (sources[0] + sources[1]) / 2)  # no Gram: the mean
 
 
-@pytest.mark.parametrize("method", ["regmean", "fisher"])
+@pytest.mark.parametrize("method", ["regmean", "regmean_plusplus", "fisher"])
 def test_merge_into_matches_merge_to_dir(
     method: str, models: dict[str, Path], prompts: Path, tmp_path: Path
 ) -> None:

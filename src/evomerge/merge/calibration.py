@@ -14,7 +14,9 @@ A merge config names its calibration data in a top-level block (mergekit's YAML 
 Each model's statistic is one forward (and, for Fisher, backward) pass per example over the model's own
 copy, one example at a time (no padding): the text is the prompt followed by its answer where the file
 has one, as the model reads them when it writes the answer. `gram`: for every `nn.Linear`, the mean over
-tokens of x x^T of its input (in, in), stored under the layer's weight name; `fisher`: the mean over
+tokens of x x^T of its input (in, in), stored under the layer's weight name; for every `nn.Embedding` (a
+linear map of one-hot inputs, whose Gram matrix is diagonal) the diagonal only: the share of the tokens
+that carried each id (num_embeddings,), under the embedding's weight name; `fisher`: the mean over
 examples of the squared gradient of log p(y | x) with y drawn from the model's own predictions (the true
 Fisher, one sample per position, from a fixed seed), stored under each parameter's name, with its mean
 over all parameters in the file's metadata (the kernel sees F / mean(F)).
@@ -47,7 +49,7 @@ from evomerge.errors import EvomergeError
 from evomerge.io.atomic import atomic_path
 from evomerge.merge.registry import Kernel, KernelFn, MergeMethod, StatisticKind
 
-STATISTICS_VERSION = 1  # bump when what a statistic means changes: old cache entries are then ignored
+STATISTICS_VERSION = 2  # bump when what a statistic means changes: old cache entries are then ignored
 FISHER_SEED = 0
 _WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
@@ -148,7 +150,7 @@ def check_calibration(
         if calibration is not None:
             raise CalibrationError(
                 f"calibration: merge_method '{method.name}' reads no calibration data (only the data-aware "
-                "methods regmean and fisher do); remove the calibration block"
+                "methods regmean, regmean_plusplus and fisher do); remove the calibration block"
             )
         return
     if calibration is None:
@@ -230,28 +232,64 @@ def _encode(tokenizer: Any, text: str) -> torch.Tensor:
 
 
 def _grams(model: torch.nn.Module, examples: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Mean over all tokens of x x^T for the input x of every nn.Linear, keyed `<module>.weight`."""
+    """Mean over all tokens of x x^T for the input x of every nn.Linear, keyed `<module>.weight`, and the
+    diagonal of that Gram matrix for every nn.Embedding (the share of tokens per id, one-hot inputs)."""
+    return record_grams(model, lambda name: True, lambda: _run_all(model, examples))
+
+
+def _run_all(model: torch.nn.Module, examples: Sequence[torch.Tensor]) -> None:
+    for ids in examples:
+        model(input_ids=ids)
+
+
+def record_grams(
+    model: torch.nn.Module,
+    wanted: Callable[[str], bool],
+    forward: Callable[[], None],
+    keep: Callable[[], torch.Tensor | None] = lambda: None,
+) -> dict[str, torch.Tensor]:
+    """The Gram statistics (see `_grams`) of the modules whose weight name `wanted` accepts, over what
+    `forward()` runs through `model`. `keep()`, if not None, is the bool mask (batch, tokens) of the
+    tokens the running forward counts (padding excluded)."""
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def hook(name: str) -> Callable[..., None]:
+    def tokens(x: torch.Tensor, width: int | None) -> torch.Tensor:
+        mask = keep()
+        if width is None:
+            return x.reshape(-1) if mask is None else x[mask]
+        return x.reshape(-1, width) if mask is None else x[mask]
+
+    def add(name: str, value: torch.Tensor, tokens: int) -> None:
+        sums[name] = sums[name] + value if name in sums else value
+        counts[name] = counts.get(name, 0) + tokens
+
+    def linear(name: str) -> Callable[..., None]:
         def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).double()  # (tokens, in)
-            gram = x.T @ x  # (in, in)
-            sums[name] = sums[name] + gram if name in sums else gram
-            counts[name] = counts.get(name, 0) + x.shape[0]
+            x = tokens(inputs[0].detach(), inputs[0].shape[-1]).double()  # (tokens, in)
+            add(name, x.T @ x, x.shape[0])  # (in, in)
 
         return record
 
-    handles = [
-        module.register_forward_hook(hook(f"{name}.weight"))
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear)
-    ]
+    def embedding(name: str) -> Callable[..., None]:
+        def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+            ids = tokens(inputs[0].detach(), None)
+            size = cast(torch.nn.Embedding, module).num_embeddings
+            add(name, torch.bincount(ids, minlength=size).double(), ids.numel())  # diag of the one-hot Gram
+
+        return record
+
+    handles = []
+    for name, module in model.named_modules():
+        if not wanted(f"{name}.weight"):
+            continue
+        if isinstance(module, torch.nn.Linear):
+            handles.append(module.register_forward_hook(linear(f"{name}.weight")))
+        elif isinstance(module, torch.nn.Embedding):
+            handles.append(module.register_forward_hook(embedding(f"{name}.weight")))
     try:
         with torch.no_grad():
-            for ids in examples:
-                model(input_ids=ids)
+            forward()
     finally:
         for handle in handles:
             handle.remove()

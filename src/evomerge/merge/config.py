@@ -237,6 +237,13 @@ def validate_config(config: MergeConfig) -> None:
         _check_required(config, method, group, base, where)
         kernel_models.update(dict.fromkeys(non_base_models(method, group, base)))
     check_calibration(config.calibration, method, list(kernel_models))
+    if method.sequential and (config.slices is not None or config.tokenizer_source is not None):
+        field = "slices" if config.slices is not None else "tokenizer_source"
+        raise ConfigError(
+            f"{field}: merge_method '{method.name}' merges layer by layer through the models' own forward "
+            f"pass, so it takes a `models:` list of one architecture and vocabulary; remove {field} "
+            "(or use regmean)"
+        )
 
 
 def model_groups(config: MergeConfig) -> Iterator[tuple[list[str], str | None, str]]:

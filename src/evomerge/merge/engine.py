@@ -36,6 +36,7 @@ from evomerge.merge import streaming
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.plan import MergePlan, TensorTask, build_plan
 from evomerge.merge.registry import MergeMethod
+from evomerge.merge.sequential import sequential_plan
 from evomerge.merge.sources import SourceSet, all_finite, check_finite  # noqa: F401 (re-exported)
 from evomerge.merge.sparsify import TieBreak
 from evomerge.merge.task_vectors import TaskVectorCache
@@ -147,6 +148,11 @@ def merge_to_dir(
     seed = _pick_seed(config, random_seed)
     with SourceSet.open(config, allow_pickle=allow_pickle) as sources:
         plan = build_plan(config, sources)
+        if plan.method.sequential:  # RegMean++: the layers' statistics come from the merge itself
+            plan = sequential_plan(
+                plan, config.calibration, sources,
+                lambda task: compute_tensor(task, plan.method, sources.get, seed, tie_break=tie_break),
+            )  # fmt: skip
         _check_tokenizer_dir(config, sources)
         with atomic_output_dir(out_path, force=force) as temporary:
             stream = stream_tensors(plan, sources, seed=seed, threads=threads, tie_break=tie_break)
@@ -340,7 +346,6 @@ def merge_into(
     the result is the same bits with or without it.
     """
     plan = build_plan(config, sources)
-    chosen = _distinct_targets(plan.tasks, model.state_dict(keep_vars=True))
     compute = functools.partial(
         compute_tensor,
         method=plan.method,
@@ -351,6 +356,9 @@ def merge_into(
         check_finite=not sources.in_memory,
         task_vectors=task_vectors,
     )
+    if plan.method.sequential:  # RegMean++: the layers' statistics come from the merge itself
+        plan = sequential_plan(plan, config.calibration, sources, compute)
+    chosen = _distinct_targets(plan.tasks, model.state_dict(keep_vars=True))
     with torch.no_grad():
         for (_, target), merged in zip(
             chosen, _in_order([task for task, _ in chosen], compute, threads), strict=True

@@ -113,6 +113,9 @@ class MergeMethod:
     options: tuple[str, ...] = field(default=())
     # Data-aware methods: which calibration statistic the kernel takes as `statistics` (one per model).
     statistics: StatisticKind | None = None
+    # Data-aware and sequential (RegMean++): the statistics of each layer are gathered on the merged model
+    # of the layers before it, in a pass before the merge (merge/sequential.py); `models:` merges only.
+    sequential: bool = False
     # The kernel returns float32 (or wider) for half-precision inputs, as mergekit's does (a float32 mask
     # or coefficient promotes them); without `out_dtype` the output tensors keep that dtype, as mergekit's.
     widens_to_float32: bool = False

@@ -1,0 +1,309 @@
+"""Sequential statistics (RegMean++): each layer's Gram matrices from the merged model's own activations.
+
+RegMean++ (Nguyen et al. 2025, "RegMean++: Enhancing Effectiveness and Generalization of Regression Mean
+for Model Merging", https://arxiv.org/abs/2508.03121) keeps RegMean's closed form per linear layer but
+changes whose inputs the Gram matrices are taken over. RegMean uses X_i^l, what layer l of model i sees
+when model i runs alone on its calibration data. RegMean++ merges the layers in order and, for layer l,
+feeds model i's calibration data through the *merged* layers 0..l-1 first, then through model i's own
+layer l; the linear layers inside that layer record their inputs there:
+
+    h_i^0     = merged embedding(x_i)                             # x_i: model i's calibration tokens
+    G_i^l     = Gram matrices of the linears of model_i.layer_l run on h_i^{l-1}
+    layer_l   = RegMean(W_i^l, G_i^l) for every linear, the weighted mean for the rest
+    h_i^l     = merged layer_l(h_i^{l-1})
+
+so a later layer is fitted to the distribution the earlier merged layers actually produce (the paper's
+cross-layer dependency), and inside a layer each linear sees its own model's earlier sub-layers (the
+intra-layer one). The tensors after the layers (final norm, lm_head) form the last stage: model i's final
+norm on the merged hidden states feeds lm_head. The embedding stage has nothing before it: its token
+counts are the cached ones.
+
+`sequential_plan` runs this before the engine's usual pass: it loads every source as a transformers model
+(float32) plus one working copy, and per stage and source runs the calibration texts through the working
+copy with the stages before it merged and the rest that source's own, stopping at the end of the stage's
+layer. That is (L + 1) partial forward passes per source instead of one, and nothing of it can be cached
+across merges, since it depends on the merged weights (an evolution pays it for every candidate). The
+Gram matrices it gathers are handed to the plan's tasks as tensors; the engine then merges as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from evomerge.io import architecture
+from evomerge.merge.calibration import (
+    Calibration,
+    CalibrationError,
+    _encode,
+    _load,
+    cache_key,
+    read_texts,
+    record_grams,
+)
+from evomerge.merge.plan import MergePlan, TensorTask
+
+if TYPE_CHECKING:
+    from evomerge.merge.sources import SourceSet
+
+PRE = -1  # the embedding stage (before layer 0)
+
+
+class _Stop(Exception):
+    """Raised by a hook at the end of the stage's layer: the rest of the forward pass is not needed."""
+
+
+def stage_of(name: str, num_layers: int) -> int:
+    """-1 for the embeddings, the layer index inside the layers, `num_layers` for what follows them."""
+    index = architecture.layer_index(name)
+    if index is not None:
+        return index
+    return PRE if architecture.tensor_group(name) == "embedding" else num_layers
+
+
+def sequential_plan(
+    plan: MergePlan,
+    calibration: Calibration | None,
+    sources: SourceSet,
+    compute: Callable[[TensorTask], torch.Tensor],
+) -> MergePlan:
+    """`plan` with every layer's and post-layer tensor's `statistics` replaced by RegMean++'s Gram matrices
+    (see the module docstring); `compute(task)` merges one task (the engine's kernel call)."""
+    if not isinstance(calibration, Calibration):
+        raise CalibrationError(
+            f"merge_method '{plan.method.name}' needs calibration data; add a calibration block"
+        )
+    num_layers = plan.num_layers or 0
+    models = list(dict.fromkeys(model for task in plan.tasks for model, _ in task.inputs))
+    loaded = {model: _cached_model(sources.path(model)) for model in models}
+    texts = {
+        model: _cached_ids(sources.path(model), calibration.file_for(model), calibration.limit)
+        for model in models
+    }
+    work = copy.deepcopy(loaded[models[0]])  # the hybrid: merged stages so far, one source's own after
+    own = {model: dict(loaded[model].named_parameters()) for model in models}
+    stages: dict[int, list[int]] = {}
+    for index, task in enumerate(plan.tasks):
+        stages.setdefault(stage_of(task.name, num_layers), []).append(index)
+    tasks = list(plan.tasks)
+    merged: dict[str, torch.Tensor] = {}
+    own_targets = any(bool(task.params.get("own_targets")) for task in plan.tasks)
+    for stage in sorted(stages):
+        if stage != PRE:
+            grams = {
+                model: _stage_cross(work, loaded[model], merged, texts[model], stage, num_layers)
+                if own_targets
+                else _stage_grams(work, own[model], merged, texts[model], stage, num_layers)
+                for model in models
+            }
+            for index in stages[stage]:
+                task = tasks[index]
+                statistics = [grams[model].get(name) for model, name in task.inputs]
+                tasks[index] = replace(task, params={**task.params, "statistics": statistics})
+        for index in stages[stage]:
+            merged[tasks[index].name] = compute(tasks[index]).detach().to(torch.float32)
+    return replace(plan, tasks=tasks)
+
+
+def _stage_grams(
+    work: torch.nn.Module,
+    own: dict[str, torch.nn.Parameter],
+    merged: dict[str, torch.Tensor],
+    examples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    stage: int,
+    num_layers: int,
+) -> dict[str, torch.Tensor]:
+    """Gram statistics of the stage's linears, with the stages before it merged and the rest `own`."""
+    with torch.no_grad():
+        for name, parameter in work.named_parameters():
+            before = stage_of(name, num_layers) < stage and name in merged
+            parameter.copy_(merged[name] if before else own[name])
+    stop = _layer_module(work, stage) if stage < num_layers else None
+    handle = stop.register_forward_hook(_raise_stop) if stop is not None else None
+
+    current: list[torch.Tensor] = []
+
+    def forward() -> None:
+        for ids, mask in examples:
+            current[:] = [mask]
+            with contextlib.suppress(_Stop):
+                work(input_ids=ids)
+
+    try:
+        wanted = lambda name: stage_of(name, num_layers) == stage  # noqa: E731
+        return record_grams(work, wanted, forward, keep=lambda: current[0] if current else None)
+    finally:
+        if handle is not None:
+            handle.remove()
+
+
+def _stage_cross(
+    work: torch.nn.Module,
+    source: torch.nn.Module,
+    merged: dict[str, torch.Tensor],
+    examples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    stage: int,
+    num_layers: int,
+) -> dict[str, torch.Tensor]:
+    """`own_targets`: per linear of the stage, the stack (2, in, in) of G = X~^T X~ / N and
+    C = X~^T X / N, X~ its inputs in the hybrid (merged stages before, the source's own after) and X its
+    inputs when the source runs alone, on the same tokens."""
+    own = dict(source.named_parameters())
+    with torch.no_grad():
+        for name, parameter in work.named_parameters():
+            before = stage_of(name, num_layers) < stage and name in merged
+            parameter.copy_(merged[name] if before else own[name])
+    names = [
+        name
+        for name, module in work.named_modules()
+        if isinstance(module, torch.nn.Linear) and stage_of(f"{name}.weight", num_layers) == stage
+    ]
+    sums: dict[str, torch.Tensor] = {}
+    tokens = 0
+    alone = _alone_inputs(source, examples, stage, num_layers, names)
+    now: dict[str, Any] = {}  # the batch being run: its index and mask
+
+    def pair(name: str) -> Callable[..., None]:
+        def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+            x = inputs[0].detach()[now["mask"]].double()  # (tokens, in)
+            both = torch.stack([x.T @ x, x.T @ alone[now["batch"]][name]])
+            sums[name] = sums[name] + both if name in sums else both
+
+        return record
+
+    handles = [work.get_submodule(name).register_forward_hook(pair(name)) for name in names]
+    stop = _layer_module(work, stage) if stage < num_layers else None
+    if stop is not None:
+        handles.append(stop.register_forward_hook(_raise_stop))
+    try:
+        with torch.no_grad():
+            for batch, (ids, mask) in enumerate(examples):
+                now.update(batch=batch, mask=mask)
+                with contextlib.suppress(_Stop):
+                    work(input_ids=ids)
+                tokens += int(mask.sum())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {f"{name}.weight": (total / tokens).float() for name, total in sums.items()}
+
+
+_ALONE: dict[tuple[int, int, int], tuple[Any, Any, list[dict[str, torch.Tensor]]]] = {}
+_ALONE_BYTES = 1 << 30  # the sources' own inputs are kept across merges while they fit in this
+
+
+def _alone_inputs(
+    source: torch.nn.Module,
+    examples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    stage: int,
+    num_layers: int,
+    names: Sequence[str],
+) -> list[dict[str, torch.Tensor]]:
+    """Per batch, the inputs (real tokens, float64) of the stage's linears when `source` runs alone; they
+    do not depend on the merge, so they are kept (up to `_ALONE_BYTES` in all) for the next merge."""
+    key = (id(source), id(examples), stage)
+    with _LOCK:
+        if key in _ALONE:
+            return _ALONE[key][2]
+    result: list[dict[str, torch.Tensor]] = []
+    mask_now: list[torch.Tensor] = []
+
+    def keep(name: str) -> Callable[..., None]:
+        def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
+            result[-1][name] = inputs[0].detach()[mask_now[0]].double()
+
+        return record
+
+    handles = [source.get_submodule(name).register_forward_hook(keep(name)) for name in names]
+    stop = _layer_module(source, stage) if stage < num_layers else None
+    if stop is not None:
+        handles.append(stop.register_forward_hook(_raise_stop))
+    try:
+        with torch.no_grad():
+            for ids, mask in examples:
+                mask_now[:] = [mask]
+                result.append({})
+                with contextlib.suppress(_Stop):
+                    source(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
+    size = sum(t.numel() * t.element_size() for batch in result for t in batch.values())
+    with _LOCK:
+        held = sum(
+            t.numel() * t.element_size() for *_, kept in _ALONE.values() for b in kept for t in b.values()
+        )
+        if held + size <= _ALONE_BYTES:
+            _ALONE[key] = (source, examples, result)  # the objects too: their ids stay theirs
+    return result
+
+
+def _raise_stop(module: torch.nn.Module, inputs: Any, output: Any) -> None:
+    raise _Stop
+
+
+def _layer_module(model: torch.nn.Module, index: int) -> torch.nn.Module | None:
+    """The module that is decoder layer `index` (the shortest module name inside that layer)."""
+    names = [name for name, _ in model.named_modules() if architecture.layer_index(f"{name}.weight") == index]
+    if not names:
+        return None
+    return model.get_submodule(min(names, key=len))
+
+
+# ---- models and texts, loaded once per process ---------------------------------------------------------
+
+_LOCK = threading.Lock()
+_MODELS: dict[tuple[str, str], torch.nn.Module] = {}
+_IDS: dict[tuple[str, str, str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+BATCH = 32  # texts per forward pass, right-padded
+_KEEP = 8  # models held at most (an evolution merges the same few sources again and again)
+
+
+def _stamp(directory: Path) -> str:
+    """Changes when the model's weights or config change (the calibration cache's model part)."""
+    files = sorted(p for p in directory.iterdir() if p.suffix in (".safetensors", ".json"))
+    return repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+
+
+def _cached_model(directory: Path) -> torch.nn.Module:
+    """The source as a float32 transformers model (never modified: the working copy is a deep copy)."""
+    key = (str(Path(directory).resolve()), _stamp(Path(directory)))
+    with _LOCK:
+        if key not in _MODELS:
+            if len(_MODELS) >= _KEEP:
+                _MODELS.pop(next(iter(_MODELS)))
+            _MODELS[key], _ = _load(Path(directory))
+        return _MODELS[key]
+
+
+def _cached_ids(directory: Path, file: str, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The calibration texts as right-padded batches (ids, mask of the real tokens).
+
+    Padding on the right changes nothing a real token computes (causal attention, per-token norms,
+    positions counted from the start), so the padded positions are only left out of the statistics."""
+    key = (str(Path(directory).resolve()), cache_key(directory, file, limit, "gram"), file, limit)
+    with _LOCK:
+        if key not in _IDS:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(directory))
+            encoded = [_encode(tokenizer, text)[0] for text in read_texts(file, limit)]
+            _IDS[key] = [_padded(encoded[start : start + BATCH]) for start in range(0, len(encoded), BATCH)]
+        return _IDS[key]
+
+
+def _padded(rows: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=rows[0].dtype)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for index, row in enumerate(rows):
+        ids[index, : len(row)] = row
+        mask[index, : len(row)] = True
+    return ids, mask
