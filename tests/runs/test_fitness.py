@@ -334,7 +334,15 @@ def test_a_raced_run_stores_estimates_with_their_examples(tmp_path: Path, family
 def test_crash_anywhere_then_resume_equals_an_uninterrupted_raced_run(
     tmp_path: Path, family: dict[str, Path], crash_at: int
 ) -> None:
-    settings = {"racing": RACING}
+    rows = crash_then_resume(tmp_path, family, {"racing": RACING}, crash_at)
+    assert min(row[3]["cost"]["examples"] for row in rows) < 200  # it did race
+
+
+def crash_then_resume(
+    tmp_path: Path, family: dict[str, Path], settings: dict[str, Any], crash_at: int
+) -> list[tuple[Any, ...]]:
+    """A run crashed after `crash_at` evaluations then resumed, checked equal to an uninterrupted one;
+    its stored rows."""
     config = raced_config(tmp_path / "crashed", family, **settings)
     table = gene_table(config.search_space())
     with pytest.raises(Crash):
@@ -343,7 +351,7 @@ def test_crash_anywhere_then_resume_equals_an_uninterrupted_raced_run(
     straight = raced_config(tmp_path / "straight", family, **settings)
     evolve(straight, backend=TableBackend(table))
     assert stored(config.out) == stored(straight.out)
-    assert min(row[3]["cost"]["examples"] for row in stored(config.out)) < 200  # it did race
+    return stored(config.out)
 
 
 def test_a_subset_run_calibrates_on_the_whole_set_then_scores_the_anchors(
@@ -390,16 +398,8 @@ def test_crash_anywhere_then_resume_equals_an_uninterrupted_promoting_refreshed_
     tmp_path: Path, family: dict[str, Path], crash_at: int
 ) -> None:
     subset = {"size": 6, "calibration": 8, "refresh": 8, "margin": 0.0, "estimate": "anchors"}
-    settings = {"subset": subset, "racing": RACING}
-    config = raced_config(tmp_path / "crashed", family, **settings)
-    table = gene_table(config.search_space())
-    with pytest.raises(Crash):
-        evolve(config, backend=TableBackend(table, crash_at=crash_at))
-    resume(config.out, backend=TableBackend(table))
-    straight = raced_config(tmp_path / "straight", family, **settings)
-    evolve(straight, backend=TableBackend(table))
-    assert stored(config.out) == stored(straight.out)
-    promoted = [row for row in stored(config.out)[8:] if row[3]["tasks"]["toy"]["examples"] is None]
+    rows = crash_then_resume(tmp_path, family, {"subset": subset, "racing": RACING}, crash_at)
+    promoted = [row for row in rows[8:] if row[3]["tasks"]["toy"]["examples"] is None]
     assert promoted  # it did promote, and resumed with the same incumbent and anchors
 
 

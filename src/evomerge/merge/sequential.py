@@ -166,9 +166,8 @@ def _stage_cross(
         if isinstance(module, torch.nn.Linear) and stage_of(f"{name}.weight", num_layers) == stage
     ]
     sums: dict[str, torch.Tensor] = {}
-    tokens = 0
     alone = _alone_inputs(source, examples, stage, num_layers, names)
-    now: dict[str, Any] = {}  # the batch being run: its index and mask
+    now: dict[str, Any] = {"tokens": 0}  # the batch being run: its index and mask; the tokens so far
 
     def pair(name: str) -> Callable[..., None]:
         def record(module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: Any) -> None:
@@ -178,21 +177,11 @@ def _stage_cross(
 
         return record
 
-    handles = [work.get_submodule(name).register_forward_hook(pair(name)) for name in names]
-    stop = _layer_module(work, stage) if stage < num_layers else None
-    if stop is not None:
-        handles.append(stop.register_forward_hook(_raise_stop))
-    try:
-        with torch.no_grad():
-            for batch, (ids, mask) in enumerate(examples):
-                now.update(batch=batch, mask=mask)
-                with contextlib.suppress(_Stop):
-                    work(input_ids=ids)
-                tokens += int(mask.sum())
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {f"{name}.weight": (total / tokens).float() for name, total in sums.items()}
+    def start_batch(batch: int, mask: torch.Tensor) -> None:
+        now.update(batch=batch, mask=mask, tokens=now["tokens"] + int(mask.sum()))
+
+    _run_to_stage(work, examples, stage, num_layers, {name: pair(name) for name in names}, start_batch)
+    return {f"{name}.weight": (total / now["tokens"]).float() for name, total in sums.items()}
 
 
 _ALONE: dict[tuple[int, int, int], tuple[Any, Any, list[dict[str, torch.Tensor]]]] = {}
@@ -221,20 +210,11 @@ def _alone_inputs(
 
         return record
 
-    handles = [source.get_submodule(name).register_forward_hook(keep(name)) for name in names]
-    stop = _layer_module(source, stage) if stage < num_layers else None
-    if stop is not None:
-        handles.append(stop.register_forward_hook(_raise_stop))
-    try:
-        with torch.no_grad():
-            for ids, mask in examples:
-                mask_now[:] = [mask]
-                result.append({})
-                with contextlib.suppress(_Stop):
-                    source(input_ids=ids)
-    finally:
-        for handle in handles:
-            handle.remove()
+    def start_batch(batch: int, mask: torch.Tensor) -> None:
+        mask_now[:] = [mask]
+        result.append({})
+
+    _run_to_stage(source, examples, stage, num_layers, {name: keep(name) for name in names}, start_batch)
     size = sum(t.numel() * t.element_size() for batch in result for t in batch.values())
     with _LOCK:
         held = sum(
@@ -243,6 +223,32 @@ def _alone_inputs(
         if held + size <= _ALONE_BYTES:
             _ALONE[key] = (source, examples, result)  # the objects too: their ids stay theirs
     return result
+
+
+def _run_to_stage(
+    model: torch.nn.Module,
+    examples: Sequence[tuple[torch.Tensor, torch.Tensor]],
+    stage: int,
+    num_layers: int,
+    hooks: dict[str, Callable[..., None]],
+    before: Callable[[int, torch.Tensor], None],
+) -> None:
+    """Run the calibration batches through `model` up to the end of the stage's layer (the whole model for
+    the last stage), with the forward `hooks` (submodule name -> hook) in place; `before(index, mask)` is
+    called before each batch."""
+    handles = [model.get_submodule(name).register_forward_hook(hook) for name, hook in hooks.items()]
+    stop = _layer_module(model, stage) if stage < num_layers else None
+    if stop is not None:
+        handles.append(stop.register_forward_hook(_raise_stop))
+    try:
+        with torch.no_grad():
+            for index, (ids, mask) in enumerate(examples):
+                before(index, mask)
+                with contextlib.suppress(_Stop):
+                    model(input_ids=ids)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _raise_stop(module: torch.nn.Module, inputs: Any, output: Any) -> None:
