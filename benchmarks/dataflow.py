@@ -93,7 +93,7 @@ def run_one(job: tuple[str, str, int, str, str, Any]) -> dict[str, Any]:
     torch.set_num_threads(1)
     transformers_logging.disable_progress_bar()
     from evomerge.runs.config import EvolveConfig
-    from evomerge.runs.loop import evolve, make_backend
+    from evomerge.runs.loop import evaluate_once, evolve
 
     config = EvolveConfig.from_dict(config_for(Path(zoo), Path(out), target, variant, seed, args))
     start = time.perf_counter()
@@ -103,11 +103,7 @@ def run_one(job: tuple[str, str, int, str, str, Any]) -> dict[str, Any]:
     assert best is not None
     space = config.search_space()
     candidate = space.from_text(best.recipe)
-    backend = make_backend(config, split="test")
-    try:
-        test = backend.evaluate_batch([candidate], [best.seed])[0]
-    finally:
-        backend.close()
+    test = evaluate_once(config, [candidate], [best.seed], split="test")[0]
     describe = getattr(candidate, "describe", None)
     evaluations = summary.evaluations
     row: dict[str, Any] = {}
@@ -132,7 +128,7 @@ def ps_dfs_details(config: Any, space: Any, path_evaluations: int) -> dict[str, 
     """A ps+dfs run's inside: ps-best alone and the path search's best on dev (whatever the guard said)
     scored on test, the guard's verdict, and the evaluations of both phases and the guard."""
     from evomerge.dataflow.guard import guard_cost, held_out_tasks
-    from evomerge.runs.loop import make_backend
+    from evomerge.runs.loop import evaluate_once
     from evomerge.runs.store import RunStore
 
     with RunStore.in_dir(config.ps_phase().out) as store:
@@ -143,13 +139,8 @@ def ps_dfs_details(config: Any, space: Any, path_evaluations: int) -> dict[str, 
     assert raw is not None
     flow = config.search.dataflow
     held = held_out_tasks(config.fitness, flow.guard_examples) if flow.guard else []
-    backend = make_backend(config, split="test")
-    try:
-        tests = backend.evaluate_batch(
-            [space.from_text(reference.recipe), space.from_text(raw.recipe)], [reference.seed, raw.seed]
-        )
-    finally:
-        backend.close()
+    candidates = [space.from_text(reference.recipe), space.from_text(raw.recipe)]
+    tests = evaluate_once(config, candidates, [reference.seed, raw.seed], split="test")
     verdict = chosen[1] if chosen is not None else {}
     return {
         "ps_best_dev": reference.score,

@@ -249,15 +249,10 @@ def _keep(config: Any, evaluations: list[Any], top: int) -> tuple[Any, float, fl
 
 def _score(config: Any, evaluations: list[Any], split: str) -> list[float]:
     from evomerge.merge.config import MergeConfig
-    from evomerge.runs.loop import make_backend
+    from evomerge.runs.loop import evaluate_once
 
-    backend = make_backend(config, split=split)
-    try:
-        results = backend.evaluate_batch(
-            [MergeConfig.from_yaml(e.recipe) for e in evaluations], [e.seed for e in evaluations]
-        )
-    finally:
-        backend.close()
+    recipes = [MergeConfig.from_yaml(e.recipe) for e in evaluations]
+    results = evaluate_once(config, recipes, [e.seed for e in evaluations], split=split)
     return [r.score if r.ok else float("nan") for r in results]
 
 

@@ -215,16 +215,11 @@ def best_so_far_curve(config: Any, evaluations: list[Any], every: int) -> list[d
 # --- scoring on test ----------------------------------------------------------------------------------
 def test_scores(config: Any, evaluations: list[Any]) -> list[dict[str, float]]:
     """Accuracy on the test split over ten digits and per half, for stored evaluations (one backend)."""
-    from evomerge.runs.loop import make_backend
+    from evomerge.runs.loop import evaluate_once
 
     space = config.search_space()
-    backend = make_backend(config, split="test")
-    try:
-        results = backend.evaluate_batch(
-            [space.from_text(e.recipe) for e in evaluations], [e.seed for e in evaluations]
-        )
-    finally:
-        backend.close()
+    candidates = [space.from_text(e.recipe) for e in evaluations]
+    results = evaluate_once(config, candidates, [e.seed for e in evaluations], split="test")
     return [_scores(result) for result in results]
 
 
@@ -237,7 +232,7 @@ def references(zoo: Any, out: Path) -> dict[str, dict[str, float]]:
     """Dev and test accuracy of each specialist and default merge (what every search starts from)."""
     from evomerge.merge.config import MergeConfig
     from evomerge.runs.baselines import baseline_recipes, source_recipes
-    from evomerge.runs.loop import make_backend
+    from evomerge.runs.loop import evaluate_once
 
     config = config_of(zoo, out / "references", 0, 1, arms()["natural niches"], "best-known")
     named = {("base" if k == "base" else f"specialist {k}"): v for k, v in source_recipes(config).items()}
@@ -245,11 +240,7 @@ def references(zoo: Any, out: Path) -> dict[str, dict[str, float]]:
     recipes = [MergeConfig.from_dict(recipe) for recipe in named.values()]
     table: dict[str, dict[str, float]] = {name: {} for name in named}
     for split in ("dev", "test"):
-        backend = make_backend(config, split=split)
-        try:
-            results = backend.evaluate_batch(recipes, [0] * len(recipes))
-        finally:
-            backend.close()
+        results = evaluate_once(config, recipes, [0] * len(recipes), split=split)
         for name, result in zip(named, results, strict=True):
             scores = _scores(result)
             table[name] |= {

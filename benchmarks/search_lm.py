@@ -105,7 +105,7 @@ def test_scores(
 ) -> list[dict[str, float]]:
     """Each (recipe text, seed) on the whole test split of every task in `tasks`."""
     from evomerge.merge.config import MergeConfig
-    from evomerge.runs.loop import make_backend
+    from evomerge.runs.loop import evaluate_once
 
     data = cfg.model_dump(mode="json")
     data["fitness"] = [
@@ -117,13 +117,8 @@ def test_scores(
         }
         for t in tasks
     ]
-    backend = make_backend(type(cfg).from_dict(data), split="test")
-    try:
-        results = backend.evaluate_batch(
-            [MergeConfig.from_yaml(text) for text, _ in recipes], [s for _, s in recipes]
-        )
-    finally:
-        backend.close()
+    merges = [MergeConfig.from_yaml(text) for text, _ in recipes]
+    results = evaluate_once(type(cfg).from_dict(data), merges, [s for _, s in recipes], split="test")
     return [
         {t: r.tasks[t].score for t in tasks} if r.ok else {t: float("nan") for t in tasks} for r in results
     ]

@@ -142,15 +142,10 @@ def _references(config: Any) -> dict[str, dict[str, float]]:
 
 def _score(config: Any, entries: list[tuple[str, str, int]], split: str) -> list[float]:
     from evomerge.merge.config import MergeConfig
-    from evomerge.runs.loop import make_backend
+    from evomerge.runs.loop import evaluate_once
 
-    backend = make_backend(config, split=split)
-    try:
-        results = backend.evaluate_batch(
-            [MergeConfig.from_yaml(text) for _, text, _ in entries], [s for *_, s in entries]
-        )
-    finally:
-        backend.close()
+    recipes = [MergeConfig.from_yaml(text) for _, text, _ in entries]
+    results = evaluate_once(config, recipes, [s for *_, s in entries], split=split)
     return [r.score if r.ok else float("nan") for r in results]
 
 

@@ -222,11 +222,7 @@ def _score_on(
     seeds = [e.seed for e in picked]
     if isinstance(backend, PathBackend):
         return backend.on_tasks(tasks).evaluate_batch(candidates, seeds)
-    built = make_backend(config, tasks=tasks)
-    try:
-        return built.evaluate_batch(candidates, seeds)
-    finally:
-        built.close()
+    return evaluate_once(config, candidates, seeds, tasks=tasks)
 
 
 def _run(
@@ -555,6 +551,23 @@ def make_backend(config: EvolveConfig, *, split: str = "dev", tasks: list[Any] |
             config.search_space(), request, lambda: build_backend(config.backend, request)
         )
     return build_backend(config.backend, request)
+
+
+def evaluate_once(
+    config: EvolveConfig,
+    candidates: Sequence[Any],
+    seeds: Sequence[int],
+    *,
+    split: str = "dev",
+    tasks: list[Any] | None = None,
+) -> list[EvalResult]:
+    """`candidates` (with their mask seeds) scored through a backend built for this call (make_backend's
+    `split` and `tasks`) and closed after it, also on failure."""
+    backend = make_backend(config, split=split, tasks=tasks)
+    try:
+        return backend.evaluate_batch(list(candidates), list(seeds))
+    finally:
+        backend.close()
 
 
 def load_tasks(config: EvolveConfig, *, split: str = "dev") -> list[Any]:

@@ -20,7 +20,7 @@ from evomerge.eval.result import EvalResult
 from evomerge.io.atomic import atomic_write_text
 from evomerge.runs.baselines import baseline_recipes, source_recipes
 from evomerge.runs.config import EvolveConfig
-from evomerge.runs.loop import load_run_config, make_backend
+from evomerge.runs.loop import evaluate_once, load_run_config
 from evomerge.runs.store import Evaluation, RunStore, parse_key
 from evomerge.search.base import SearchSpace
 
@@ -214,11 +214,7 @@ def results_table(
 
 def score_on_test_split(config: EvolveConfig, entries: list[tuple[str, str, Any, int]]) -> list[ResultRow]:
     """Score (name, kind, recipe, seed) entries on the test split, all through one backend."""
-    backend = make_backend(config, split="test")
-    try:
-        results = backend.evaluate_batch([e[2] for e in entries], [e[3] for e in entries])
-    finally:
-        backend.close()
+    results = evaluate_once(config, [e[2] for e in entries], [e[3] for e in entries], split="test")
     return [_row(name, kind, result) for (name, kind, _, _), result in zip(entries, results, strict=True)]
 
 
