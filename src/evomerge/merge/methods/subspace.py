@@ -21,7 +21,7 @@ SVD on CPU); the result comes back in the inputs' dtype.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -68,11 +68,24 @@ def tsv(
     lambda_: float = 1.0,
 ) -> torch.Tensor:
     """TSV-Merge: each task's top 1/T singular triplets, the bases orthogonalised, then summed (see module)."""
-    reference, deltas, weights = _deltas("tsv", tensors, base, weight)
+    return _merge("tsv", _tsv_matrix, tensors, base, weight, lambda_)
+
+
+def _merge(
+    name: str,
+    on_matrix: Callable[[Sequence[torch.Tensor], Sequence[float]], torch.Tensor],
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    weight: Sequence[float],
+    lambda_: float,
+) -> torch.Tensor:
+    """The base plus `lambda_` times the merged task vectors: `on_matrix` merges 2-D task matrices, the
+    weighted mean every other tensor (norms, biases, empty matrices)."""
+    reference, deltas, weights = _deltas(name, tensors, base, weight)
     if reference.dim() != 2 or min(reference.shape) == 0:
         merged = _weighted_mean(deltas, weights)
     else:
-        merged = _tsv_matrix(deltas, weights)
+        merged = on_matrix(deltas, weights)
     return (reference + lambda_ * merged).to(tensors[0].dtype)
 
 
@@ -100,16 +113,15 @@ def iso_c(
     lambda_: float = 1.0,
 ) -> torch.Tensor:
     """Iso-C: the summed task matrix with its singular values all set to their mean (see module)."""
-    reference, deltas, weights = _deltas("iso_c", tensors, base, weight)
-    if reference.dim() != 2 or min(reference.shape) == 0:
-        merged = _weighted_mean(deltas, weights)
-    else:
-        total = torch.zeros_like(reference)
-        for delta, w in zip(deltas, weights, strict=True):
-            total.add_(delta, alpha=w)
-        u, s, vh = torch.linalg.svd(total, full_matrices=False)
-        merged = (u * s.mean()) @ vh
-    return (reference + lambda_ * merged).to(tensors[0].dtype)
+    return _merge("iso_c", _iso_c_matrix, tensors, base, weight, lambda_)
+
+
+def _iso_c_matrix(deltas: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    total = torch.zeros_like(deltas[0])
+    for delta, w in zip(deltas, weights, strict=True):
+        total.add_(delta, alpha=w)
+    u, s, vh = torch.linalg.svd(total, full_matrices=False)
+    return (u * s.mean()) @ vh
 
 
 def _specs(scale_default: float) -> tuple[ParamSpec, ...]:
