@@ -7,23 +7,13 @@ from typing import Any
 
 import pytest
 import torch
+from tests.merge.test_methods import GTA
 
 from evomerge.errors import ConfigError
 from evomerge.merge.config import MergeConfig
 from evomerge.merge.engine import merge_into
 from evomerge.merge.sources import SourceSet
 from evomerge.merge.task_vectors import TaskVectorCache, resolve_budget
-
-FAMILY = [
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-]
 
 
 def _config(fam: dict[str, Path], method: str, weights: tuple[float, float], density: float) -> MergeConfig:
@@ -67,7 +57,7 @@ def _assert_same_bits(left: list[dict[str, torch.Tensor]], right: list[dict[str,
             assert same, f"candidate {number}: {name}"
 
 
-@pytest.mark.parametrize("method", FAMILY)
+@pytest.mark.parametrize("method", GTA)
 def test_bit_identical_with_and_without_the_cache(fam: dict[str, Path], method: str) -> None:
     cache = TaskVectorCache(1 << 30)
     _assert_same_bits(_states(fam, method, cache, torch.float32), _states(fam, method, None, torch.float32))
