@@ -59,8 +59,17 @@ def _boosts(
 
 
 def _merge(
-    tensors: Sequence[torch.Tensor], base: torch.Tensor, epsilon: float, boost: tuple[float, float] | None
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None,
+    epsilon: float,
+    boost: tuple[float, float] | None,
 ) -> torch.Tensor:
+    """ram's sum (inputs checked for `method`); `boost` (r, alpha) scales the unique changes (ramplus_tl)."""
+    base = require_base(method, base)
+    check_models(method, tensors, base)
+    if not tensors:
+        return base.clone()
     deltas, masks, count = _moved(tensors, base, epsilon)
     alone, shared = count == 1, count > 1
     divisor = count.clamp(min=1)
@@ -84,11 +93,7 @@ def ram(
     epsilon: float = 1e-5,
 ) -> torch.Tensor:
     """base + (changes one model alone made) + (mean of changes several models made)."""
-    anchor = require_base("ram", base)
-    check_models("ram", tensors, anchor)
-    if not tensors:
-        return anchor.clone()
-    return _merge(tensors, anchor, epsilon, None)
+    return _merge("ram", tensors, base, epsilon, None)
 
 
 def ramplus_tl(
@@ -101,11 +106,7 @@ def ramplus_tl(
     epsilon: float = 1e-5,
 ) -> torch.Tensor:
     """`ram` with each model's unique changes scaled by 1 + r clamp(overlap ratio, 0, alpha)."""
-    anchor = require_base("ramplus_tl", base)
-    check_models("ramplus_tl", tensors, anchor)
-    if not tensors:
-        return anchor.clone()
-    return _merge(tensors, anchor, epsilon, (r, alpha))
+    return _merge("ramplus_tl", tensors, base, epsilon, (r, alpha))
 
 
 def _epsilon() -> ParamSpec:
