@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from tests.eval import helpers
 from typer.testing import CliRunner
 
 from evomerge.cli import app, register_commands
@@ -18,20 +17,8 @@ from evomerge.eval.generation import generate_one_by_one
 register_commands()  # every command, as `evomerge` itself does (with one command typer would drop its name)
 
 
-def _helpers() -> ModuleType:
-    """tests/eval/helpers.py, loaded by path so this works whether or not tests/ is a package."""
-    spec = importlib.util.spec_from_file_location(
-        "eval_helpers", Path(__file__).parents[1] / "eval" / "helpers.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
-    helpers = _helpers()
     tokenizer = helpers.char_tokenizer()
     model = helpers.tiny_llama(len(tokenizer))
     with torch.inference_mode():
@@ -40,7 +27,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]
 
 
 def _tasks(tmp_path: Path, said: list[str]) -> tuple[Path, Path]:
-    helpers = _helpers()
     answers = [said[0], said[1] + "#", said[2]]  # two right, one wrong
     em = helpers.write_jsonl(
         tmp_path / "em.jsonl",
@@ -141,14 +127,14 @@ def test_eval_classifier_and_metric_mismatch(tmp_path: Path) -> None:
         predicted = model(features).argmax(-1).tolist()
     labels = [predicted[0], predicted[1], (predicted[2] + 1) % 10, predicted[3]]  # three right
     rows = [{"features": f, "label": label} for f, label in zip(features.tolist(), labels, strict=True)]
-    task = _helpers().write_jsonl(tmp_path / "digits.jsonl", rows)
+    task = helpers.write_jsonl(tmp_path / "digits.jsonl", rows)
     out = tmp_path / "per_example.jsonl"
     args = ["eval", str(tmp_path / "mlp"), "--task", str(task), "--metric", "accuracy", "--output", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "0.7500" in result.output
     assert [json.loads(line)["score"] for line in out.read_text().splitlines()] == [1.0, 1.0, 0.0, 1.0]
-    em = _helpers().write_jsonl(tmp_path / "em.jsonl", [{"prompt": "1+1=", "answer": "2"}])
+    em = helpers.write_jsonl(tmp_path / "em.jsonl", [{"prompt": "1+1=", "answer": "2"}])
     result = CliRunner().invoke(
         app, ["eval", str(tmp_path / "mlp"), "--task", str(em), "--metric", "exact_match"]
     )

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
+
+from tests.eval import helpers as eval_helpers
 
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
@@ -16,22 +16,10 @@ CHAT_TEMPLATE = (
 PROMPTS = ["1+2=", "abc def", "9", "hello world, how are you?", "x", "12*34-5=", "the cat is", "é="]
 
 
-def eval_helpers() -> ModuleType:
-    """tests/eval/helpers.py (char tokenizer, tiny Llama), loaded by path."""
-    spec = importlib.util.spec_from_file_location(
-        "serve_eval_helpers", Path(__file__).parents[1] / "eval" / "helpers.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def tiny_lm_dir(path: Path, *, seed: int = 0) -> Path:
     """A random Llama (decisive logits, context 256) with the char tokenizer, saved as a model dir."""
-    helpers = eval_helpers()
-    tokenizer = helpers.char_tokenizer()
-    return helpers.save_lm_dir(path, helpers.tiny_llama(len(tokenizer), seed=seed), tokenizer)
+    tokenizer = eval_helpers.char_tokenizer()
+    return eval_helpers.save_lm_dir(path, eval_helpers.tiny_llama(len(tokenizer), seed=seed), tokenizer)
 
 
 @contextlib.contextmanager

@@ -13,18 +13,19 @@ from typing import Any
 
 import httpx
 import pytest
+from tests.eval import helpers as eval_helpers
 from typer.testing import CliRunner
 
 from evomerge.cli import app, register_commands
 
-from .helpers import PROMPTS, eval_helpers, running_server
+from .helpers import PROMPTS, running_server
 
 register_commands()
 runner = CliRunner()
 
 
 def _tasks(tmp_path: Path) -> list[str]:
-    write = eval_helpers().write_jsonl
+    write = eval_helpers.write_jsonl
     em = write(tmp_path / "em.jsonl", [{"prompt": p, "answer": "1"} for p in PROMPTS])
     ppl = write(tmp_path / "ppl.jsonl", [{"text": "hello world"}, {"prompt": "1+", "answer": "2"}])
     return ["--task", str(em), "--metric", "exact_match", "--task", str(ppl), "--metric", "perplexity"]

@@ -6,15 +6,16 @@ from typing import Any
 
 import pytest
 import torch
+from tests.eval import helpers as eval_helpers
 
 from evomerge.serve.engine import Engine, Job, _sample, find_stop, held_back
 
-from .helpers import PROMPTS, eval_helpers
+from .helpers import PROMPTS
 
 
 @pytest.fixture(scope="module")
 def engine() -> Engine:
-    helpers = eval_helpers()
+    helpers = eval_helpers
     tokenizer = helpers.char_tokenizer()
     return Engine(helpers.tiny_llama(len(tokenizer)), tokenizer, context_length=256)
 

@@ -5,17 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from tests.eval import helpers as eval_helpers
 
 from evomerge.zoo.random_models import FamilySpec, build_family
 
-from .helpers import PROMPTS, client, eval_helpers, running_server
+from .helpers import PROMPTS, client, running_server
 from .test_end_to_end import evaluator_answers, greedy
 
 ASCII_PROMPTS = [prompt for prompt in PROMPTS if prompt.isascii()]
 
 
 def _with_tokenizer(paths: dict[str, Path]) -> dict[str, Path]:
-    tokenizer = eval_helpers().char_tokenizer()  # 55 ids, below the families' vocabulary of 96
+    tokenizer = eval_helpers.char_tokenizer()  # 55 ids, below the families' vocabulary of 96
     for path in paths.values():
         tokenizer.save_pretrained(path)
     return paths
