@@ -111,3 +111,27 @@ def test_cli_elites_and_export_read_a_blackbox_run(recorded: dict[str, Any], tmp
         assert served_config.identity() == config.identity()
     unknown = runner.invoke(app, ["export", str(tmp_path / "run"), str(tmp_path / "x"), "--elite", "g99c0"])
     assert unknown.exit_code != 0 and "g99c0" in unknown.output and not (tmp_path / "x").exists()
+
+
+def test_serving_a_broken_export_names_the_file(recorded: dict[str, Any], tmp_path: Path) -> None:
+    from evomerge.blackbox.combine import EXPORT_NAME, BlackBoxSpace
+    from evomerge.blackbox.serve import load_combination
+    from evomerge.errors import ConfigError
+
+    config = _with(recorded, tmp_path / "run")
+    space = BlackBoxSpace(config)
+    out = space.export(space.to_text(space.decode(space.source_genomes()[0])), tmp_path / "export", seed=0)
+    assert load_combination(out)[1] == space.decode(space.source_genomes()[0])
+    for broken, expected in (
+        ("{not json", "not a combination"),
+        ('{"operator": "vote"}', "not a combination"),
+    ):
+        (out / EXPORT_NAME).write_text(broken)
+        with pytest.raises(ConfigError, match=expected) as error:
+            load_combination(out)
+        assert EXPORT_NAME in str(error.value)
+    three = json.loads(space.to_text(space.decode(space.source_genomes()[0])))
+    three["vote"] = [*three["vote"], 1.0]
+    (out / EXPORT_NAME).write_text(json.dumps(three))
+    with pytest.raises(ConfigError, match=r"3 members, but blackbox\.yaml beside it lists 2"):
+        load_combination(out)

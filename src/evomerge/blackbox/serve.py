@@ -32,7 +32,8 @@ def load_combination(run_dir: Path) -> tuple[BlackBoxConfig, Combination]:
     config_path, result_path = Path(run_dir) / CONFIG_NAME, Path(run_dir) / RESULT_NAME
     exported = Path(run_dir) / EXPORT_NAME
     if config_path.is_file() and exported.is_file():
-        return BlackBoxConfig.from_yaml(config_path), Combination.from_text(exported.read_text())
+        config = BlackBoxConfig.from_yaml(config_path)
+        return config, _combination(exported.read_text(), config, where=str(exported))
     if not config_path.is_file() or not result_path.is_file():
         raise ConfigError(
             f"{run_dir}: no {CONFIG_NAME} with {RESULT_NAME} (a finished run) or {EXPORT_NAME} (an exported "
@@ -41,7 +42,25 @@ def load_combination(run_dir: Path) -> tuple[BlackBoxConfig, Combination]:
     best = json.loads(result_path.read_text())["best"]
     if best is None:
         raise ConfigError(f"{run_dir}: the run has no successful evaluation to serve")
-    return BlackBoxConfig.from_yaml(config_path), Combination.from_text(best)
+    config = BlackBoxConfig.from_yaml(config_path)
+    return config, _combination(best, config, where=f"{result_path} (best)")
+
+
+def _combination(text: str, config: BlackBoxConfig, *, where: str) -> Combination:
+    """`text` as a combination of `config`'s members; ConfigError naming `where` when it is not one."""
+    try:
+        combination = Combination.from_text(text)
+    except (ValueError, TypeError) as error:  # not JSON, or not a combination's fields
+        raise ConfigError(
+            f"{where}: not a combination ({error}); write it again with `evomerge export RUN_DIR OUT_DIR "
+            "--elite ID` or `evomerge blackbox evolve CONFIG`"
+        ) from None
+    if len(combination.vote) != len(config.members):
+        raise ConfigError(
+            f"{where}: a combination of {len(combination.vote)} members, but {CONFIG_NAME} beside it lists "
+            f"{len(config.members)}; export the combination with the config of the run it came from"
+        )
+    return combination
 
 
 class LazyAnswers(Sequence[Sequence[Response]]):
