@@ -249,3 +249,44 @@ def test_a_restart_starts_from_the_best_so_far_when_asked() -> None:
         genomes = other.ask()
         other.tell(genomes, results(np.zeros(len(genomes))))
     assert np.abs(other.ask().mean(axis=0) - incumbent).max() > 0.01
+
+
+def test_a_checkpoint_records_library_versions_and_warns_when_they_changed(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import evomerge.search.optimizers as optimizers
+
+    optimizer = make_optimizer(settings("cma-es", population_size=6), LOWER, UPPER, seed=3)
+    blob = save_state(optimizer)
+    saved = pickle.loads(blob)
+    assert saved["libraries"]["numpy"] == np.__version__
+    with caplog.at_level("WARNING"):
+        load_state(save_state(optimizer))
+    assert not caplog.records  # same versions: silent
+    monkeypatch.setattr(optimizers, "library_versions", lambda: {**saved["libraries"], "numpy": "0.0.1"})
+    with caplog.at_level("WARNING"):
+        copy = load_state(blob, "run.sqlite's checkpoint")
+    assert isinstance(copy, type(optimizer))
+    message = caplog.records[-1].getMessage()
+    assert "run.sqlite's checkpoint" in message and "numpy" in message and "0.0.1" in message
+
+
+def test_a_checkpoint_from_before_versions_were_recorded_still_loads() -> None:
+    optimizer = make_optimizer(settings("cma-es", population_size=6), LOWER, UPPER, seed=3)
+    old = pickle.dumps(optimizer)  # what save_state wrote before
+    np.testing.assert_array_equal(load_state(old).ask(), optimizer.ask())
+
+
+def test_a_checkpoint_that_no_longer_unpickles_names_the_libraries() -> None:
+    blob = pickle.dumps(Unpicklable())  # loading it fails as a pickle of a renamed pymoo class would
+    with pytest.raises(ConfigError, match=r"run\.sqlite's checkpoint cannot be restored.*numpy"):
+        load_state(blob, "run.sqlite's checkpoint")
+
+
+class Unpicklable:
+    def __reduce__(self) -> tuple[object, tuple[()]]:
+        return (_gone, ())
+
+
+def _gone() -> None:
+    raise AttributeError("module 'pymoo.core' has no attribute 'Gone'")

@@ -19,7 +19,6 @@ starts from the sources and the default merges never ends below them on dev.
 
 from __future__ import annotations
 
-import pickle
 import shutil
 import time
 from collections import deque
@@ -51,7 +50,7 @@ from evomerge.runs.store import (
     genome_text,
 )
 from evomerge.search.base import Elite, Optimizer, SearchSpace, SteadyState
-from evomerge.search.optimizers import load_state, save_state
+from evomerge.search.optimizers import load_blob, load_state, save_state
 from evomerge.search.registry import make_optimizer
 
 CONFIG_NAME = "evolve.yaml"
@@ -484,7 +483,8 @@ def _restore_or_start(
 ) -> tuple[Optimizer, int]:
     """The checkpointed optimiser, or a new one seeded by the warm start (when the config asks for one)."""
     if checkpoint is not None:
-        return load_state(checkpoint.optimizer), checkpoint.generation
+        where = f"{store.path}'s checkpoint before generation {checkpoint.generation}"
+        return load_state(checkpoint.optimizer, where), checkpoint.generation
     points = warm_start_points(config, space)
     results = _evaluate(store, backend, space, config, WARM_START_GENERATION, points, clock)
     complete = results is not None
@@ -675,7 +675,7 @@ def _steady_run(
         optimizer, _ = _restore_or_start(store, backend, space, config, clock, None)
         run = SteadyRun(optimizer)
     else:
-        state = pickle.loads(checkpoint.optimizer)  # written by this program into its own run store
+        state = load_blob(checkpoint.optimizer, f"{store.path}'s steady-state checkpoint")
         run = state if isinstance(state, SteadyRun) else SteadyRun(state)  # the warm start's checkpoint
     if not isinstance(run.optimizer, SteadyState):
         raise ConfigError(

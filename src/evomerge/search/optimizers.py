@@ -203,14 +203,77 @@ class CMAESOptimizer(SingleObjective):
         self.__dict__.update({**state, "_cma": cma})
 
 
-def save_state(optimizer: Optimizer) -> bytes:
-    """The optimiser's whole state (rng included) as bytes for the run store."""
-    return pickle.dumps(optimizer, protocol=pickle.HIGHEST_PROTOCOL)
+# The libraries whose objects an optimiser's pickle may hold (pymoo's algorithm, ribs' archive, cmaes'
+# state, numpy's generators). A checkpoint records their versions: pickles of library objects are not
+# promised to load, or to behave the same, under another version of the library.
+LIBRARIES = ("numpy", "cmaes", "pymoo", "ribs")
 
 
-def load_state(blob: bytes) -> Optimizer:
-    """Inverse of save_state. Only ever load blobs this program wrote into its own run store."""
-    optimizer = pickle.loads(blob)  # the run store is written by this process, not downloaded
+def library_versions() -> dict[str, str]:
+    """The installed versions of LIBRARIES (the ones not installed are left out)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            continue
+    return found
+
+
+def save_state(optimizer: object) -> bytes:
+    """The optimiser's whole state (rng included) as bytes for the run store, with the versions of the
+    libraries it may hold objects of."""
+    return pickle.dumps(
+        {"evomerge_state": 1, "libraries": library_versions(), "state": optimizer},
+        protocol=pickle.HIGHEST_PROTOCOL,
+    )
+
+
+def load_blob(blob: bytes, where: str = "the checkpoint") -> object:
+    """Inverse of save_state, for any checkpointed state (an optimiser, the steady-state run around one).
+
+    Only ever load blobs this program wrote into its own run store. A blob written under other library
+    versions that no longer unpickles raises a ConfigError naming them; one that does is used, with a
+    warning that the rest of the run may not match an uninterrupted one."""
+    import logging
+
+    current = library_versions()
+    try:
+        saved = pickle.loads(blob)  # the run store is written by this process, not downloaded
+    except (AttributeError, ImportError, ModuleNotFoundError, TypeError, ValueError) as error:
+        raise ConfigError(
+            f"{where} cannot be restored with the libraries installed now ({_versions(current)}): "
+            f"{type(error).__name__}: {error}. It was written by other versions of them; install the "
+            f"versions the run was started with to resume it, or start it again with --force. Its "
+            f"evaluations stay readable (`evomerge elites`, `evomerge export`)."
+        ) from error
+    if not (isinstance(saved, dict) and saved.get("evomerge_state") == 1):
+        return saved  # written before the versions were recorded
+    changed = {
+        name: (saved["libraries"].get(name), current.get(name))
+        for name in set(saved["libraries"]) | set(current)
+        if saved["libraries"].get(name) != current.get(name)
+    }
+    if changed:
+        logging.getLogger(__name__).warning(
+            "%s was written with %s; installed now: %s. The run resumes, but the optimiser may not ask "
+            "what an uninterrupted run would have asked.",
+            where,
+            ", ".join(f"{name} {was or 'absent'}" for name, (was, _) in sorted(changed.items())),
+            ", ".join(f"{name} {now or 'absent'}" for name, (_, now) in sorted(changed.items())),
+        )
+    return saved["state"]
+
+
+def _versions(found: dict[str, str]) -> str:
+    return ", ".join(f"{name} {v}" for name, v in sorted(found.items())) or "none of " + ", ".join(LIBRARIES)
+
+
+def load_state(blob: bytes, where: str = "the checkpoint") -> Optimizer:
+    """Inverse of save_state for an optimiser (see load_blob)."""
+    optimizer = load_blob(blob, where)
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"checkpoint holds a {type(optimizer).__name__}, not an optimizer")
     return optimizer
