@@ -112,3 +112,15 @@ def test_budget_settings() -> None:
     assert resolve_budget("auto") > 0
     with pytest.raises(ConfigError, match="task_vector_cache"):
         resolve_budget("lots")
+
+
+@pytest.mark.parametrize("method", ["ties", "task_arithmetic"])
+def test_without_raw_deltas_only_trimmed_ones_are_kept(fam: dict[str, Path], method: str) -> None:
+    # what "auto" builds: a raw delta is computed each time (no faster to read), a trimmed one is kept
+    cache = TaskVectorCache(1 << 30, keep_raw=False)
+    _assert_same_bits(_states(fam, method, cache, torch.float32), _states(fam, method, None, torch.float32))
+    assert not cache._raw
+    if method == "ties":
+        assert cache._sparse and cache.hits > 0
+    else:
+        assert len(cache) == 0 and cache.bytes == 0

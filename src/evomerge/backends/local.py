@@ -7,8 +7,9 @@ instead. This is what makes a laptop-CPU search of hundreds of candidates practi
 benchmarks/evolve_speed.py). Sources, model and evaluation live on one device
 (the CPU, or a GPU: `device`). For the task-arithmetic family the sources' task vectors
 (`source - base`, and TIES / Breadcrumbs trimmings of them per density) are cached across candidates
-within a memory budget (`task_vector_cache`: "auto" takes half the free memory, stated in the log;
-"off" or 0 turns it off; see merge/task_vectors.py). The merged weights are the same bits either way.
+within a memory budget (`task_vector_cache`: "auto" takes half the free memory, stated in the log, and
+keeps only the trimmed deltas; a byte count keeps the raw deltas too; "off" or 0 turns it off; see
+merge/task_vectors.py). The merged weights are the same bits either way.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ class LocalBackend:
         # `source - base` per tensor (and its deterministic trimmings) kept across candidates
         device = next(model.parameters(), torch.empty(0)).device  # where the sources live too
         budget = resolve_budget(task_vector_cache, device=device)
-        self.task_vectors = TaskVectorCache(budget) if budget > 0 else None
+        # "auto" keeps the trimmed deltas only (raw ones measured no faster than `x - base`)
+        keep_raw = task_vector_cache not in ("auto", True)
+        self.task_vectors = TaskVectorCache(budget, keep_raw=keep_raw) if budget > 0 else None
         log.info(
             "task-vector cache: %s",
             f"up to {budget / 2**30:.2f} GiB"

@@ -42,8 +42,9 @@ class BackendRequest:
 class LocalSettings(BackendSettings):
     """`local`: this process, one candidate at a time.
 
-    `task_vector_cache`: keep the task-arithmetic family's task vectors across candidates ("auto": up to
-    half the free memory; "off"; or a cap such as "2GiB" or a byte count). The merge is the same bits."""
+    `task_vector_cache`: keep the task-arithmetic family's task vectors across candidates ("auto": the
+    trimmed ones of TIES/Breadcrumbs, up to half the free memory; "off"; or a cap such as "2GiB" or a
+    byte count, which keeps the raw deltas too). The merge is the same bits."""
 
     name: Literal["local"] = "local"
     schedule: Literal["synchronous"] = "synchronous"

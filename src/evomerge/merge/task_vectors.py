@@ -18,6 +18,11 @@ DELLA) draws from a per-candidate seed, so only its raw delta is cached and the 
 Memory: entries are kept while their bytes fit `budget_bytes`. Raw deltas are never evicted (every
 candidate uses them); sparsified ones are evicted oldest-first to make room, since a search that moves
 the density makes them stale. `auto_budget()` picks the budget from the free memory (psutil).
+
+Raw deltas are kept only where the budget was given explicitly (`keep_raw`). Under "auto" the cache holds
+the trimmed deltas alone: reading a cached raw delta saves one subtraction, which measured no faster than
+computing it (plain task_arithmetic, 0.95x; benchmarks/results/fitness.md) while it held one model's size
+per source, memory the evaluation may need.
 """
 
 from __future__ import annotations
@@ -63,10 +68,11 @@ class TaskVectorCache:
 
     Thread-safe: the in-memory merge computes several tensors at once."""
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(self, budget_bytes: int, *, keep_raw: bool = True) -> None:
         if budget_bytes < 0:
             raise ConfigError(f"task_vector_cache: the budget must be >= 0 bytes, got {budget_bytes}.")
         self.budget_bytes = budget_bytes
+        self.keep_raw = keep_raw  # False: raw deltas are computed each time, only trimmed ones are kept
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -124,6 +130,7 @@ class TaskVectorCache:
         return (
             f"task-vector cache: {len(self)} tensors, {self.bytes / 2**20:.1f} MiB of "
             f"{self.budget_bytes / 2**20:.1f} MiB, {self.hits} hits, {self.misses} misses"
+            + ("" if self.keep_raw else " (trimmed deltas only)")
         )
 
 
@@ -135,6 +142,8 @@ class BoundTaskVectors:
 
     def delta(self, index: int, compute: Callable[[], torch.Tensor], copy: bool = True) -> torch.Tensor:
         """Source `index`'s raw task vector `x - base` (an owned copy, or with copy=False read-only)."""
+        if not self.cache.keep_raw:
+            return compute()  # a fresh tensor: the caller owns it
         key = (self.tensor, self.models[index], self.base, "delta")
         return self.cache.get(key, compute, raw=True, copy=copy)
 
