@@ -34,7 +34,7 @@ import torch
 
 METHODS = [
     "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della",
-    "sce", "model_stock", "karcher", "multislerp", "regmean", "regmean_plusplus", "fisher", "tsv", "iso_c",
+    "sce", "model_stock", "karcher", "multislerp", "regmean", "regmean_plusplus", "prodistill", "fisher", "tsv", "iso_c",
 ]  # fmt: skip
 EVOLVED: dict[str, dict[str, list[float] | None]] = {
     "task_arithmetic": {"weight": [0.0, 1.5]},
