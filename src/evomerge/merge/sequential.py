@@ -240,11 +240,10 @@ def _stage_distill(
         inputs = _entry_inputs(work, texts[model], entry, stage, num_layers)
         for (hidden, kwargs), target, (_, mask) in zip(inputs, targets, texts[model], strict=True):
             batches.append(DistillBatch(index, hidden, target, mask, {**kwargs, "head": head}))
-    result = train_coefficients(
-        stage_fn, base, deltas, batches, weights=list(params.get("weight") or [1.0] * len(models)),
-        init=float(params.get("init", 0.5)), lr=float(params.get("lr", 0.1)),
-        epochs=int(params.get("epochs", 100)), seed=stage,
-        kl=bool(params.get("kl_head")) and stage == num_layers,
+    result = train_coefficients(  # every parameter is in the plan, defaults filled in
+        stage_fn, base, deltas, batches, weights=list(params["weight"]), init=float(params["init"]),
+        lr=float(params["lr"]), epochs=int(params["epochs"]), seed=int(params["seed"]) * 1_000_003 + stage,
+        kl=bool(params["kl_head"]) and stage == num_layers,
     )  # fmt: skip
     return {name: [model[name] for model in result.coefficients] for name in base}
 

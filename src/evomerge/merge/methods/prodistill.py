@@ -16,7 +16,7 @@ minimiser is the per-row mean weighted by token counts, lambda_i[t] = w_i c_i[t]
 taken in that closed form from the cached token counts (RegMean's embedding rule), and a row no model's
 texts use keeps `init`. A tensor the pass gave no coefficients gets `init` for every model.
 
-The kernel itself is pure; `lr`, `epochs` and `kl_head` are read by the pass, not here.
+The kernel itself is pure; `lr`, `epochs`, `kl_head` and `seed` are read by the pass, not here.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ def prodistill(
     lr: float = LR,
     epochs: int = EPOCHS,
     kl_head: bool = False,
+    seed: int = 0,
     statistics: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """base + sum_i lambda_i (x_i - base), lambda_i = statistics[i] (trained coefficients), token-count
@@ -146,6 +147,14 @@ PRODISTILL = register(
             ),
             flag_spec(
                 "kl_head", False, "final stage: match the models' softmax (KL) instead of logits (MSE)"
+            ),
+            ParamSpec(
+                "seed",
+                kind="int",
+                default=0,
+                per_model=False,
+                low=0,
+                description="seeds the order of the calibration batches in each epoch",
             ),
         ),
         requires_base=True,
