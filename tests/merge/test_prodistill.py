@@ -169,3 +169,24 @@ def test_training_brings_the_layer_closer_to_each_models_outputs(
         return total
 
     assert error(tmp_path / "t") < 0.7 * error(tmp_path / "u")
+
+
+def test_distill_ends_false_gives_the_ends_task_arithmetic(
+    one_layer_family: dict[str, Path], calibration_prompts: dict[str, Path], tmp_path: Path
+) -> None:
+    """The authors' handling: embedding, final norm and lm_head at base + init * sum of task vectors."""
+    merged = _merge(
+        one_layer_family,
+        calibration_prompts,
+        tmp_path / "ends",
+        parameters={"distill_ends": False, "init": 0.4},
+    )
+    base, *models = (
+        load_file(str(one_layer_family[k] / "model.safetensors")) for k in ("base", "ft0", "ft1")
+    )
+    for name in (EMBED, "model.norm.weight", "lm_head.weight"):
+        expected = base[name] + 0.4 * sum(model[name] - base[name] for model in models)
+        torch.testing.assert_close(merged[name], expected, msg=name)
+    layer = "model.layers.0.mlp.down_proj.weight"
+    at_init = base[layer] + 0.4 * sum(model[layer] - base[layer] for model in models)
+    assert not torch.allclose(merged[layer], at_init, atol=1e-4)  # the layer is still trained

@@ -98,7 +98,11 @@ def sequential_plan(
     merged: dict[str, torch.Tensor] = {}
     own_targets = any(bool(task.params.get("own_targets")) for task in plan.tasks)
     for stage in sorted(stages):
-        if stage != PRE and plan.method.distill:
+        ends = stage in (PRE, num_layers)
+        if plan.method.distill and ends and not tasks[stages[stage][0]].params["distill_ends"]:
+            for index in stages[stage]:  # ProDistill as its authors run it: `init` (task arithmetic) here
+                tasks[index] = replace(tasks[index], params={**tasks[index].params, "statistics": None})
+        elif stage != PRE and plan.method.distill:
             trained = _stage_distill(
                 [tasks[index] for index in stages[stage]], work, loaded, merged, texts, stage, num_layers,
                 sources.get,

@@ -15,8 +15,10 @@ sum_i sum_t c_i[t] ||E[t] - E_i[t]||^2 (c_i[t]: the share of model i's calibrati
 minimiser is the per-row mean weighted by token counts, lambda_i[t] = w_i c_i[t] / sum_j w_j c_j[t]; it is
 taken in that closed form from the cached token counts (RegMean's embedding rule), and a row no model's
 texts use keeps `init`. A tensor the pass gave no coefficients gets `init` for every model.
+`distill_ends: false` is the authors' handling of the ends (their LLM code merges the embedding, final
+norm and lm_head by task arithmetic at a fixed coefficient): only the decoder layers are trained.
 
-The kernel itself is pure; `lr`, `epochs`, `kl_head` and `seed` are read by the pass, not here.
+The kernel itself is pure; `lr`, `epochs`, `kl_head`, `seed` and `distill_ends` are read by the pass.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ def prodistill(
     epochs: int = EPOCHS,
     kl_head: bool = False,
     seed: int = 0,
+    distill_ends: bool = True,
     statistics: Sequence[torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """base + sum_i lambda_i (x_i - base), lambda_i = statistics[i] (trained coefficients), token-count
@@ -147,6 +150,11 @@ PRODISTILL = register(
             ),
             flag_spec(
                 "kl_head", False, "final stage: match the models' softmax (KL) instead of logits (MSE)"
+            ),
+            flag_spec(
+                "distill_ends",
+                True,
+                "the embedding (token counts) and final norm + lm_head fitted too (false: `init` for them)",
             ),
             ParamSpec(
                 "seed",
