@@ -24,6 +24,12 @@ copy with the stages before it merged and the rest that source's own, stopping a
 layer. That is (L + 1) partial forward passes per source instead of one, and nothing of it can be cached
 across merges, since it depends on the merged weights (an evolution pays it for every candidate). The
 Gram matrices it gathers are handed to the plan's tasks as tensors; the engine then merges as usual.
+
+ProDistill (`prodistill`, a method with `distill=True`) rides the same pass: per stage, instead of Gram
+matrices, the stage's merging coefficients are trained (`evomerge.merge.distill`) on the stage's input in
+the hybrid (the merged stages before it: the paper's merged features) against each source's own stage on
+its own input (the source run alone: computed once and kept across merges, as `own_targets`' inputs are),
+and handed to the tasks as their `statistics`.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ import copy
 import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -51,6 +57,7 @@ from evomerge.merge.calibration import (
 )
 from evomerge.merge.distill import DistillBatch, StageFn, train_coefficients
 from evomerge.merge.plan import MergePlan, TensorTask
+from evomerge.merge.registry import MergeMethod
 
 if TYPE_CHECKING:
     from evomerge.merge.sources import SourceSet
@@ -77,7 +84,8 @@ def sequential_plan(
     compute: Callable[[TensorTask], torch.Tensor],
 ) -> MergePlan:
     """`plan` with every layer's and post-layer tensor's `statistics` replaced by RegMean++'s Gram matrices
-    (see the module docstring); `compute(task)` merges one task (the engine's kernel call)."""
+    or ProDistill's trained coefficients (see the module docstring); `compute(task)` merges one task (the
+    engine's kernel call)."""
     if not isinstance(calibration, Calibration):
         raise CalibrationError(
             f"merge_method '{plan.method.name}' needs calibration data; add a calibration block"
@@ -90,40 +98,56 @@ def sequential_plan(
         for model in models
     }
     work = copy.deepcopy(loaded[models[0]])  # the hybrid: merged stages so far, one source's own after
-    own = {model: dict(loaded[model].named_parameters()) for model in models}
     stages: dict[int, list[int]] = {}
     for index, task in enumerate(plan.tasks):
         stages.setdefault(stage_of(task.name, num_layers), []).append(index)
     tasks = list(plan.tasks)
     merged: dict[str, torch.Tensor] = {}
-    own_targets = any(bool(task.params.get("own_targets")) for task in plan.tasks)
+    state = _Pass(work, loaded, merged, texts, num_layers, sources.get)
     for stage in sorted(stages):
-        ends = stage in (PRE, num_layers)
-        if plan.method.distill and ends and not tasks[stages[stage][0]].params["distill_ends"]:
-            for index in stages[stage]:  # ProDistill as its authors run it: `init` (task arithmetic) here
-                tasks[index] = replace(tasks[index], params={**tasks[index].params, "statistics": None})
-        elif stage != PRE and plan.method.distill:
-            trained = _stage_distill(
-                [tasks[index] for index in stages[stage]], work, loaded, merged, texts, stage, num_layers,
-                sources.get,
-            )  # fmt: skip
-            for index in stages[stage]:
-                task = tasks[index]
-                tasks[index] = replace(task, params={**task.params, "statistics": trained[task.name]})
-        elif stage != PRE:
-            grams = {
-                model: _stage_cross(work, loaded[model], merged, texts[model], stage, num_layers)
-                if own_targets
-                else _stage_grams(work, own[model], merged, texts[model], stage, num_layers)
-                for model in models
-            }
-            for index in stages[stage]:
-                task = tasks[index]
-                statistics = [grams[model].get(name) for model, name in task.inputs]
-                tasks[index] = replace(task, params={**task.params, "statistics": statistics})
+        found = _stage_statistics(plan.method, [tasks[index] for index in stages[stage]], state, stage)
         for index in stages[stage]:
-            merged[tasks[index].name] = compute(tasks[index]).detach().to(torch.float32)
+            task = tasks[index]
+            if found is not None:
+                tasks[index] = task = replace(task, params={**task.params, "statistics": found[task.name]})
+            merged[task.name] = compute(task).detach().to(torch.float32)
     return replace(plan, tasks=tasks)
+
+
+@dataclass(frozen=True)
+class _Pass:
+    """What every stage of the pass reads: the working copy, the sources, the merged tensors so far."""
+
+    work: torch.nn.Module
+    loaded: dict[str, torch.nn.Module]
+    merged: dict[str, torch.Tensor]
+    texts: dict[str, list[tuple[torch.Tensor, torch.Tensor]]]
+    num_layers: int
+    fetch: Callable[[str, str], torch.Tensor]
+
+
+def _stage_statistics(
+    method: MergeMethod, tasks: Sequence[TensorTask], state: _Pass, stage: int
+) -> dict[str, Any] | None:
+    """The kernel's `statistics` for each of the stage's tasks (task name -> value), or None where the
+    planner's (the cached ones: the embedding's token counts) stay."""
+    num_layers = state.num_layers
+    if method.distill and stage in (PRE, num_layers) and not tasks[0].params["distill_ends"]:
+        return {task.name: None for task in tasks}  # ProDistill as its authors run it: `init` at the ends
+    if stage == PRE:
+        return None
+    if method.distill:
+        return _stage_distill(tasks, state, stage)
+    own_targets = bool(tasks[0].params.get("own_targets"))
+    grams = {
+        model: _stage_cross(state.work, source, state.merged, state.texts[model], stage, num_layers)
+        if own_targets
+        else _stage_grams(
+            state.work, dict(source.named_parameters()), state.merged, state.texts[model], stage, num_layers
+        )
+        for model, source in state.loaded.items()
+    }
+    return {task.name: [grams[model].get(name) for model, name in task.inputs] for task in tasks}
 
 
 def _load_hybrid(
@@ -211,19 +235,13 @@ _NO_CACHE = ("cache", "past_key_values", "past_key_value", "use_cache")  # a sta
 Batches = Sequence[tuple[torch.Tensor, torch.Tensor]]
 
 
-def _stage_distill(
-    tasks: Sequence[TensorTask],
-    work: torch.nn.Module,
-    loaded: dict[str, torch.nn.Module],
-    merged: dict[str, torch.Tensor],
-    texts: Mapping[str, Batches],
-    stage: int,
-    num_layers: int,
-    fetch: Callable[[str, str], torch.Tensor],
-) -> dict[str, list[torch.Tensor]]:
+def _stage_distill(tasks: Sequence[TensorTask], state: _Pass, stage: int) -> dict[str, list[torch.Tensor]]:
     """ProDistill's coefficients of the stage's tensors (task name -> one per model): the merged stage run
     on each model's texts through the merged stages before it, trained to reproduce the model's own stage
     on its own features (`evomerge.merge.distill`)."""
+    work, merged, texts, num_layers, fetch = (
+        state.work, state.merged, state.texts, state.num_layers, state.fetch
+    )  # fmt: skip
     params = tasks[0].params
     models = [model for model, _ in tasks[0].inputs]
     base = {task.name: fetch(*_base_of(task)).float() for task in tasks}
@@ -231,7 +249,7 @@ def _stage_distill(
     entry, stage_fn = _stage_function(work, list(base), stage, num_layers)
     batches = []
     for index, model in enumerate(models):
-        source = loaded[model]
+        source = state.loaded[model]
         _load_hybrid(work, dict(source.named_parameters()), merged, stage, num_layers)
         head = _tied_head(work, list(base))  # None unless the stage applies a tied (merged) embedding
         own = {name: base[name] + deltas[index][name] for name in base}
