@@ -190,3 +190,22 @@ def test_distill_ends_false_gives_the_ends_task_arithmetic(
     layer = "model.layers.0.mlp.down_proj.weight"
     at_init = base[layer] + 0.4 * sum(model[layer] - base[layer] for model in models)
     assert not torch.allclose(merged[layer], at_init, atol=1e-4)  # the layer is still trained
+
+
+def test_tied_embeddings_train_the_final_norm_through_the_merged_embedding(
+    tmp_path: Path, calibration_prompts: dict[str, Path]
+) -> None:
+    """No lm_head tensor: the last stage is the final norm, followed by the (merged, untrained) embedding."""
+    from evomerge.zoo.random_models import FamilySpec, build_family
+    from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
+
+    spec = FamilySpec(
+        n_finetunes=2, delta_scale=0.1, tie_word_embeddings=True, overrides={"num_hidden_layers": 1}
+    )
+    family = build_family(tmp_path / "tied", spec)
+    for path in family.values():
+        save_tokenizer(build_tokenizer(), path)
+    merged = _merge(family, calibration_prompts, tmp_path / "out")
+    untrained = _merge(family, calibration_prompts, tmp_path / "untrained", parameters={"lr": 1e-12})
+    assert "lm_head.weight" not in merged
+    assert not torch.allclose(merged["model.norm.weight"], untrained["model.norm.weight"], atol=1e-4)
