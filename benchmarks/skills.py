@@ -34,13 +34,14 @@ import torch
 
 METHODS = [
     "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs_ties", "della",
-    "sce", "model_stock", "karcher", "multislerp", "regmean", "regmean_plusplus", "fisher", "tsv", "iso_c",
+    "sce", "model_stock", "karcher", "multislerp", "regmean", "regmean_plusplus", "prodistill", "fisher", "tsv", "iso_c",
 ]  # fmt: skip
 EVOLVED: dict[str, dict[str, list[float] | None]] = {
     "task_arithmetic": {"weight": [0.0, 1.5]},
     "ties": {"weight": [0.0, 1.5], "density": [0.1, 1.0]},
     "regmean": {"weight": [0.05, 1.0], "alpha": [0.0, 1.0], "lambda": [0.5, 3.0]},
     "regmean_plusplus": {"weight": [0.05, 1.0], "alpha": [0.0, 1.0], "lambda": [0.5, 3.0]},
+    "prodistill": {"weight": [0.05, 1.0], "init": [0.1, 1.0], "lr": [0.005, 0.2]},
     "fisher": {"weight": [0.05, 1.0], "lambda": [0.5, 3.0]},
     "tsv": {"weight": [0.0, 1.5], "lambda": [0.5, 2.0]},
     "iso_c": {"weight": [0.0, 1.5], "lambda": [0.5, 3.0]},

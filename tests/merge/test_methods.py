@@ -27,7 +27,14 @@ EXPECTED = {
     "della", "della_linear", "slerp", "nuslerp", "multislerp", "karcher", "model_stock", "sce", "passthrough",
     "nearswap", "arcee_fusion", "ram", "ramplus_tl",
 }  # fmt: skip
-BEYOND_MERGEKIT = {"regmean", "regmean_plusplus", "fisher", "tsv", "iso_c"}  # docs/methods.md#beyond-mergekit
+BEYOND_MERGEKIT = {
+    "regmean",
+    "regmean_plusplus",
+    "prodistill",
+    "fisher",
+    "tsv",
+    "iso_c",
+}  # docs/methods.md#beyond-mergekit
 METHODS = all_methods()
 GTA = [
     "task_arithmetic",
@@ -89,8 +96,14 @@ def inputs(
 
 def test_every_method_is_registered() -> None:
     assert {m.name for m in METHODS} == EXPECTED | BEYOND_MERGEKIT
-    assert {m.name for m in METHODS if m.statistics} == {"regmean", "regmean_plusplus", "fisher"}
-    assert {m.name for m in METHODS if m.sequential} == {"regmean_plusplus"}
+    assert {m.name for m in METHODS if m.statistics} == {
+        "regmean",
+        "regmean_plusplus",
+        "prodistill",
+        "fisher",
+    }
+    assert {m.name for m in METHODS if m.sequential} == {"regmean_plusplus", "prodistill"}
+    assert {m.name for m in METHODS if m.distill} == {"prodistill"}
     assert {m.name for m in METHODS if m.randomized} == {"dare_ties", "dare_linear", "della", "della_linear"}
 
 

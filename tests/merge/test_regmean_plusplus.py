@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from evomerge.errors import ConfigError
 from evomerge.merge.calibration import gather, read_texts
@@ -17,8 +16,6 @@ from evomerge.merge.engine import merge_to_dir
 from evomerge.merge.methods.regmean import regmean, row_weighted_mean
 from evomerge.merge.registry import get_method
 from evomerge.merge.sequential import stage_of
-from evomerge.zoo.random_models import FamilySpec, build_family
-from evomerge.zoo.tokenizer import build_tokenizer, save_tokenizer
 
 EMBED = "model.embed_tokens.weight"
 
@@ -57,46 +54,20 @@ def test_token_counts_of_another_vocabulary_are_refused() -> None:
         regmean([torch.ones(4, 2), torch.ones(4, 2)], statistics=[torch.ones(4), torch.ones(5)])
 
 
-# ---- fixtures: a one-layer family -----------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def family(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A one-layer Llama base + 2 fine-tunes that share the base's embedding (so layer 0 sees one input)."""
-    root = tmp_path_factory.mktemp("regmeanpp")
-    spec = FamilySpec(n_finetunes=2, delta_scale=0.1, overrides={"num_hidden_layers": 1})
-    paths = build_family(root / "family", spec)
-    base = load_file(str(paths["base"] / "model.safetensors"))
-    for name in ("ft0", "ft1"):
-        file = paths[name] / "model.safetensors"
-        tensors = load_file(str(file)) | {EMBED: base[EMBED]}
-        save_file(tensors, str(file), metadata={"format": "pt"})
-    tokenizer = build_tokenizer()
-    for path in paths.values():
-        save_tokenizer(tokenizer, path)
-    return paths
-
-
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("prompts")
-    files = {}
-    for key, make in (("ft0", lambda i: (f"add {i} and {i + 2}: ", str(2 * i + 2))),
-                      ("ft1", lambda i: (f"reverse word{i}: ", f"{i}drow"))):  # fmt: skip
-        files[key] = root / f"{key}.jsonl"
-        lines = [{"prompt": make(i)[0], "answer": make(i)[1]} for i in range(8)]
-        files[key].write_text("\n".join(json.dumps(line) for line in lines) + "\n")
-    return files
-
-
-def _merge(method: str, family: dict[str, Path], prompts: dict[str, Path], out: Path, **extra: Any) -> dict:
+def _merge(
+    method: str,
+    one_layer_family: dict[str, Path],
+    calibration_prompts: dict[str, Path],
+    out: Path,
+    **extra: Any,
+) -> dict:
     data: dict[str, Any] = {
         "merge_method": method,
-        "models": [{"model": str(family["ft0"])}, {"model": str(family["ft1"])}],
+        "models": [{"model": str(one_layer_family["ft0"])}, {"model": str(one_layer_family["ft1"])}],
         "dtype": "float32",
         "parameters": {"alpha": 0.8},
         "calibration": {
-            "models": {str(family[k]): str(prompts[k]) for k in ("ft0", "ft1")},
+            "models": {str(one_layer_family[k]): str(calibration_prompts[k]) for k in ("ft0", "ft1")},
             "limit": 6,
             "cache": str(out.parent / "cache"),
         },
@@ -109,18 +80,20 @@ def _merge(method: str, family: dict[str, Path], prompts: dict[str, Path], out: 
 # ---- statistics -----------------------------------------------------------------------------------------
 
 
-def test_gram_statistics_hold_each_token_share(family: dict[str, Path], prompts: dict[str, Path]) -> None:
+def test_gram_statistics_hold_each_token_share(
+    one_layer_family: dict[str, Path], calibration_prompts: dict[str, Path]
+) -> None:
     from transformers import AutoTokenizer
 
-    texts = read_texts(prompts["ft0"], 5)
-    grams, _ = gather(family["ft0"], texts, "gram")
-    tokenizer = AutoTokenizer.from_pretrained(str(family["ft0"]))
+    texts = read_texts(calibration_prompts["ft0"], 5)
+    grams, _ = gather(one_layer_family["ft0"], texts, "gram")
+    tokenizer = AutoTokenizer.from_pretrained(str(one_layer_family["ft0"]))
     ids = torch.cat([tokenizer(text, return_tensors="pt")["input_ids"][0] for text in texts])
     vocab = grams[EMBED].shape[0]
     torch.testing.assert_close(grams[EMBED], torch.bincount(ids, minlength=vocab).float() / ids.numel())
     assert (
         grams[EMBED].dim() == 1
-        and vocab == load_file(str(family["ft0"] / "model.safetensors"))[EMBED].shape[0]
+        and vocab == load_file(str(one_layer_family["ft0"] / "model.safetensors"))[EMBED].shape[0]
     )
 
 
@@ -128,12 +101,12 @@ def test_gram_statistics_hold_each_token_share(family: dict[str, Path], prompts:
 
 
 def test_first_layer_equals_regmean_when_the_inputs_agree(
-    family: dict[str, Path], prompts: dict[str, Path], tmp_path: Path
+    one_layer_family: dict[str, Path], calibration_prompts: dict[str, Path], tmp_path: Path
 ) -> None:
     """Same embedding everywhere: layer 0 sees the same inputs in RegMean and RegMean++, so it merges the
     same; lm_head (after the merged layer) does not."""
-    plain = _merge("regmean", family, prompts, tmp_path / "plain")
-    plus = _merge("regmean_plusplus", family, prompts, tmp_path / "plus")
+    plain = _merge("regmean", one_layer_family, calibration_prompts, tmp_path / "plain")
+    plus = _merge("regmean_plusplus", one_layer_family, calibration_prompts, tmp_path / "plus")
     assert plain.keys() == plus.keys()
     for name in plain:
         if stage_of(name, 1) <= 0:
@@ -142,21 +115,21 @@ def test_first_layer_equals_regmean_when_the_inputs_agree(
 
 
 def test_lm_head_is_fitted_on_the_merged_hidden_states(
-    family: dict[str, Path], prompts: dict[str, Path], tmp_path: Path
+    one_layer_family: dict[str, Path], calibration_prompts: dict[str, Path], tmp_path: Path
 ) -> None:
     """The reference, computed by hand: model i's final norm over the merged model's last hidden states."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    plus = _merge("regmean_plusplus", family, prompts, tmp_path / "plus")
+    plus = _merge("regmean_plusplus", one_layer_family, calibration_prompts, tmp_path / "plus")
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "plus")).eval()
     grams, heads = [], []
     for key in ("ft0", "ft1"):
-        own = AutoModelForCausalLM.from_pretrained(str(family[key])).eval()
-        tokenizer = AutoTokenizer.from_pretrained(str(family[key]))
+        own = AutoModelForCausalLM.from_pretrained(str(one_layer_family[key])).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(one_layer_family[key]))
         states: list[torch.Tensor] = []
         handle = merged.model.norm.register_forward_hook(lambda m, i, o, kept=states: kept.append(i[0][0]))
         with torch.no_grad():
-            for text in read_texts(prompts[key], 6):
+            for text in read_texts(calibration_prompts[key], 6):
                 merged(input_ids=tokenizer(text, return_tensors="pt")["input_ids"])
             handle.remove()
             x = own.model.norm(torch.cat(states)).double()  # (tokens, hidden)
@@ -173,18 +146,22 @@ def test_regmean_plusplus_is_registered_with_regmeans_parameters() -> None:
     assert not get_method("regmean").sequential
 
 
-def test_regmean_plusplus_refuses_slices(family: dict[str, Path], prompts: dict[str, Path]) -> None:
+def test_regmean_plusplus_refuses_slices(
+    one_layer_family: dict[str, Path], calibration_prompts: dict[str, Path]
+) -> None:
     data = {
         "merge_method": "regmean_plusplus",
-        "slices": [{"sources": [{"model": str(family[k]), "layer_range": [0, 1]} for k in ("ft0", "ft1")]}],
-        "calibration": {"task": str(prompts["ft0"])},
+        "slices": [
+            {"sources": [{"model": str(one_layer_family[k]), "layer_range": [0, 1]} for k in ("ft0", "ft1")]}
+        ],
+        "calibration": {"task": str(calibration_prompts["ft0"])},
     }
     with pytest.raises(ConfigError, match="slices: merge_method 'regmean_plusplus'"):
         MergeConfig.from_dict(data)
 
 
-def test_regmean_plusplus_needs_calibration(family: dict[str, Path]) -> None:
-    data = {"merge_method": "regmean_plusplus", "models": [{"model": str(family["ft0"])}]}
+def test_regmean_plusplus_needs_calibration(one_layer_family: dict[str, Path]) -> None:
+    data = {"merge_method": "regmean_plusplus", "models": [{"model": str(one_layer_family["ft0"])}]}
     with pytest.raises(ConfigError, match="needs calibration data"):
         MergeConfig.from_dict(data)
 
@@ -214,17 +191,21 @@ def test_own_targets_pair_solves_the_least_squares_to_each_models_own_outputs() 
 
 
 def test_own_targets_merge_of_one_model_is_regmeans(
-    family: dict[str, Path], prompts: dict[str, Path], tmp_path: Path
+    one_layer_family: dict[str, Path], calibration_prompts: dict[str, Path], tmp_path: Path
 ) -> None:
     """One model: the merged stages are the model's own, X~ = X, C = G, and the merge is RegMean's."""
     merged = {}
     for method, extra in (("regmean_plusplus", {"own_targets": True}), ("regmean", {})):
         data: dict[str, Any] = {
             "merge_method": method,
-            "models": [{"model": str(family["ft0"])}],
+            "models": [{"model": str(one_layer_family["ft0"])}],
             "dtype": "float32",
             "parameters": {"alpha": 0.9, **extra},
-            "calibration": {"task": str(prompts["ft0"]), "limit": 8, "cache": str(tmp_path / "cache")},
+            "calibration": {
+                "task": str(calibration_prompts["ft0"]),
+                "limit": 8,
+                "cache": str(tmp_path / "cache"),
+            },
         }
         merge_to_dir(MergeConfig.from_dict(data), tmp_path / method)
         merged[method] = load_file(str(tmp_path / method / "model.safetensors"))
@@ -233,20 +214,28 @@ def test_own_targets_merge_of_one_model_is_regmeans(
 
 
 def test_own_targets_second_merge_reuses_the_sources_inputs_and_agrees(
-    family: dict[str, Path], prompts: dict[str, Path], tmp_path: Path
+    one_layer_family: dict[str, Path], calibration_prompts: dict[str, Path], tmp_path: Path
 ) -> None:
     from evomerge.merge import sequential
 
     sequential._ALONE.clear()
     first = _merge(
-        "regmean_plusplus", family, prompts, tmp_path / "a", parameters={"alpha": 0.8, "own_targets": True}
+        "regmean_plusplus",
+        one_layer_family,
+        calibration_prompts,
+        tmp_path / "a",
+        parameters={"alpha": 0.8, "own_targets": True},
     )
     kept = len(sequential._ALONE)
     second = _merge(
-        "regmean_plusplus", family, prompts, tmp_path / "b", parameters={"alpha": 0.8, "own_targets": True}
+        "regmean_plusplus",
+        one_layer_family,
+        calibration_prompts,
+        tmp_path / "b",
+        parameters={"alpha": 0.8, "own_targets": True},
     )
     assert kept > 0 and len(sequential._ALONE) == kept  # gathered once, read the second time
-    plain = _merge("regmean_plusplus", family, prompts, tmp_path / "c")
+    plain = _merge("regmean_plusplus", one_layer_family, calibration_prompts, tmp_path / "c")
     for name, tensor in first.items():
         torch.testing.assert_close(second[name], tensor, msg=name)
     assert not torch.allclose(first["lm_head.weight"], plain["lm_head.weight"], atol=1e-5)

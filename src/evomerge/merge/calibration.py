@@ -150,7 +150,7 @@ def check_calibration(
         if calibration is not None:
             raise CalibrationError(
                 f"calibration: merge_method '{method.name}' reads no calibration data (only the data-aware "
-                "methods regmean, regmean_plusplus and fisher do); remove the calibration block"
+                "methods regmean, regmean_plusplus, prodistill and fisher do); remove the calibration block"
             )
         return
     if calibration is None:

@@ -116,6 +116,9 @@ class MergeMethod:
     # Data-aware and sequential (RegMean++): the statistics of each layer are gathered on the merged model
     # of the layers before it, in a pass before the merge (merge/sequential.py); `models:` merges only.
     sequential: bool = False
+    # Sequential and distilled (ProDistill): the pass trains each stage's merging coefficients instead of
+    # gathering Gram matrices, and hands them to the kernel as its `statistics`.
+    distill: bool = False
     # The kernel returns float32 (or wider) for half-precision inputs, as mergekit's does (a float32 mask
     # or coefficient promotes them); without `out_dtype` the output tensors keep that dtype, as mergekit's.
     widens_to_float32: bool = False

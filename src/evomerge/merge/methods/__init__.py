@@ -8,6 +8,7 @@ from evomerge.merge.methods import (  # noqa: F401
     model_stock,
     nearswap,
     passthrough,
+    prodistill,
     ram,
     regmean,
     sce,
