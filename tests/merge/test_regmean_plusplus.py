@@ -239,3 +239,37 @@ def test_own_targets_second_merge_reuses_the_sources_inputs_and_agrees(
     for name, tensor in first.items():
         torch.testing.assert_close(second[name], tensor, msg=name)
     assert not torch.allclose(first["lm_head.weight"], plain["lm_head.weight"], atol=1e-5)
+
+
+def test_merges_in_two_threads_give_what_each_gives_alone(
+    one_layer_family: dict[str, Path], calibration_prompts: dict[str, Path], tmp_path: Path
+) -> None:
+    # the cached sources carry a pass's hooks: a second pass at the same time must not record into them
+    from concurrent.futures import ThreadPoolExecutor
+
+    from evomerge.merge import sequential
+
+    settings = [{"alpha": 0.8, "own_targets": True}, {"alpha": 0.3}] * 3
+    alone = [
+        _merge(
+            "regmean_plusplus", one_layer_family, calibration_prompts, tmp_path / f"alone{i}", parameters=p
+        )
+        for i, p in enumerate(settings)
+    ]
+    sequential._ALONE.clear()  # every pass gathers the sources' own inputs: the longest overlap
+    with ThreadPoolExecutor(len(settings)) as pool:
+        together = list(
+            pool.map(
+                lambda i: _merge(
+                    "regmean_plusplus",
+                    one_layer_family,
+                    calibration_prompts,
+                    tmp_path / f"together{i}",
+                    parameters=settings[i],
+                ),
+                range(len(settings)),
+            )
+        )
+    for first, second in zip(alone, together, strict=True):
+        for name, tensor in first.items():
+            torch.testing.assert_close(second[name], tensor, msg=name)

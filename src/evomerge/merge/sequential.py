@@ -90,6 +90,16 @@ def sequential_plan(
         raise CalibrationError(
             f"merge_method '{plan.method.name}' needs calibration data; add a calibration block"
         )
+    with _PASS_LOCK:  # the cached sources carry this pass's hooks: one pass at a time per process
+        return _sequential_plan(plan, calibration, sources, compute)
+
+
+def _sequential_plan(
+    plan: MergePlan,
+    calibration: Calibration,
+    sources: SourceSet,
+    compute: Callable[[TensorTask], torch.Tensor],
+) -> MergePlan:
     num_layers = plan.num_layers or 0
     models = list(dict.fromkeys(model for task in plan.tasks for model, _ in task.inputs))
     loaded = {model: _cached_model(sources.path(model)) for model in models}
@@ -476,6 +486,9 @@ def _layer_module(model: torch.nn.Module, index: int) -> torch.nn.Module | None:
 # ---- models and texts, loaded once per process ---------------------------------------------------------
 
 _LOCK = threading.Lock()
+# Held for a whole pass: the sources are cached per process and a pass hooks into them, so two merges
+# in threads of one process would record each other's activations.
+_PASS_LOCK = threading.Lock()
 _MODELS: dict[tuple[str, str], torch.nn.Module] = {}
 _IDS: dict[tuple[str, str, str, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
 BATCH = 32  # texts per forward pass, right-padded
