@@ -70,51 +70,46 @@ def _delta(tensor: Any, base: Any) -> Any:
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def _any_non_finite(base: Any, tensors: Any) -> bool:
-    """Does a bf16 entry (int16 bits) of `base` (m,) or `tensors` (M, m) hold NaN or inf? A max of the
-    magnitude bits: one vectorised pass."""
+def _any_non_finite(values: Any) -> bool:
+    """Does a bf16 entry (int16 bits) of `values` hold NaN or inf? A max of the magnitude bits: one
+    vectorised pass."""
     largest = np.int16(0)
-    for j in range(base.size):
-        largest = max(largest, np.int16(base[j] & 0x7FFF))
-    for i in range(tensors.shape[0]):
-        row = tensors[i]
-        for j in range(row.size):
-            largest = max(largest, np.int16(row[j] & 0x7FFF))
+    for j in range(values.size):
+        largest = max(largest, np.int16(values[j] & 0x7FFF))
     return bool(largest >= 0x7F80)
 
 
+# The kernels below take one model's block as 1-D C-contiguous arrays: rows of a 2-D slice such as
+# inputs[:, :size] are strided views ('A' layout), and loops over them do not vectorise (7x slower).
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
-def histogram_deltas(base: Any, tensors: Any, counts: Any, deltas: Any) -> bool:
-    """deltas[i] = bf16(tensors[i] - base) over a block (tensors (M, m), base (m,), bf16 bits as int16)
-    and counts[i, j % 4, |delta_i| key] += 1 (counts (M, 4, 2^15); sum over axis 1). False if an input
-    is NaN or inf (then nothing is counted: the caller falls back to the path that names the tensor)."""
-    models, size = tensors.shape
-    if _any_non_finite(base, tensors):
+def histogram_deltas(base: Any, tensor: Any, counts: Any, deltas: Any) -> bool:
+    """deltas = bf16(tensor - base) over a block of one model (bf16 bits as int16, all 1-D) and
+    counts[j % 4, |delta| key] += 1 (counts (4, 2^15); sum over axis 0). False if an input is NaN or
+    inf (then nothing is counted: the caller falls back to the path that names the tensor)."""
+    size = tensor.size
+    if _any_non_finite(base) or _any_non_finite(tensor):
         return False
-    for i in range(models):
-        row, source = deltas[i], tensors[i]
-        for j in range(size):
-            row[j] = _delta(source[j], base[j])
-        # four interleaved histograms: runs of equal keys (common in bf16 deltas) would otherwise
-        # wait on each other's increment of one counter
-        for j in range(0, size - 3, 4):
-            counts[i, 0, row[j] & 0x7FFF] += 1
-            counts[i, 1, row[j + 1] & 0x7FFF] += 1
-            counts[i, 2, row[j + 2] & 0x7FFF] += 1
-            counts[i, 3, row[j + 3] & 0x7FFF] += 1
-        for j in range(size - size % 4, size):
-            counts[i, 0, row[j] & 0x7FFF] += 1
+    for j in range(size):
+        deltas[j] = _delta(tensor[j], base[j])
+    # four interleaved histograms: runs of equal keys (common in bf16 deltas) would otherwise
+    # wait on each other's increment of one counter
+    for j in range(0, size - 3, 4):
+        counts[0, deltas[j] & 0x7FFF] += 1
+        counts[1, deltas[j + 1] & 0x7FFF] += 1
+        counts[2, deltas[j + 2] & 0x7FFF] += 1
+        counts[3, deltas[j + 3] & 0x7FFF] += 1
+    for j in range(size - size % 4, size):
+        counts[0, deltas[j] & 0x7FFF] += 1
     return True
 
 
 @njit(nogil=True, cache=True, error_model="numpy")
-def deltas_block(base: Any, tensors: Any, deltas: Any) -> None:
-    """deltas[i] = bf16(tensors[i] - base) over a block (inputs checked finite before)."""
-    models, size = tensors.shape
-    for i in range(models):
-        row, source = deltas[i], tensors[i]
-        for j in range(size):
-            row[j] = _delta(source[j], base[j])
+def deltas_block(base: Any, tensor: Any, deltas: Any) -> None:
+    """deltas = bf16(tensor - base) over a block of one model (1-D; inputs checked finite before)."""
+    for j in range(tensor.size):
+        deltas[j] = _delta(tensor[j], base[j])
 
 
 # ---- the sort replay -------------------------------------------------------------------------------

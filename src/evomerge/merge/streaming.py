@@ -108,7 +108,9 @@ class _Job:
         self.block = min(block, self.n)
         self.base_block = np.empty(self.block, dtype=np.int16)
         self.input_blocks = np.empty((self.models, self.block), dtype=np.int16)
-        self.deltas = np.empty((self.models, self.n), dtype=np.int16) if keep else None
+        # block-major (blocks, M, block): one block of every model is a C-contiguous (M, block) array
+        blocks = -(-self.n // self.block)
+        self.deltas = np.empty((blocks, self.models, self.block), dtype=np.int16) if keep else None
         self.codes: np.ndarray | None = None
 
     def _spans(self) -> range:
@@ -135,24 +137,25 @@ class _Job:
             if blocks is None:
                 return None
             base, inputs = blocks
-            out = (
-                scratch[:, : base.size] if self.deltas is None else self.deltas[:, start : start + base.size]
-            )
-            if not jit.histogram_deltas(base, inputs, counts, out):
-                return None  # NaN/inf: the torch path names the tensor and the model
+            out = scratch if self.deltas is None else self.deltas[start // self.block]
+            for i in range(self.models):  # one model at a time: 1-D contiguous rows (see _ties_jit)
+                if not jit.histogram_deltas(base, inputs[i], counts[i], out[i, : base.size]):
+                    return None  # NaN/inf: the torch path names the tensor and the model
         return counts.sum(axis=1)
 
     def deltas_of(self, jit: ModuleType, start: int, models: range) -> np.ndarray | None:
-        """The deltas (rows `models`) of the block at `start`: kept ones, or recomputed from the files."""
+        """The deltas (rows `models`, C-contiguous (M, size)) of the block at `start`: kept ones, or
+        recomputed from the files."""
         size = min(self.block, self.n - start)
         if self.deltas is not None:
-            return self.deltas[:, start : start + size]
+            return np.ascontiguousarray(self.deltas[start // self.block, :, :size])  # a copy: last block
         blocks = self._read(start, models)
         if blocks is None:
             return None
         base, inputs = blocks
         out = np.empty((self.models, size), dtype=np.int16)
-        jit.deltas_block(base, inputs[models.start : models.stop], out[models.start : models.stop])
+        for i in models:
+            jit.deltas_block(base, inputs[i], out[i])
         return out
 
     def trim(
