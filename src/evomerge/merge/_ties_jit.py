@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 from llvmlite import ir
 from numba import njit, types
+from numba.core import cgutils
 from numba.extending import intrinsic
 
 _INSERTION_BLOCK = 16
@@ -162,6 +163,82 @@ def _key(code: Any, boundary: int, tied: int) -> Any:
     return boundary if code < boundary + tied else code - tied
 
 
+_LANES = 16  # codes compared per vector instruction (AVX-512: 16 x int32)
+
+
+def _splat(builder: Any, value: Any) -> Any:
+    """An LLVM vector of _LANES copies of `value`."""
+    vector = ir.VectorType(value.type, _LANES)
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.Constant(ir.IntType(32), 0))
+    lanes = ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES)
+    return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), lanes)
+
+
+def _resized(builder: Any, value: Any, width: int) -> Any:
+    if value.type.width == width:
+        return value
+    return builder.trunc(value, ir.IntType(width)) if value.type.width > width else builder.sext(value, ir.IntType(width))
+
+
+def _stops_codegen(downward: bool) -> Any:
+    """Code for `_left_stops` / `_right_stops`: one vector compare of _LANES codes, and the positions of
+    those that stop the scan written packed (llvm.masked.compressstore: vpcompress on AVX-512)."""
+
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+        codes = context.make_array(sig.args[0])(context, builder, args[0])
+        stops = context.make_array(sig.args[3])(context, builder, args[3])
+        at, bound, count = args[1], args[2], args[4]
+        code_type = ir.IntType(sig.args[0].dtype.bitwidth)
+        stop_type = ir.IntType(sig.args[3].dtype.bitwidth)
+        codes_vector = ir.VectorType(code_type, _LANES)
+        stops_vector = ir.VectorType(stop_type, _LANES)
+        lane = list(range(_LANES))
+        first = builder.sub(at, ir.Constant(at.type, _LANES)) if downward else at
+        pointer = builder.bitcast(builder.gep(codes.data, [first]), codes_vector.as_pointer())
+        values = builder.load(pointer, align=code_type.width // 8)
+        limit = _splat(builder, _resized(builder, bound, code_type.width))
+        if downward:  # positions at - 1, at - 2, ..., at - _LANES in lane order
+            reverse = ir.Constant(ir.VectorType(ir.IntType(32), _LANES), lane[::-1])
+            values = builder.shuffle_vector(values, ir.Constant(codes_vector, ir.Undefined), reverse)
+            mask = builder.icmp_signed(">=", values, limit)
+            last = _splat(builder, _resized(builder, builder.sub(at, ir.Constant(at.type, 1)), stop_type.width))
+            positions = builder.sub(last, ir.Constant(stops_vector, lane))
+        else:
+            mask = builder.icmp_signed("<=", values, limit)
+            positions = builder.add(
+                _splat(builder, _resized(builder, at, stop_type.width)), ir.Constant(stops_vector, lane)
+            )
+        mask_type = ir.VectorType(ir.IntType(1), _LANES)
+        store = cgutils.get_or_insert_function(
+            builder.module,
+            ir.FunctionType(ir.VoidType(), [stops_vector, stop_type.as_pointer(), mask_type]),
+            f"llvm.masked.compressstore.v{_LANES}i{stop_type.width}",
+        )
+        builder.call(store, [positions, builder.gep(stops.data, [count]), mask])
+        bits = ir.IntType(_LANES)
+        popcount = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{_LANES}"
+        )
+        found = builder.call(popcount, [builder.bitcast(mask, bits)])
+        return builder.add(count, builder.zext(found, count.type))
+
+    return codegen
+
+
+@intrinsic
+def _left_stops(typingctx: Any, codes: Any, at: Any, bound: Any, stops: Any, count: Any) -> Any:
+    """Append to stops[count:] the positions at, ..., at + _LANES - 1 whose code is <= bound, in order;
+    returns the new count (codes and stops: 1-D C arrays of one integer width each)."""
+    return types.intp(codes, types.intp, bound, stops, types.intp), _stops_codegen(downward=False)
+
+
+@intrinsic
+def _right_stops(typingctx: Any, codes: Any, at: Any, bound: Any, stops: Any, count: Any) -> Any:
+    """Append to stops[count:] the positions at - 1, ..., at - _LANES whose code is >= bound, in that
+    order; returns the new count."""
+    return types.intp(codes, types.intp, bound, stops, types.intp), _stops_codegen(downward=True)
+
+
 _SCAN = 256  # positions per block of stops (BlockQuicksort's idea: find stops without branches)
 
 
@@ -183,17 +260,15 @@ def _partition(
             if right_scan - left_scan < _SCAN:
                 break
             n_left = used_left = 0
-            for t in range(_SCAN):
-                left_stops[n_left] = left_scan + t
-                n_left += codes[left_scan + t] <= highest
+            for t in range(0, _SCAN, _LANES):  # vector compares, positions stored packed
+                n_left = _left_stops(codes, left_scan + t, highest, left_stops, n_left)
             left_scan += _SCAN
         if used_right == n_right:
             if right_scan - left_scan < _SCAN:
                 break
             n_right = used_right = 0
-            for t in range(1, _SCAN + 1):
-                right_stops[n_right] = right_scan - t
-                n_right += codes[right_scan - t] >= lowest
+            for t in range(0, _SCAN, _LANES):
+                n_right = _right_stops(codes, right_scan - t, lowest, right_stops, n_right)
             right_scan -= _SCAN
         pairs = min(n_left - used_left, n_right - used_right)
         for t in range(pairs):
@@ -225,8 +300,8 @@ def replay_top_k(codes: Any, k: int, boundary: int, tied: int, chosen: Any) -> b
     n = codes.size
     low, high = 0, n
     depth = 2 * math.floor(math.log2(max(n, 1)))
-    left_stops = np.empty(_SCAN, dtype=np.int64)
-    right_stops = np.empty(_SCAN, dtype=np.int64)
+    left_stops = np.empty(_SCAN, dtype=codes.dtype)  # positions fit the codes' width (see streaming)
+    right_stops = np.empty(_SCAN, dtype=codes.dtype)
     band_end = boundary + tied - 1  # the tied codes: [boundary, band_end]
     while high - low > _INSERTION_BLOCK and low < k < high:
         if depth == 0:
