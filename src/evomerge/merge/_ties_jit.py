@@ -123,22 +123,62 @@ def deltas_block(base: Any, tensor: Any, deltas: Any) -> None:
 # code (any other): no decoding inside the partition loops.
 
 
+def _tied_codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+    """Code for `_tied_positions`: one vector compare of _LANES magnitude keys with the boundary, the
+    positions of the equal ones written packed (llvm.masked.compressstore)."""
+    deltas = context.make_array(sig.args[0])(context, builder, args[0])
+    positions = context.make_array(sig.args[3])(context, builder, args[3])
+    at, boundary, count, start = args[1], args[2], args[4], args[5]
+    i16, i64 = ir.IntType(16), ir.IntType(64)
+    keys_vector, positions_vector = ir.VectorType(i16, _LANES), ir.VectorType(i64, _LANES)
+    pointer = builder.bitcast(builder.gep(deltas.data, [at]), keys_vector.as_pointer())
+    keys = builder.and_(builder.load(pointer, align=2), ir.Constant(keys_vector, [0x7FFF] * _LANES))
+    mask = builder.icmp_signed("==", keys, _splat(builder, _resized(builder, boundary, 16)))
+    first = _splat(builder, _resized(builder, builder.add(start, at), 64))
+    lanes = builder.add(first, ir.Constant(positions_vector, list(range(_LANES))))
+    mask_type = ir.VectorType(ir.IntType(1), _LANES)
+    store = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(ir.VoidType(), [positions_vector, i64.as_pointer(), mask_type]),
+        f"llvm.masked.compressstore.v{_LANES}i64",
+    )
+    builder.call(store, [lanes, builder.gep(positions.data, [count]), mask])
+    bits = ir.IntType(_LANES)
+    popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{_LANES}")
+    return builder.add(count, builder.zext(builder.call(popcount, [builder.bitcast(mask, bits)]), count.type))
+
+
+@intrinsic
+def _tied_positions(
+    typingctx: Any, deltas: Any, at: Any, boundary: Any, positions: Any, count: Any, start: Any
+) -> Any:
+    """Append to positions[count:] (int64) start + j for j in at, ..., at + _LANES - 1 where the key of
+    deltas[j] (int16) is `boundary`, in order; returns the new count."""
+    signature = types.intp(deltas, types.intp, boundary, positions, types.intp, types.intp)
+    return signature, _tied_codegen
+
+
 @njit(nogil=True, cache=True, error_model="numpy")
 def tie_codes(
     deltas: Any, boundary: int, tied: int, codes: Any, first_rank: int, start: int, positions: Any
 ) -> int:
     """codes[j] for the |delta_j| keys of a block at `start` (`tied` keys equal to `boundary` in the
     whole tensor, this block's first one having rank `first_rank`), and positions[rank] = the tensor
-    position of each tied entry; returns the next rank."""
-    rank = first_rank
-    for j in range(deltas.size):
+    position of each tied entry; returns the next rank. Three loops without branches: every code as if
+    untied, the tied entries' positions (vector compares, packed stores), then the tied codes."""
+    size = deltas.size
+    for j in range(size):
         key = deltas[j] & 0x7FFF
-        if key == boundary:  # a branch: ties are a few percent, and it predicts better than a store
-            codes[j] = key + rank
-            positions[rank] = start + j
-            rank += 1
-        else:
-            codes[j] = key + (key > boundary) * tied
+        codes[j] = key + (key > boundary) * tied
+    rank = first_rank
+    whole = size - size % _LANES
+    for j in range(0, whole, _LANES):
+        rank = _tied_positions(deltas, j, boundary, positions, rank, start)
+    for j in range(whole, size):
+        positions[rank] = start + j
+        rank += (deltas[j] & 0x7FFF) == boundary
+    for r in range(first_rank, rank):
+        codes[positions[r] - start] = boundary + r
     return rank
 
 
