@@ -279,6 +279,39 @@ def _right_stops(typingctx: Any, codes: Any, at: Any, bound: Any, stops: Any, co
     return types.intp(codes, types.intp, bound, stops, types.intp), _stops_codegen(downward=True)
 
 
+def _band_codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
+    """Code for `_band_codes`: one vector test of _LANES codes for boundary <= code < boundary + tied,
+    the codes that pass written packed (llvm.masked.compressstore)."""
+    codes = context.make_array(sig.args[0])(context, builder, args[0])
+    found = context.make_array(sig.args[4])(context, builder, args[4])
+    at, boundary, tied, count = args[1], args[2], args[3], args[5]
+    code_type = ir.IntType(sig.args[0].dtype.bitwidth)
+    vector = ir.VectorType(code_type, _LANES)
+    pointer = builder.bitcast(builder.gep(codes.data, [at]), vector.as_pointer())
+    values = builder.load(pointer, align=code_type.width // 8)
+    offsets = builder.sub(values, _splat(builder, _resized(builder, boundary, code_type.width)))
+    mask = builder.icmp_unsigned("<", offsets, _splat(builder, _resized(builder, tied, code_type.width)))
+    mask_type = ir.VectorType(ir.IntType(1), _LANES)
+    store = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(ir.VoidType(), [vector, code_type.as_pointer(), mask_type]),
+        f"llvm.masked.compressstore.v{_LANES}i{code_type.width}",
+    )
+    builder.call(store, [offsets, builder.gep(found.data, [count]), mask])
+    bits = ir.IntType(_LANES)
+    popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{_LANES}")
+    return builder.add(count, builder.zext(builder.call(popcount, [builder.bitcast(mask, bits)]), count.type))
+
+
+@intrinsic
+def _band_codes(
+    typingctx: Any, codes: Any, at: Any, boundary: Any, tied: Any, found: Any, count: Any
+) -> Any:
+    """Append to found[count:] (the codes' dtype) code - boundary for the codes at, ...,
+    at + _LANES - 1 in the tied band [boundary, boundary + tied); returns the new count."""
+    return types.intp(codes, types.intp, boundary, tied, found, types.intp), _band_codegen
+
+
 _SCAN = 256  # positions per block of stops (BlockQuicksort's idea: find stops without branches)
 
 
@@ -368,9 +401,18 @@ def replay_top_k(codes: Any, k: int, boundary: int, tied: int, chosen: Any) -> b
             low = cut
         else:
             high = cut
-    for j in range(low):  # everything before the segment is in
+    # everything before the segment is in: the tied ranks there, found by vector tests, then marked
+    found = np.empty(tied + _LANES, dtype=codes.dtype)
+    count = 0
+    whole = low - low % _LANES
+    for j in range(0, whole, _LANES):
+        count = _band_codes(codes, j, boundary, tied, found, count)
+    for j in range(whole, low):
         if boundary <= codes[j] <= band_end:
-            chosen[codes[j] - boundary] = True
+            found[count] = codes[j] - boundary
+            count += 1
+    for j in range(count):
+        chosen[found[j]] = True
     if low < k:  # the last block is insertion-sorted: stable, so ties keep their order
         block = codes[low:high].copy()
         for j in range(1, block.size):
