@@ -497,11 +497,14 @@ def consensus_block(
                 agree = np.float32(1) if row[j] * total[j] > 0 else np.float32(0)  # zero never agrees
                 merged[j] = merged[j] + row[j] * agree
                 divisor[j] = divisor[j] + agree * weight
+        # slices, not out[begin + j]: an offset index gets numba's negative-index check, which stops
+        # vectorisation (4x slower)
+        tile_out, tile_base = out[begin:end], base[begin:end]
         if normalize:
             for j in range(width):
                 share = divisor[j] if divisor[j] != 0 else np.float32(1)
                 result = _to_bf16(_f32(_to_bf16(merged[j])) / _f32(_to_bf16(share)))
-                out[begin + j] = _to_bf16(_f32(result) + _f32(base[begin + j]))
+                tile_out[j] = _to_bf16(_f32(result) + _f32(tile_base[j]))
         else:
             for j in range(width):
-                out[begin + j] = _to_bf16(_f32(_to_bf16(merged[j])) + _f32(base[begin + j]))
+                tile_out[j] = _to_bf16(_f32(_to_bf16(merged[j])) + _f32(tile_base[j]))
