@@ -95,14 +95,18 @@ def histogram_deltas(base: Any, tensor: Any, counts: Any, deltas: Any) -> bool:
     for j in range(size):
         deltas[j] = _delta(tensor[j], base[j])
     # four interleaved histograms: runs of equal keys (common in bf16 deltas) would otherwise
-    # wait on each other's increment of one counter
-    for j in range(0, size - 3, 4):
-        counts[0, deltas[j] & 0x7FFF] += 1
-        counts[1, deltas[j + 1] & 0x7FFF] += 1
-        counts[2, deltas[j + 2] & 0x7FFF] += 1
-        counts[3, deltas[j + 3] & 0x7FFF] += 1
+    # wait on each other's increment of one counter; unsigned keys and a slice per four entries
+    # spare numba's negative-index checks
+    first, second, third, fourth = counts[0], counts[1], counts[2], counts[3]
+    magnitude = np.uint16(0x7FFF)
+    for quad in range(size // 4):
+        four = deltas[4 * quad : 4 * quad + 4]
+        first[np.uint16(four[0]) & magnitude] += 1
+        second[np.uint16(four[1]) & magnitude] += 1
+        third[np.uint16(four[2]) & magnitude] += 1
+        fourth[np.uint16(four[3]) & magnitude] += 1
     for j in range(size - size % 4, size):
-        counts[0, deltas[j] & 0x7FFF] += 1
+        first[np.uint16(deltas[j]) & magnitude] += 1
     return True
 
 
