@@ -148,7 +148,9 @@ def _tied_codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
     )
     builder.call(store, [lanes, builder.gep(positions.data, [count]), mask])
     bits = ir.IntType(_LANES)
-    popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{_LANES}")
+    popcount = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{_LANES}"
+    )
     return builder.add(count, builder.zext(builder.call(popcount, [builder.bitcast(mask, bits)]), count.type))
 
 
@@ -221,7 +223,11 @@ def _splat(builder: Any, value: Any) -> Any:
 def _resized(builder: Any, value: Any, width: int) -> Any:
     if value.type.width == width:
         return value
-    return builder.trunc(value, ir.IntType(width)) if value.type.width > width else builder.sext(value, ir.IntType(width))
+    return (
+        builder.trunc(value, ir.IntType(width))
+        if value.type.width > width
+        else builder.sext(value, ir.IntType(width))
+    )
 
 
 def _stops_codegen(downward: bool) -> Any:
@@ -245,7 +251,9 @@ def _stops_codegen(downward: bool) -> Any:
             reverse = ir.Constant(ir.VectorType(ir.IntType(32), _LANES), lane[::-1])
             values = builder.shuffle_vector(values, ir.Constant(codes_vector, ir.Undefined), reverse)
             mask = builder.icmp_signed(">=", values, limit)
-            last = _splat(builder, _resized(builder, builder.sub(at, ir.Constant(at.type, 1)), stop_type.width))
+            last = _splat(
+                builder, _resized(builder, builder.sub(at, ir.Constant(at.type, 1)), stop_type.width)
+            )
             positions = builder.sub(last, ir.Constant(stops_vector, lane))
         else:
             mask = builder.icmp_signed("<=", values, limit)
@@ -303,14 +311,14 @@ def _band_codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
     )
     builder.call(store, [offsets, builder.gep(found.data, [count]), mask])
     bits = ir.IntType(_LANES)
-    popcount = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{_LANES}")
+    popcount = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{_LANES}"
+    )
     return builder.add(count, builder.zext(builder.call(popcount, [builder.bitcast(mask, bits)]), count.type))
 
 
 @intrinsic
-def _band_codes(
-    typingctx: Any, codes: Any, at: Any, boundary: Any, tied: Any, found: Any, count: Any
-) -> Any:
+def _band_codes(typingctx: Any, codes: Any, at: Any, boundary: Any, tied: Any, found: Any, count: Any) -> Any:
     """Append to found[count:] (the codes' dtype) code - boundary for the codes at, ...,
     at + _LANES - 1 in the tied band [boundary, boundary + tied); returns the new count."""
     return types.intp(codes, types.intp, boundary, tied, found, types.intp), _band_codegen
