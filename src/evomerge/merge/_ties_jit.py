@@ -5,6 +5,12 @@ bf16 operands are widened to float32 exactly, every operation runs in float32 an
 torch does (round to nearest even, `_to_bf16`). The sort replay is `sparsify._tied_in_prefix` as one
 loop: libstdc++'s introsort, followed only down the segment that holds position k.
 
+Speed rules the loops follow (each measured, see benchmarks/results/merge.md): they take 1-D C-contiguous
+arrays (loops over rows of strided 2-D views do not vectorise), index slices rather than `a[offset + j]`
+(numba's negative-index check on an offset index stops vectorisation), and collect positions with
+`llvm.masked.compressstore` (`_left_stops`, `_right_stops`, `_tied_positions`, `_band_codes`: one vector
+compare per 16 entries, the hits stored packed; vpcompress on AVX-512, emulated by LLVM elsewhere).
+
 Imported only when numba is installed (`pip install evomerge[fast]`); `merge.streaming` falls back to
 the torch kernel otherwise.
 """
@@ -356,8 +362,10 @@ def _partition(
                 n_right = _right_stops(codes, right_scan - t, lowest, right_stops, n_right)
             right_scan -= _SCAN
         pairs = min(n_left - used_left, n_right - used_right)
-        for t in range(pairs):
-            a, b = left_stops[used_left + t], right_stops[used_right + t]
+        lefts = left_stops[used_left : used_left + pairs]
+        rights = right_stops[used_right : used_right + pairs]
+        for t in range(pairs):  # unsigned positions: no negative-index checks (a third of the replay)
+            a, b = np.uint64(lefts[t]), np.uint64(rights[t])
             codes[a], codes[b] = codes[b], codes[a]
         if pairs:
             used_left += pairs
