@@ -185,7 +185,7 @@ def tie_codes(
     rank = first_rank
     whole = size - size % _LANES
     for j in range(0, whole, _LANES):
-        rank = _tied_positions(deltas, j, boundary, positions, rank, start)
+        rank = _tied_positions(deltas, j, boundary, positions, rank, start)  # type: ignore[call-arg]  # numba intrinsic
     for j in range(whole, size):
         positions[rank] = start + j
         rank += (deltas[j] & 0x7FFF) == boundary
@@ -352,14 +352,14 @@ def _partition(
                 break
             n_left = used_left = 0
             for t in range(0, _SCAN, _LANES):  # vector compares, positions stored packed
-                n_left = _left_stops(codes, left_scan + t, highest, left_stops, n_left)
+                n_left = _left_stops(codes, left_scan + t, highest, left_stops, n_left)  # type: ignore[call-arg]
             left_scan += _SCAN
         if used_right == n_right:
             if right_scan - left_scan < _SCAN:
                 break
             n_right = used_right = 0
             for t in range(0, _SCAN, _LANES):
-                n_right = _right_stops(codes, right_scan - t, lowest, right_stops, n_right)
+                n_right = _right_stops(codes, right_scan - t, lowest, right_stops, n_right)  # type: ignore[call-arg]
             right_scan -= _SCAN
         pairs = min(n_left - used_left, n_right - used_right)
         lefts = left_stops[used_left : used_left + pairs]
@@ -426,7 +426,7 @@ def replay_top_k(codes: Any, k: int, boundary: int, tied: int, chosen: Any) -> b
     count = 0
     whole = low - low % _LANES
     for j in range(0, whole, _LANES):
-        count = _band_codes(codes, j, boundary, tied, found, count)
+        count = _band_codes(codes, j, boundary, tied, found, count)  # type: ignore[call-arg]
     for j in range(whole, low):
         if boundary <= codes[j] <= band_end:
             found[count] = codes[j] - boundary

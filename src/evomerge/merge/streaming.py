@@ -64,7 +64,7 @@ def small_pages() -> Iterator[None]:
     ordinary pages at 220M (2.4 against 1.3 s of 7.7 s CPU, `NUMPY_MADVISE_HUGEPAGE`). A process-wide
     numpy setting, restored on exit."""
     try:
-        from numpy._core.multiarray import _set_madvise_hugepage
+        from numpy._core.multiarray import _set_madvise_hugepage  # type: ignore[attr-defined]  # private, numpy >= 2
     except ImportError:  # another numpy layout: leave the setting alone
         yield
         return
