@@ -12,7 +12,7 @@ for both, so each output is hashed tensor by tensor and the hashes are compared)
 
 and it writes `benchmarks/results/merge_7b.md` (`--results` to change). Generating takes long on a busy
 disk (23 min on the shared machine): `python -m benchmarks.synthetic DIR --layers N` beforehand and
-`--models DIR` use those models instead (deleted at the end too).
+`--models DIR` use those models instead (deleted at the end too, unless `--keep-models`).
 """
 
 from __future__ import annotations
@@ -279,8 +279,9 @@ def main() -> None:
         "--models",
         type=Path,
         help="use the models `python -m benchmarks.synthetic DIR --layers N` wrote there (same --layers); "
-        "deleted at the end like --work",
+        "deleted at the end like --work (unless --keep-models)",
     )
+    parser.add_argument("--keep-models", action="store_true", help="keep --models (to run again)")
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "merge_7b.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -301,7 +302,7 @@ def main() -> None:
         runs, notes = benchmark(args, args.work)
     finally:
         shutil.rmtree(args.work, ignore_errors=True)
-        if args.models is not None:
+        if args.models is not None and not args.keep_models:
             shutil.rmtree(args.models, ignore_errors=True)
     text = report(args, runs, notes, load, os.getloadavg())
     args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -109,6 +109,19 @@ def io_floor_seconds(models: dict[str, Path]) -> float:
     return io_floor(inputs, BENCH / "io_floor_out", threads=2)
 
 
+def io_floor_child(models: dict[str, Path]) -> Run:
+    """The I/O floor in a child process, as `evomerge merge` runs (both pay for starting Python and torch;
+    `benchmarks/merge_7b.py` measures its floor this way)."""
+    inputs = [str(models[name]) for name in ("base", "ft0", "ft1", "ft2")]
+    command = [sys.executable, "-m", "benchmarks.io_floor", *inputs, "--out", str(BENCH / "io_floor_child")]
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path)
+    return timed_child(CHILD_FLOOR, command, env)
+
+
+CHILD_FLOOR = "I/O floor in a child process (starts Python and torch, as the merge)"
+
+
 def compare(ours: Path, theirs: Path) -> str:
     """Largest |ours - theirs| in bf16 ulp at that value, and the fraction of entries that differ at all."""
     from safetensors.torch import load_file
@@ -170,6 +183,16 @@ def report(runs: list[Run], floor: list[float], load: tuple[float, ...], command
         *rows,
         "",
     ]
+    children = [run.seconds for run in runs if run.tool == CHILD_FLOOR]
+    lines.append(
+        f"evomerge (exact mode, the faster run) vs the I/O floor: {ours.seconds / min(floor):.1f}x the faster "
+        f"in-process floor ({min(floor):.1f} s)"
+        + (
+            f", {ours.seconds / min(children):.1f}x the faster child-process floor ({min(children):.1f} s)."
+            if children
+            else "."
+        )
+    )
     if theirs:
         best = min(theirs, key=lambda run: run.seconds)
         lines.append(
@@ -192,19 +215,21 @@ def main() -> None:
     models = build_models()
     config = write_config(models)
     floor = [io_floor_seconds(models)]  # also warms the page cache for both tools
-    runs = [run_evomerge(config, BENCH / "out_evomerge") for _ in range(args.repeat)]
+    runs = [io_floor_child(models)]
+    runs += [run_evomerge(config, BENCH / "out_evomerge") for _ in range(args.repeat)]
     runs.append(run_evomerge(config, BENCH / "out_evomerge_stable", "--tie-break", "stable"))
     if args.torch_kernel:
         runs.append(run_evomerge(config, BENCH / "out_evomerge_torch", jit=False))
     if not args.skip_mergekit:
         runs.append(run_mergekit(config, BENCH / "out_mergekit"))
-        runs[0].versus_mergekit = compare(BENCH / "out_evomerge", BENCH / "out_mergekit")
-        runs[args.repeat].versus_mergekit = compare(BENCH / "out_evomerge_stable", BENCH / "out_mergekit")
+        runs[1].versus_mergekit = compare(BENCH / "out_evomerge", BENCH / "out_mergekit")
+        runs[args.repeat + 1].versus_mergekit = compare(BENCH / "out_evomerge_stable", BENCH / "out_mergekit")
         if args.torch_kernel:
-            runs[args.repeat + 1].versus_mergekit = compare(
+            runs[args.repeat + 2].versus_mergekit = compare(
                 BENCH / "out_evomerge_torch", BENCH / "out_mergekit"
             )
     floor.append(io_floor_seconds(models))
+    runs.append(io_floor_child(models))
     for run in runs:
         print(json.dumps(run.__dict__))
     text = report(runs, floor, load, "nice python -m benchmarks.merge_speed " + " ".join(sys.argv[1:]))

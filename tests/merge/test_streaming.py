@@ -73,10 +73,11 @@ def test_merge_to_dir_writes_the_kernels_bits(
         assert torch.equal(fast[name].view(torch.int16), slow[name].view(torch.int16)), name
 
 
+@pytest.mark.parametrize("codes_dtype", [np.int32, np.int64])  # int64: tensors of 2^31 entries or more
 @pytest.mark.parametrize("seed", range(6))
-def test_replay_matches_torch_sort(seed: int) -> None:
+def test_replay_matches_torch_sort(seed: int, codes_dtype: type[np.signedinteger]) -> None:
     """The compiled replay keeps the tied entries torch.sort puts first (blocks of stops and the plain
-    loop both run: segments from 5000 entries down to 16)."""
+    loop both run: segments from 5000 entries down to 16; the vector scans' 16-entry tails too)."""
     from evomerge.merge import _ties_jit
 
     generator = torch.Generator().manual_seed(seed)
@@ -86,7 +87,7 @@ def test_replay_matches_torch_sort(seed: int) -> None:
         expected = torch.zeros(keys.numel(), dtype=torch.bool)
         expected[order[:k]] = True
         boundary = int(keys.float()[order[k - 1]])
-        codes = np.empty(keys.numel(), dtype=np.int32)
+        codes = np.empty(keys.numel(), dtype=codes_dtype)
         tied = int((keys == boundary).sum())
         positions = np.empty(tied + 1, dtype=np.int64)
         assert _ties_jit.tie_codes(keys.numpy(), boundary, tied, codes, 0, 0, positions) == tied

@@ -201,7 +201,10 @@ def stream_tensors(
     big = _big_tasks(tasks)
     pending: deque[tuple[TensorTask, Future[torch.Tensor]]] = deque()
     held = 0
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evomerge-merge") as pool:
+    with (
+        streaming.small_pages(),
+        ThreadPoolExecutor(max_workers=workers, thread_name_prefix="evomerge-merge") as pool,
+    ):
         try:
             for task in tasks:
                 while pending and _must_wait(task, pending, held, budget, big, workers):
