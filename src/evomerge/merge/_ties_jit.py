@@ -146,18 +146,7 @@ def _tied_codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
     mask = builder.icmp_signed("==", keys, _splat(builder, _resized(builder, boundary, 16)))
     first = _splat(builder, _resized(builder, builder.add(start, at), 64))
     lanes = builder.add(first, ir.Constant(positions_vector, list(range(_LANES))))
-    mask_type = ir.VectorType(ir.IntType(1), _LANES)
-    store = cgutils.get_or_insert_function(
-        builder.module,
-        ir.FunctionType(ir.VoidType(), [positions_vector, i64.as_pointer(), mask_type]),
-        f"llvm.masked.compressstore.v{_LANES}i64",
-    )
-    builder.call(store, [lanes, builder.gep(positions.data, [count]), mask])
-    bits = ir.IntType(_LANES)
-    popcount = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{_LANES}"
-    )
-    return builder.add(count, builder.zext(builder.call(popcount, [builder.bitcast(mask, bits)]), count.type))
+    return _append_packed(builder, lanes, positions, count, mask)
 
 
 @intrinsic
@@ -236,6 +225,25 @@ def _resized(builder: Any, value: Any, width: int) -> Any:
     )
 
 
+def _append_packed(builder: Any, values: Any, destination: Any, count: Any, mask: Any) -> Any:
+    """Write the lanes of `values` where `mask` is set, packed and in lane order, at destination[count:]
+    (llvm.masked.compressstore: vpcompress on AVX-512); returns count + the number written."""
+    element = values.type.element
+    store = cgutils.get_or_insert_function(
+        builder.module,
+        ir.FunctionType(
+            ir.VoidType(), [values.type, element.as_pointer(), ir.VectorType(ir.IntType(1), _LANES)]
+        ),
+        f"llvm.masked.compressstore.v{_LANES}i{element.width}",
+    )
+    builder.call(store, [values, builder.gep(destination.data, [count]), mask])
+    bits = ir.IntType(_LANES)
+    popcount = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{_LANES}"
+    )
+    return builder.add(count, builder.zext(builder.call(popcount, [builder.bitcast(mask, bits)]), count.type))
+
+
 def _stops_codegen(downward: bool) -> Any:
     """Code for `_left_stops` / `_right_stops`: one vector compare of _LANES codes, and the positions of
     those that stop the scan written packed (llvm.masked.compressstore: vpcompress on AVX-512)."""
@@ -266,19 +274,7 @@ def _stops_codegen(downward: bool) -> Any:
             positions = builder.add(
                 _splat(builder, _resized(builder, at, stop_type.width)), ir.Constant(stops_vector, lane)
             )
-        mask_type = ir.VectorType(ir.IntType(1), _LANES)
-        store = cgutils.get_or_insert_function(
-            builder.module,
-            ir.FunctionType(ir.VoidType(), [stops_vector, stop_type.as_pointer(), mask_type]),
-            f"llvm.masked.compressstore.v{_LANES}i{stop_type.width}",
-        )
-        builder.call(store, [positions, builder.gep(stops.data, [count]), mask])
-        bits = ir.IntType(_LANES)
-        popcount = cgutils.get_or_insert_function(
-            builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{_LANES}"
-        )
-        found = builder.call(popcount, [builder.bitcast(mask, bits)])
-        return builder.add(count, builder.zext(found, count.type))
+        return _append_packed(builder, positions, stops, count, mask)
 
     return codegen
 
@@ -309,18 +305,7 @@ def _band_codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
     values = builder.load(pointer, align=code_type.width // 8)
     offsets = builder.sub(values, _splat(builder, _resized(builder, boundary, code_type.width)))
     mask = builder.icmp_unsigned("<", offsets, _splat(builder, _resized(builder, tied, code_type.width)))
-    mask_type = ir.VectorType(ir.IntType(1), _LANES)
-    store = cgutils.get_or_insert_function(
-        builder.module,
-        ir.FunctionType(ir.VoidType(), [vector, code_type.as_pointer(), mask_type]),
-        f"llvm.masked.compressstore.v{_LANES}i{code_type.width}",
-    )
-    builder.call(store, [offsets, builder.gep(found.data, [count]), mask])
-    bits = ir.IntType(_LANES)
-    popcount = cgutils.get_or_insert_function(
-        builder.module, ir.FunctionType(bits, [bits]), f"llvm.ctpop.i{_LANES}"
-    )
-    return builder.add(count, builder.zext(builder.call(popcount, [builder.bitcast(mask, bits)]), count.type))
+    return _append_packed(builder, offsets, found, count, mask)
 
 
 @intrinsic
