@@ -221,7 +221,11 @@ def _stage_cross(
         if isinstance(module, torch.nn.Linear) and stage_of(f"{name}.weight", num_layers) == stage
     ]
     sums: dict[str, torch.Tensor] = {}
-    alone = _alone_inputs(source, examples, stage, num_layers, names)
+    # the source's own inputs do not depend on the merge: kept for the next merge, as the targets are
+    key = (id(source), id(examples), stage, "inputs")
+    alone = _kept(
+        key, (source, examples), functools.partial(_alone_inputs, source, examples, stage, num_layers, names)
+    )
     now: dict[str, Any] = {"tokens": 0}  # the batch being run: its index and mask; the tokens so far
 
     def pair(name: str) -> Callable[..., None]:
@@ -386,19 +390,7 @@ def _alone_inputs(
     num_layers: int,
     names: Sequence[str],
 ) -> list[dict[str, torch.Tensor]]:
-    """Per batch, the inputs (real tokens, float64) of the stage's linears when `source` runs alone; they
-    do not depend on the merge, so they are kept (up to `_ALONE_BYTES` in all) for the next merge."""
-    key = (id(source), id(examples), stage, "inputs")
-    return _kept(key, (source, examples), lambda: _inputs(source, examples, stage, num_layers, names))
-
-
-def _inputs(
-    source: torch.nn.Module,
-    examples: Sequence[tuple[torch.Tensor, torch.Tensor]],
-    stage: int,
-    num_layers: int,
-    names: Sequence[str],
-) -> list[dict[str, torch.Tensor]]:
+    """Per batch, the inputs (real tokens, float64) of the stage's linears when `source` runs alone."""
     result: list[dict[str, torch.Tensor]] = []
     mask_now: list[torch.Tensor] = []
 
