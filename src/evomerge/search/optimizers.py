@@ -7,6 +7,8 @@ have asked. Each has its own settings block (a pydantic model; `search.registry`
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import pickle
 from collections.abc import Sequence
@@ -26,6 +28,8 @@ from evomerge.search.base import (
     finite_or_worst,
     scores_of,
 )
+
+log = logging.getLogger(__name__)
 
 MAX_CMA_GENES = 2000  # a (D, D) covariance: 32 MB and a few seconds' eigendecomposition at 2000
 
@@ -209,6 +213,7 @@ class CMAESOptimizer(SingleObjective):
 LIBRARIES = ("numpy", "cmaes", "pymoo", "ribs")
 
 
+@functools.cache  # read from the installed metadata once per process, not at every checkpoint
 def library_versions() -> dict[str, str]:
     """The installed versions of LIBRARIES (the ones not installed are left out)."""
     from importlib.metadata import PackageNotFoundError, version
@@ -237,12 +242,10 @@ def load_blob(blob: bytes, where: str = "the checkpoint") -> object:
     Only ever load blobs this program wrote into its own run store. A blob written under other library
     versions that no longer unpickles raises a ConfigError naming them; one that does is used, with a
     warning that the rest of the run may not match an uninterrupted one."""
-    import logging
-
     current = library_versions()
     try:
         saved = pickle.loads(blob)  # the run store is written by this process, not downloaded
-    except (AttributeError, ImportError, ModuleNotFoundError, TypeError, ValueError) as error:
+    except (AttributeError, ImportError, TypeError, ValueError) as error:
         raise ConfigError(
             f"{where} cannot be restored with the libraries installed now ({_versions(current)}): "
             f"{type(error).__name__}: {error}. It was written by other versions of them; install the "
@@ -257,7 +260,7 @@ def load_blob(blob: bytes, where: str = "the checkpoint") -> object:
         if saved["libraries"].get(name) != current.get(name)
     }
     if changed:
-        logging.getLogger(__name__).warning(
+        log.warning(
             "%s was written with %s; installed now: %s. The run resumes, but the optimiser may not ask "
             "what an uninterrupted run would have asked.",
             where,
