@@ -56,7 +56,7 @@ class LocalBackend:
         task_vector_cache: Any = "auto",
     ) -> None:
         from evomerge.merge.engine import default_threads
-        from evomerge.merge.task_vectors import TaskVectorCache, resolve_budget
+        from evomerge.merge.task_vectors import TaskVectorCache, is_auto, resolve_budget
 
         self.model = model
         self.sources = sources
@@ -73,16 +73,12 @@ class LocalBackend:
         device = next(model.parameters(), torch.empty(0)).device  # where the sources live too
         budget = resolve_budget(task_vector_cache, device=device)
         # "auto" keeps the trimmed deltas only (raw ones measured no faster than `x - base`)
-        keep_raw = task_vector_cache not in ("auto", True)
-        self.task_vectors = TaskVectorCache(budget, keep_raw=keep_raw) if budget > 0 else None
+        auto = is_auto(task_vector_cache)
+        self.task_vectors = TaskVectorCache(budget, keep_raw=not auto) if budget > 0 else None
         log.info(
             "task-vector cache: %s",
             f"up to {budget / 2**30:.2f} GiB"
-            + (
-                " (half the free memory; set task_vector_cache to cap it)"
-                if task_vector_cache == "auto"
-                else ""
-            )
+            + (" (half the free memory; set task_vector_cache to cap it)" if auto else "")
             if budget
             else "off",
         )

@@ -50,11 +50,16 @@ def auto_budget(fraction: float = AUTO_FRACTION, device: torch.device | str = "c
     return int(psutil.virtual_memory().available * fraction)
 
 
+def is_auto(setting: Any) -> bool:
+    """Does a `task_vector_cache` setting leave the budget (and what is kept) to the cache?"""
+    return setting == "auto" or setting is True
+
+
 def resolve_budget(setting: Any, device: torch.device | str = "cpu") -> int:
     """A config's `task_vector_cache` ("auto", "off", or a byte count) as a byte budget (0: off)."""
     if setting is None or setting is False or setting == "off":
         return 0
-    if setting == "auto" or setting is True:
+    if is_auto(setting):
         return auto_budget(device=device)
     if isinstance(setting, int) and setting >= 0:
         return int(setting)
