@@ -259,17 +259,17 @@ def _stage_distill(tasks: Sequence[TensorTask], state: _Pass, stage: int) -> dic
     params = tasks[0].params
     models = [model for model, _ in tasks[0].inputs]
     base = {task.name: fetch(*_base_of(task)).float() for task in tasks}
-    deltas = [{t.name: fetch(*t.inputs[i]).float() - base[t.name] for t in tasks} for i in range(len(models))]
+    weights = [{t.name: fetch(*t.inputs[i]).float() for t in tasks} for i in range(len(models))]
+    deltas = [{name: tensor - base[name] for name, tensor in own.items()} for own in weights]
     entry, stage_fn = _stage_function(work, list(base), stage, num_layers)
     batches = []
     for index, model in enumerate(models):
         source = state.loaded[model]
         _load_hybrid(work, dict(source.named_parameters()), merged, stage, num_layers)
         head = _tied_head(work, list(base))  # None unless the stage applies a tied (merged) embedding
-        own = {name: base[name] + deltas[index][name] for name in base}
         key = (id(source), id(texts[model]), stage, "targets")
         make = functools.partial(
-            _own_targets, source, texts[model], entry, stage, num_layers, stage_fn, own,
+            _own_targets, source, texts[model], entry, stage, num_layers, stage_fn, weights[index],
             _tied_head(source, list(base)),
         )  # fmt: skip
         targets = _kept(key, (source, texts[model]), make)
